@@ -1,0 +1,71 @@
+"""Sampled-token estimators: only the log-prob of the token that was actually sampled.
+
+These need no teacher distribution beyond one number per position, which is what makes
+on-policy distillation cheap with a remote teacher (Thinking Machines, "On-Policy
+Distillation", 2025; tinker-cookbook). With `y_t ~ p_S`:
+
+* k1 = log p_S(y_t) - log p_T(y_t) is an unbiased estimate of KL(S||T) at that position;
+* k3 = (r - 1) - log r with r = p_T(y_t)/p_S(y_t) is unbiased too and never negative
+  (Schulman, "Approximating KL divergence", 2020).
+
+The policy-gradient form uses A_t = -(log p_S - log p_T) as a per-token advantage and
+minimizes -(p_S/q)(y_t) * A_t, q the sampling policy, so its gradient is the REINFORCE
+gradient of the reverse KL. Advantages carry no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def reverse_kl_k1(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """k1 estimate per position, `[...] x [...] -> [...]`; may be negative per sample."""
+    return student_logprobs - teacher_logprobs
+
+
+def reverse_kl_k3(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3 estimate per position, `[...] x [...] -> [...]`; always >= 0."""
+    log_ratio = teacher_logprobs - student_logprobs
+    return torch.expm1(log_ratio) - log_ratio
+
+
+def distill_advantages(
+    student_logprobs_BT: torch.Tensor,
+    teacher_logprobs_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    discount: float = 0.0,
+) -> torch.Tensor:
+    """Per-token advantage A_t = -(log p_S - log p_T), optionally discounted to go.
+
+    With discount gamma > 0, A_t = sum_{k>=t} gamma^(k-t) * a_k over unmasked positions of
+    the same row (tinker-cookbook's `kl_discount_factor`); gamma = 0 keeps each token's own
+    value. Returned without gradient. Shapes `[B, T]`.
+    """
+    if not 0.0 <= discount <= 1.0:
+        raise ValueError(f"discount must be in [0, 1], got {discount}")
+    per_token = -(student_logprobs_BT.detach() - teacher_logprobs_BT.detach())
+    per_token = torch.where(mask_BT.bool(), per_token, torch.zeros_like(per_token))
+    if discount == 0.0:
+        return per_token
+    returns = torch.zeros_like(per_token)
+    running = torch.zeros_like(per_token[..., 0])
+    for t in range(per_token.shape[-1] - 1, -1, -1):
+        running = per_token[..., t] + discount * running
+        returns[..., t] = running
+    return torch.where(mask_BT.bool(), returns, torch.zeros_like(returns))
+
+
+def policy_gradient_loss(
+    student_logprobs_BT: torch.Tensor,
+    advantages_BT: torch.Tensor,
+    sampler_logprobs_BT: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token importance-weighted policy-gradient loss -(p_S/q)(y_t) * A_t.
+
+    `sampler_logprobs_BT` is log q of the sampled tokens under the policy that produced
+    them; None means the sampler is the current student, so the ratio is exactly 1 in
+    value and its gradient is the score function. Returns `[B, T]`, unreduced.
+    """
+    q = student_logprobs_BT.detach() if sampler_logprobs_BT is None else sampler_logprobs_BT
+    ratio = torch.exp(student_logprobs_BT - q.detach())
+    return -ratio * advantages_BT.detach()
