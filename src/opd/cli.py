@@ -1,20 +1,60 @@
-"""Command-line entry point: `opd demo | train | generate | score | inspect | eval | serve`."""
+"""Command-line entry point.
+
+opd demo [--quick] [--out DIR]          the built-in offline-vs-on-policy comparison
+opd train CONFIG.yaml [key=value ...]   one distillation run (see examples/)
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="opd", description=__doc__)
+def _cmd_train(args) -> int:
+    from opd.config import load_config
+    from opd.train import train
+
+    config = load_config(args.config, args.overrides)
+    result = train(config)
+    print({k: v for k, v in result.items() if k != "totals"})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opd", description="Distil a teacher LM into a student.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+    p = sub.add_parser("train", help="run one distillation config")
+    p.add_argument("config", nargs="?", help="YAML config (optional: everything can be key=value)")
+    p.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. loss.divergence=jsd loss.beta=0.5"
+    )
+    p.set_defaults(func=_cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
         from opd import __version__
 
         print(__version__)
-    return 0
+        return 0
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    # A config given as key=value only: argparse puts the first override in `config`.
+    if getattr(args, "config", None) and "=" in args.config:
+        args.overrides.insert(0, args.config)
+        args.config = None
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"opd: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,346 @@
+"""Typed run configuration: YAML plus dotted `key=value` overrides, validated at start.
+
+Every field is used by some recipe. A preset (`seqkd`, `supervised_kd`, `gkd`,
+`on_policy`, `minillm_like`) is a set of defaults for the five design choices
+(source, teacher, estimator, divergence, objective); anything the user writes wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from opd.losses import KINDS, check_kind
+
+
+def _one_of(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(
+            f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}"
+        )
+
+
+def _in_range(key: str, value, lo=None, hi=None, *, lo_open=False) -> None:
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise ValueError(f"{key}={value!r} must be {'>' if lo_open else '>='} {lo}")
+    if hi is not None and value > hi:
+        raise ValueError(f"{key}={value!r} must be <= {hi}")
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        _one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+
+    def __post_init__(self):
+        _in_range("lora.r", self.r, 1)
+        _in_range("lora.dropout", self.dropout, 0.0, 1.0)
+
+
+@dataclass
+class TeacherConfig:
+    kind: str = (
+        "local"  # local model | self (privileged context) | remote server | cached log-probs
+    )
+    path: str = ""  # local: model directory or hub id
+    dtype: str = "float32"
+    url: str = ""  # remote: base URL of an opd or vLLM server
+    api_key_env: str = "OPD_TEACHER_TOKEN"  # remote: environment variable holding the bearer token
+    timeout_s: float = 60.0
+    max_retries: int = 5
+    cache_dir: str = ""  # cached: a directory written by `opd generate` / `opd score`
+
+    def __post_init__(self):
+        _one_of("teacher.kind", self.kind, ("local", "self", "remote", "cached"))
+        _one_of("teacher.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _in_range("teacher.timeout_s", self.timeout_s, 0.0, lo_open=True)
+        _in_range("teacher.max_retries", self.max_retries, 0)
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # JSONL, Parquet, or a `datasets` directory
+    eval: str = ""
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    answer_field: str = "answer"
+    chat_template: str = "auto"  # auto: use the tokenizer's chat template if it has one
+    system_prompt: str = ""
+    max_prompt_tokens: int = 512
+    max_completion_tokens: int = 512
+
+    def __post_init__(self):
+        _one_of("data.chat_template", self.chat_template, ("auto", "on", "off"))
+        _in_range("data.max_prompt_tokens", self.max_prompt_tokens, 1)
+        _in_range("data.max_completion_tokens", self.max_completion_tokens, 1)
+
+
+@dataclass
+class SamplingConfig:
+    """Rollout sampling. Its temperature is never the loss temperature (`loss.kd_temperature`)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 128
+    n: int = 1  # samples per prompt
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        _in_range("sampling.temperature", self.temperature, 0.0)
+        _in_range("sampling.top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        _in_range("sampling.top_k", self.top_k, 0)
+        _in_range("sampling.max_new_tokens", self.max_new_tokens, 1)
+        _in_range("sampling.n", self.n, 1)
+
+
+@dataclass
+class LossConfig:
+    objective: str = "kd"  # ce (SeqKD/SFT) | kd (divergence) | pg (sampled reverse-KL advantage)
+    divergence: str = "forward_kl"
+    beta: float = 0.5  # jsd mixture weight, GKD's beta
+    skew_alpha: float = 0.1  # DistiLLM skew for skew_* divergences
+    estimator: str = (
+        "full"  # full vocabulary | topk (+ tail bucket); pg always uses the sampled token
+    )
+    topk: int = 64
+    kd_temperature: float = 1.0
+    discount: float = 0.0  # pg: discount of the per-token advantage to go
+
+    def __post_init__(self):
+        _one_of("loss.objective", self.objective, ("ce", "kd", "pg"))
+        _one_of("loss.divergence", self.divergence, KINDS)
+        _one_of("loss.estimator", self.estimator, ("full", "topk"))
+        if self.objective == "kd":
+            try:
+                check_kind(self.divergence, beta=self.beta, alpha=self.skew_alpha)
+            except ValueError as err:
+                raise ValueError(f"loss.divergence={self.divergence!r}: {err}") from None
+        _in_range("loss.topk", self.topk, 1)
+        _in_range("loss.kd_temperature", self.kd_temperature, 0.0, lo_open=True)
+        _in_range("loss.discount", self.discount, 0.0, 1.0)
+
+
+@dataclass
+class SourceConfig:
+    lmbda: float = 0.0  # GKD's lambda: probability that a micro-batch is sampled by the student
+    off_policy: str = "dataset"  # where the other batches come from: dataset | teacher
+
+    def __post_init__(self):
+        _in_range("source.lmbda", self.lmbda, 0.0, 1.0)
+        _one_of("source.off_policy", self.off_policy, ("dataset", "teacher"))
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+
+    def __post_init__(self):
+        _in_range("optim.lr", self.lr, 0.0, lo_open=True)
+        _one_of("optim.schedule", self.schedule, ("constant", "linear", "cosine"))
+        _in_range("optim.warmup_steps", self.warmup_steps, 0)
+        _in_range("optim.max_grad_norm", self.max_grad_norm, 0.0)
+
+
+@dataclass
+class TrainConfig:
+    preset: str = ""
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    steps: int = 100
+    batch_size: int = 8  # prompts per optimizer step (each sampled `sampling.n` times on-policy)
+    micro_batch_size: int = 8  # prompts per forward/backward; accumulation = batch / micro
+    seed: int = 0
+    output_dir: str = "runs/opd"
+    save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    eval_every: int = 0
+    eval_size: int = 64
+    eval_metric: str = "exact_match"  # or a Python callable as "module:function"
+    log_every: int = 1
+    device: str = "auto"
+    bf16: bool = False  # autocast on CUDA
+    max_bad_steps: int = 3  # consecutive non-finite steps before the run stops
+    tensorboard: bool = False
+    resume: bool = False  # continue from the latest checkpoint in output_dir
+
+    def __post_init__(self):
+        _one_of("preset", self.preset, ("", *PRESETS))
+        _in_range("steps", self.steps, 1)
+        _in_range("batch_size", self.batch_size, 1)
+        _in_range("micro_batch_size", self.micro_batch_size, 1)
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size={self.batch_size} must be a multiple of micro_batch_size={self.micro_batch_size}"
+            )
+        for key in ("save_every", "eval_every", "eval_size"):
+            _in_range(key, getattr(self, key), 0)
+        _in_range("log_every", self.log_every, 1)
+        _in_range("keep_checkpoints", self.keep_checkpoints, 1)
+        _in_range("max_bad_steps", self.max_bad_steps, 1)
+        if not self.student.path:
+            raise ValueError("student.path is required (a model directory or hub id)")
+        if self.loss.objective == "pg" and self.loss.estimator == "topk":
+            raise ValueError(
+                "loss.estimator='topk' does not apply to loss.objective='pg' (it uses the sampled token)"
+            )
+        needs_teacher_samples = self.source.lmbda < 1.0 and self.source.off_policy == "teacher"
+        if needs_teacher_samples and self.teacher.kind not in ("local",):
+            raise ValueError(
+                "source.off_policy='teacher' needs teacher.kind='local' (a model that can sample)"
+            )
+        if self.source.lmbda < 1.0 and self.source.off_policy == "dataset" and not self.data.train:
+            raise ValueError(
+                "data.train is required when batches come from the dataset (source.lmbda < 1)"
+            )
+
+    @property
+    def accumulation(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+
+PRESETS: dict[str, dict] = {
+    # Kim & Rush 2016: cross-entropy on teacher-generated text.
+    "seqkd": {"loss": {"objective": "ce"}, "source": {"lmbda": 0.0, "off_policy": "teacher"}},
+    # Hinton et al. / supervised KD: forward KL on fixed prefixes.
+    "supervised_kd": {
+        "loss": {"objective": "kd", "divergence": "forward_kl", "estimator": "full"},
+        "source": {"lmbda": 0.0, "off_policy": "dataset"},
+    },
+    # Agarwal et al. 2024: lambda-mixed sources with generalized JSD(beta).
+    "gkd": {
+        "loss": {"objective": "kd", "divergence": "jsd", "beta": 0.5, "estimator": "full"},
+        "source": {"lmbda": 0.5, "off_policy": "dataset"},
+    },
+    # Thinking Machines 2025: student samples, per-token reverse-KL advantage.
+    "on_policy": {"loss": {"objective": "pg"}, "source": {"lmbda": 1.0}},
+    # Gu et al. 2024 (MiniLLM), without its PPO machinery: full-vocabulary reverse KL on student samples.
+    "minillm_like": {
+        "loss": {"objective": "kd", "divergence": "reverse_kl", "estimator": "full"},
+        "source": {"lmbda": 1.0},
+    },
+}
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _coerce(value, hint, key: str):
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} must be a mapping, got {value!r}")
+        return _build(hint, value, key + ".")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{key} must be a list, got {value!r}")
+        return list(value)
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (hint in (int, float, str) and not isinstance(value, hint)) or (
+        isinstance(value, bool) and hint is not bool
+    ):
+        raise ValueError(f"{key} must be of type {hint.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(
+            f"unknown config key {prefix}{unknown[0]}; allowed keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        msg = str(err)
+        raise ValueError(
+            msg if not prefix or msg.startswith(prefix) else f"{prefix}{msg}"
+        ) from None
+
+
+def parse_override(item: str) -> dict:
+    """`a.b.c=value` -> {'a': {'b': {'c': value}}}; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like key=value (e.g. loss.beta=0.5)")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw else ""
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def config_from_dict(data: dict, overrides: list[str] = ()) -> TrainConfig:
+    for item in overrides:
+        data = _deep_merge(data, parse_override(item))
+    preset = data.get("preset", "")
+    if preset:
+        if preset not in PRESETS:
+            raise ValueError(
+                f"preset={preset!r} is not allowed; choose one of: {', '.join(PRESETS)}"
+            )
+        data = _deep_merge(PRESETS[preset], data)
+    return _build(TrainConfig, data)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    data = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping at top level")
+    return config_from_dict(data, overrides)
+
+
+def config_to_dict(config) -> dict:
+    return dataclasses.asdict(config)

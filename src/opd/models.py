@@ -1,0 +1,100 @@
+"""Loading students and teachers, checking they share a tokenizer, and scoring completions."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from opd.batch import SequenceBatch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_tokenizer(path: str):
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        # Many causal LMs ship without a pad token; padding positions are always masked,
+        # so reusing EOS is safe (the EOS we supervise is marked by completion_mask).
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str, *, dtype: str = "float32", device: torch.device | str = "cpu"):
+    if not (Path(path).exists() or "/" in path):
+        raise FileNotFoundError(f"model path {path!r} does not exist (and is not a hub id)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    return model.to(device)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the vocabulary and special tokens: equal iff token ids mean the same text."""
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]),
+        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_same_tokenizer(student_tok, teacher_tok, teacher_name: str) -> None:
+    """Distillation compares distributions id by id, so the ids must mean the same tokens."""
+    if tokenizer_fingerprint(student_tok) != tokenizer_fingerprint(teacher_tok):
+        s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
+        differ = [t for t in s_vocab if t_vocab.get(t) != s_vocab[t]][:5]
+        raise ValueError(
+            f"teacher {teacher_name!r} uses a different tokenizer than the student "
+            f"({len(t_vocab)} vs {len(s_vocab)} tokens; e.g. ids differ for {differ}). "
+            "Token-level distillation needs a shared tokenizer; use SeqKD on decoded text instead."
+        )
+
+
+def shared_vocab_size(tokenizer, *models) -> int:
+    """Rows of the LM head that correspond to real tokens, checked against every model.
+
+    Checkpoints often pad the embedding matrix beyond the tokenizer (Qwen: 151,936 rows for
+    the small models, 152,064 for the large ones, 151,669 real tokens); the padded rows are
+    never real tokens, so every model's logits are cut to the tokenizer's length.
+    """
+    vocab = len(tokenizer)
+    for model in models:
+        rows = model.get_output_embeddings().weight.shape[0]
+        if rows < vocab:
+            name = getattr(model.config, "_name_or_path", type(model).__name__)
+            raise ValueError(
+                f"model {name!r} has {rows} output rows but the tokenizer has {vocab} tokens"
+            )
+    return vocab
+
+
+def completion_logits(model, batch: SequenceBatch, vocab_size: int) -> torch.Tensor:
+    """`[B, L, V]` next-token logits for the completion columns only.
+
+    `logits_to_keep` asks the model for the last L+1 positions, so the LM head never runs on
+    prompt positions; the last one (after the final token) is dropped.
+    """
+    L = batch.completion_width
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids(),
+        logits_to_keep=L + 1,
+        use_cache=False,
+    )
+    return out.logits[:, :-1, :vocab_size]
+
+
+def token_logprobs(
+    logits_BLV: torch.Tensor, ids_BL: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """log softmax(logits / temperature) at the given ids, in float32, `[B, L]`."""
+    logits = logits_BLV.float() / temperature
+    return logits.gather(-1, ids_BL.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)

@@ -1,0 +1,80 @@
+"""From student logits and teacher scores to one scalar loss: `ce`, `kd` or `pg`.
+
+Each objective is a per-token value over the completion positions, reduced with the
+caller's global token count (see `opd.losses.reduce`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd.batch import SequenceBatch
+from opd.config import LossConfig
+from opd.losses import (
+    distill_advantages,
+    masked_sum,
+    policy_gradient_loss,
+    sparse_token_divergence,
+    token_divergence,
+)
+from opd.models import token_logprobs
+from opd.teachers.base import TeacherScores
+
+
+def teacher_need(loss: LossConfig) -> tuple[str | None, int]:
+    """What the teacher must return for this objective (None: no teacher call at all)."""
+    if loss.objective == "ce":
+        return None, 0
+    if loss.objective == "pg":
+        return "token", 0
+    return ("topk", loss.topk) if loss.estimator == "topk" else ("logits", 0)
+
+
+def per_token_loss(
+    student_logits_BLV: torch.Tensor,
+    batch: SequenceBatch,
+    scores: TeacherScores | None,
+    loss: LossConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`([B, L] loss per token, [B, L] divergence estimate per token for logging)`."""
+    ids = batch.completion_ids()
+    if loss.objective == "ce":
+        nll = -token_logprobs(student_logits_BLV, ids)
+        return nll, nll.detach()
+    params = {"beta": loss.beta, "alpha": loss.skew_alpha, "temperature": loss.kd_temperature}
+    if loss.objective == "kd" and loss.estimator == "full":
+        teacher_logits = scores.logits.to(student_logits_BLV.device)
+        value = token_divergence(student_logits_BLV, teacher_logits, loss.divergence, **params)
+        return value, value.detach()
+    if loss.objective == "kd":
+        value = sparse_token_divergence(
+            student_logits_BLV,
+            scores.topk_ids.to(student_logits_BLV.device),
+            scores.topk_logprobs.to(student_logits_BLV.device),
+            loss.divergence,
+            **params,
+        )
+        return value, value.detach()
+    # pg: Thinking Machines' sampled-token reverse KL as a per-token advantage.
+    student_lp = token_logprobs(student_logits_BLV, ids)
+    teacher_lp = scores.token_logprobs.to(student_lp.device)
+    mask = batch.loss_mask()
+    advantages = distill_advantages(student_lp, teacher_lp, mask, loss.discount)
+    sampler_lp = None
+    if batch.sampler_logprobs is not None:
+        sampler_lp = batch.sampler_logprobs[:, batch.prompt_width :].to(student_lp.device)
+    value = policy_gradient_loss(student_lp, advantages, sampler_lp)
+    return value, (student_lp - teacher_lp).detach()  # k1 estimate of KL(S||T)
+
+
+def batch_loss(
+    student_logits_BLV: torch.Tensor,
+    batch: SequenceBatch,
+    scores: TeacherScores | None,
+    loss: LossConfig,
+    num_tokens: int,
+) -> tuple[torch.Tensor, float]:
+    """Loss of one micro-batch normalized by the step's token count, and its divergence sum."""
+    value, divergence = per_token_loss(student_logits_BLV, batch, scores, loss)
+    mask = batch.loss_mask().to(value.device)
+    return masked_sum(value, mask) / max(num_tokens, 1), float(masked_sum(divergence, mask))

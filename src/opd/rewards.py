@@ -1,0 +1,53 @@
+"""Per-sequence task metrics and rewards: `fn(completion_text, row) -> float`."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable
+
+Metric = Callable[[str, dict], float]
+
+
+def extract_final_answer(text: str) -> str | None:
+    """The answer after the last '####' (GSM8K style) or '#', else the last word."""
+    for marker in ("####", "#"):
+        if marker in text:
+            tail = text.rsplit(marker, 1)[1].strip()
+            return tail.split()[0] if tail.split() else None
+    words = text.split()
+    return words[-1] if words else None
+
+
+def exact_match(completion: str, row: dict, answer_field: str = "answer") -> float:
+    if answer_field not in row:
+        raise KeyError(
+            f"exact_match needs column {answer_field!r} in the row (columns: {sorted(row)})"
+        )
+    return float(extract_final_answer(completion) == str(row[answer_field]).strip())
+
+
+def regex_match(completion: str, row: dict, pattern: str, answer_field: str = "answer") -> float:
+    """1.0 when `pattern`'s first group (or whole match) equals the row's answer."""
+    found = re.findall(pattern, completion)
+    if not found:
+        return 0.0
+    last = found[-1]
+    last = last[0] if isinstance(last, tuple) else last
+    return float(last.strip() == str(row[answer_field]).strip())
+
+
+def resolve_metric(name: str, answer_field: str = "answer") -> Metric:
+    """'exact_match' or a callable named as 'package.module:function'."""
+    if name == "exact_match":
+        return lambda completion, row: exact_match(completion, row, answer_field)
+    if ":" not in name:
+        raise ValueError(f"eval_metric={name!r}: use 'exact_match' or 'module:function'")
+    module_name, attr = name.split(":", 1)
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"eval_metric={name!r} cannot be imported: {err}") from None
+    if not callable(fn):
+        raise ValueError(f"eval_metric={name!r} is not callable")
+    return fn

@@ -1,0 +1,132 @@
+"""KV-cached sampling of completions from a causal LM, with the sampler's log-probs.
+
+A lean loop instead of `generate`: one prefill, then one token per step through the KV
+cache, recording log q(token) under the distribution actually sampled from (after
+temperature, top-k, top-p) so the loss can form importance ratios. Rows stop at EOS
+(which is kept and supervised) or when a stop string appears (kept as generated).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class Rollout:
+    completions: list[list[int]]  # sampled tokens per row, EOS/stop text included
+    logprobs: list[list[float]]  # log q of each sampled token
+    finished: list[bool]  # ended by EOS or a stop string (False: hit max_new_tokens)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def process_logits(
+    logits_BV: torch.Tensor, temperature: float, top_k: int, top_p: float
+) -> torch.Tensor:
+    """Log-probs of the sampling distribution: temperature, then top-k, then top-p."""
+    logits = logits_BV.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the mass strictly before it already reaches top_p.
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.log_softmax(logits, dim=-1)
+
+
+@torch.no_grad()
+def sample(
+    model,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    vocab_size: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop: tuple[str, ...] = (),
+    tokenizer=None,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Sample one completion per prompt. `temperature == 0` is greedy (log q = 0)."""
+    if stop and tokenizer is None:
+        raise ValueError("stop strings need the tokenizer to decode completions")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, pad_id, device)
+    B = ids.shape[0]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logq = torch.zeros((B, max_new_tokens), device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    next_pos = positions[:, -1] + 1
+    longest_stop = max((len(s) for s in stop), default=0)
+    for t in range(max_new_tokens):
+        logits = out.logits[:, -1, :vocab_size]
+        if temperature == 0.0:
+            token = logits.argmax(-1)
+            token_logq = torch.zeros(B, device=device)
+        else:
+            logp = process_logits(logits, temperature, top_k, top_p)
+            token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+            token_logq = logp.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        tokens[:, t] = token
+        logq[:, t] = torch.where(done, torch.zeros_like(token_logq), token_logq)
+        lengths += (~done).long()
+        done |= token == eos_id
+        if stop:
+            for i in range(B):
+                if not done[i]:
+                    tail = tokenizer.decode(
+                        tokens[i, max(0, t + 1 - longest_stop) : t + 1].tolist()
+                    )
+                    if any(s in tail for s in stop):
+                        done[i] = True
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
+        out = model(
+            input_ids=token.unsqueeze(-1),
+            attention_mask=mask,
+            position_ids=next_pos.unsqueeze(-1),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        next_pos = next_pos + 1
+    model.train(was_training)
+    n = lengths.tolist()
+    rows_tokens, rows_logq = tokens.tolist(), logq.tolist()
+    return Rollout(
+        completions=[rows_tokens[i][: n[i]] for i in range(B)],
+        logprobs=[rows_logq[i][: n[i]] for i in range(B)],
+        finished=done.tolist(),
+    )

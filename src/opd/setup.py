@@ -1,0 +1,144 @@
+"""Everything a run needs before its first step: models, teacher, data, optimizer."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from opd.checkpoint import latest_checkpoint
+from opd.config import TrainConfig
+from opd.data import Encoder, PromptOrder, load_rows, require_fields
+from opd.models import (
+    check_same_tokenizer,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_device,
+    shared_vocab_size,
+)
+from opd.teachers.local import LocalTeacher
+
+
+@dataclass
+class RunSetup:
+    config: TrainConfig
+    device: torch.device
+    tokenizer: object
+    student: torch.nn.Module
+    teacher: object | None
+    vocab_size: int
+    encoder: Encoder
+    train_rows: list[dict]
+    eval_rows: list[dict]
+    order: PromptOrder | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    resume_from: Path | None
+
+
+def build_teacher(config: TrainConfig, tokenizer, device: torch.device):
+    """The teacher named by `teacher.kind`, or None when the objective never asks one."""
+    kind = config.teacher.kind
+    if config.loss.objective == "ce" and (
+        config.source.lmbda == 1.0 or config.source.off_policy == "dataset"
+    ):
+        return None  # SFT on fixed text: no teacher is loaded at all
+    if kind == "local":
+        if not config.teacher.path:
+            raise ValueError("teacher.path is required for teacher.kind='local'")
+        teacher_tok = load_tokenizer(config.teacher.path)
+        check_same_tokenizer(tokenizer, teacher_tok, config.teacher.path)
+        model = load_causal_lm(config.teacher.path, dtype=config.teacher.dtype, device=device)
+        return LocalTeacher(model, shared_vocab_size(tokenizer, model))
+    raise ValueError(f"teacher.kind={kind!r} is not available in this build of opd")
+
+
+def lr_lambda(config: TrainConfig):
+    warmup, total, kind = config.optim.warmup_steps, config.steps, config.optim.schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return (
+            max(0.0, 1.0 - progress)
+            if kind == "linear"
+            else 0.5 * (1 + math.cos(math.pi * progress))
+        )
+
+    return factor
+
+
+def build_student(config: TrainConfig, device: torch.device, resume_from: Path | None):
+    if not config.lora.enabled:
+        return load_causal_lm(
+            str(resume_from or config.student.path), dtype=config.student.dtype, device=device
+        )
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = load_causal_lm(config.student.path, dtype=config.student.dtype, device=device)
+    if resume_from is not None:
+        return PeftModel.from_pretrained(base, str(resume_from), is_trainable=True)
+    lora = LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=list(config.lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base, lora)
+
+
+def build_run(config: TrainConfig) -> RunSetup:
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    resume_from = None
+    out = Path(config.output_dir)
+    existing = latest_checkpoint(out)
+    if config.resume:
+        resume_from = existing
+    elif existing is not None:
+        raise FileExistsError(
+            f"output_dir {out} already holds checkpoint {existing.name}; pass resume=true to "
+            "continue it or choose another output_dir"
+        )
+    tokenizer = load_tokenizer(config.student.path)
+    student = build_student(config, device, resume_from)
+    teacher = build_teacher(config, tokenizer, device)
+    vocab_size = shared_vocab_size(tokenizer, student)
+    encoder = Encoder(tokenizer, config.data)
+    train_rows, order = [], None
+    if config.data.train:
+        train_rows = load_rows(config.data.train)
+        fields = [config.data.prompt_field]
+        if config.source.lmbda < 1.0 and config.source.off_policy == "dataset":
+            fields.append(config.data.completion_field)
+        require_fields(train_rows, fields, config.data.train)
+        order = PromptOrder(len(train_rows), config.seed)
+    else:
+        raise ValueError("data.train is required: it provides the prompts (and completions)")
+    eval_rows = load_rows(config.data.eval)[: config.eval_size] if config.data.eval else []
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=config.optim.lr, weight_decay=config.optim.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    return RunSetup(
+        config,
+        device,
+        tokenizer,
+        student,
+        teacher,
+        vocab_size,
+        encoder,
+        train_rows,
+        eval_rows,
+        order,
+        optimizer,
+        scheduler,
+        resume_from,
+    )

@@ -1,0 +1,6 @@
+"""Teachers: one `score` interface over local, self, remote and cached implementations."""
+
+from opd.teachers.base import Teacher, TeacherScores, check_need, scores_from_logits
+from opd.teachers.local import LocalTeacher
+
+__all__ = ["LocalTeacher", "Teacher", "TeacherScores", "check_need", "scores_from_logits"]
