@@ -7,6 +7,8 @@ from opd.losses.divergence import (
     divergence_from_logprobs,
     token_divergence,
 )
+from opd.losses.fused import fused_token_divergence
+from opd.losses.fused_sampled import fused_sparse_token_divergence, fused_token_logprobs
 from opd.losses.reduce import masked_mean, masked_sum, sequence_mean
 from opd.losses.sampled import (
     distill_advantages,
@@ -23,6 +25,9 @@ __all__ = [
     "distill_advantages",
     "divergence_from_logprobs",
     "fold_student_to_buckets",
+    "fused_sparse_token_divergence",
+    "fused_token_divergence",
+    "fused_token_logprobs",
     "log_tail_mass",
     "masked_mean",
     "masked_sum",
