@@ -2,6 +2,7 @@
 
 opd demo [--quick] [--out DIR]          the built-in offline-vs-on-policy comparison
 opd train CONFIG.yaml [key=value ...]   one distillation run (see examples/)
+opd serve --model PATH [--host H --port P]  a teacher server for teacher.kind=remote
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+
+from opd.teachers.errors import TeacherUnavailable
 
 
 def _cmd_train(args) -> int:
@@ -31,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="dotted overrides, e.g. loss.divergence=jsd loss.beta=0.5"
     )
     p.set_defaults(func=_cmd_train)
+    from opd.serve_cli import add_serve_command
+
+    add_serve_command(sub)  # serve: the remote teacher server
     return parser
 
 
@@ -55,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"opd: error: {err}", file=sys.stderr)
         return 2
+    except TeacherUnavailable as err:  # the remote teacher stayed down; checkpoint intact
+        print(f"opd: error: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

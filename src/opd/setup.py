@@ -52,6 +52,10 @@ def build_teacher(config: TrainConfig, tokenizer, device: torch.device):
         check_same_tokenizer(tokenizer, teacher_tok, config.teacher.path)
         model = load_causal_lm(config.teacher.path, dtype=config.teacher.dtype, device=device)
         return LocalTeacher(model, shared_vocab_size(tokenizer, model))
+    if kind == "remote":  # an `opd serve` or vLLM server; checks the tokenizer at connect
+        from opd.teachers.remote import remote_teacher_from_config
+
+        return remote_teacher_from_config(config, tokenizer)
     raise ValueError(f"teacher.kind={kind!r} is not available in this build of opd")
 
 
