@@ -2,6 +2,8 @@
 
 opd demo [--quick] [--out DIR]          the built-in offline-vs-on-policy comparison
 opd train CONFIG.yaml [key=value ...]   one distillation run (see examples/)
+opd generate|score --teacher T --prompts F --out DIR   write an offline teacher cache
+opd inspect DIR                          review a teacher cache
 opd serve --model PATH [--host H --port P]  a teacher server for teacher.kind=remote
 """
 
@@ -34,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="dotted overrides, e.g. loss.divergence=jsd loss.beta=0.5"
     )
     p.set_defaults(func=_cmd_train)
+    from opd.cache_cli import add_cache_commands
+
+    add_cache_commands(sub)  # generate, score, inspect: the offline teacher cache
     from opd.serve_cli import add_serve_command
 
     add_serve_command(sub)  # serve: the remote teacher server

@@ -11,10 +11,15 @@ from opd.config import DataConfig
 
 
 def load_rows(path: str | Path) -> list[dict]:
-    """Rows from a JSONL/JSON file, a Parquet file, or a `datasets.save_to_disk` directory."""
+    """Rows from a JSONL/JSON file, a Parquet file, a `datasets.save_to_disk` directory,
+    or an opd teacher cache directory (rows then carry their stored token ids)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"dataset {path} does not exist")
+    if path.is_dir() and (path / "manifest.json").is_file():
+        from opd.cache import load_cache_rows  # an `opd generate`/`opd score` cache
+
+        return load_cache_rows(path)
     if path.is_dir():
         try:
             from datasets import load_from_disk

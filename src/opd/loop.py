@@ -54,8 +54,20 @@ def make_micro_batch(run: RunSetup, step: int, micro: int, timer: PhaseTimer) ->
     pad = run.tokenizer.pad_token_id
     if source == "dataset":
         with timer.phase("data"):
-            prompts = [enc.prompt_ids(r[config.data.prompt_field]) for r in rows]
-            completions = [enc.completion_ids(r[config.data.completion_field]) for r in rows]
+            # Rows from an opd teacher cache carry the exact tokens the teacher scored
+            # (re-tokenizing decoded text need not give them back).
+            prompts = [
+                r["prompt_ids"]
+                if "prompt_ids" in r
+                else enc.prompt_ids(r[config.data.prompt_field])
+                for r in rows
+            ]
+            completions = [
+                r["completion_ids"]
+                if "completion_ids" in r
+                else enc.completion_ids(r[config.data.completion_field])
+                for r in rows
+            ]
             return assemble(prompts, completions, pad_id=pad, source="dataset", rows=rows)
     s = config.sampling
     rows = [r for r in rows for _ in range(s.n)]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from opd.cache import check_cache_tokenizer
 from opd.checkpoint import latest_checkpoint
 from opd.config import TrainConfig
 from opd.data import Encoder, PromptOrder, load_rows, require_fields
@@ -52,10 +53,10 @@ def build_teacher(config: TrainConfig, tokenizer, device: torch.device):
         check_same_tokenizer(tokenizer, teacher_tok, config.teacher.path)
         model = load_causal_lm(config.teacher.path, dtype=config.teacher.dtype, device=device)
         return LocalTeacher(model, shared_vocab_size(tokenizer, model))
-    if kind == "remote":  # an `opd serve` or vLLM server; checks the tokenizer at connect
-        from opd.teachers.remote import remote_teacher_from_config
+    if kind == "cached":  # offline log-probs: the teacher model is never loaded
+        from opd.teachers.cached import build_cached_teacher
 
-        return remote_teacher_from_config(config, tokenizer)
+        return build_cached_teacher(config, tokenizer)
     raise ValueError(f"teacher.kind={kind!r} is not available in this build of opd")
 
 
@@ -117,6 +118,7 @@ def build_run(config: TrainConfig) -> RunSetup:
     encoder = Encoder(tokenizer, config.data)
     train_rows, order = [], None
     if config.data.train:
+        check_cache_tokenizer(config.data.train, tokenizer)  # no-op unless it is an opd cache
         train_rows = load_rows(config.data.train)
         fields = [config.data.prompt_field]
         if config.source.lmbda < 1.0 and config.source.off_policy == "dataset":

@@ -1,0 +1,107 @@
+"""The offline-cache subcommands of `opd`: generate, score, inspect.
+
+    opd generate --teacher T --prompts prompts.jsonl --out cache/ [--topk 64] [--n 4]
+    opd score    --teacher T --prompts pairs.jsonl   --out cache/ [--topk 64]
+    opd inspect  cache/ [--samples 3]
+
+Kept out of `opd.cli` so that file stays a list of commands; heavy imports (torch,
+transformers) happen only when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _spec(args, mode: str):
+    from opd.generate import CacheSpec
+
+    return CacheSpec(
+        mode=mode,
+        prompt_field=args.prompt_field,
+        completion_field=args.completion_field,
+        chat_template=args.chat_template,
+        system_prompt=args.system_prompt,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_completion_tokens=args.max_completion_tokens,
+        max_new_tokens=getattr(args, "max_new_tokens", 128),
+        temperature=getattr(args, "temperature", 1.0),
+        top_p=getattr(args, "top_p", 1.0),
+        top_k=getattr(args, "top_k", 0),
+        n=getattr(args, "n", 1),
+        topk=args.topk,
+        logprob_dtype=args.logprob_dtype,
+        seed=args.seed,
+        shard_size=args.shard_size,
+        teacher_dtype=args.dtype,
+    )
+
+
+def _run(args, mode: str) -> int:
+    from opd.generate import build_cache
+
+    manifest = build_cache(
+        args.teacher,
+        args.prompts,
+        args.out,
+        _spec(args, mode),
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    print(json.dumps({"out": args.out, "counts": manifest["counts"], "bytes": manifest["bytes"]}))
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    return _run(args, "generate")
+
+
+def _cmd_score(args) -> int:
+    return _run(args, "score")
+
+
+def _cmd_inspect(args) -> int:
+    from opd.inspect_cache import inspect_cache
+
+    print(inspect_cache(args.dir, samples=args.samples, tokenizer_path=args.tokenizer))
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="teacher model directory or hub id")
+    p.add_argument("--prompts", required=True, help="JSONL, Parquet or a `datasets` directory")
+    p.add_argument("--out", required=True, help="cache directory (rerun to resume)")
+    p.add_argument("--topk", type=int, default=64, help="teacher top-k stored per token (0: none)")
+    p.add_argument("--logprob-dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--shard-size", type=int, default=256, help="prompts per shard")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per teacher pass")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-field", default="prompt")
+    p.add_argument("--completion-field", default="completion")
+    p.add_argument("--chat-template", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--system-prompt", default="")
+    p.add_argument("--max-prompt-tokens", type=int, default=512)
+    p.add_argument("--max-completion-tokens", type=int, default=512, help="score: truncation")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto")
+
+
+def add_cache_commands(sub) -> None:
+    """Register `generate`, `score` and `inspect` on the `opd` subparsers."""
+    p = sub.add_parser("generate", help="teacher rollouts + log-probs into an offline cache")
+    _common(p)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--top-p", type=float, default=1.0, help="sampling nucleus")
+    p.add_argument("--top-k", type=int, default=0, help="sampling top-k (not --topk)")
+    p.add_argument("--n", type=int, default=1, help="completions per prompt")
+    p.set_defaults(func=_cmd_generate)
+    p = sub.add_parser("score", help="teacher log-probs of given prompt/completion pairs")
+    _common(p)
+    p.set_defaults(func=_cmd_score)
+    p = sub.add_parser("inspect", help="review an offline teacher cache")
+    p.add_argument("dir", help="cache directory")
+    p.add_argument("--samples", type=int, default=3, help="rows to show decoded")
+    p.add_argument("--tokenizer", default="", help="decode with this tokenizer (default: teacher)")
+    p.set_defaults(func=_cmd_inspect)

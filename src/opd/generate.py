@@ -1,0 +1,364 @@
+"""One teacher pass that writes an offline cache (format: `opd.cache`).
+
+    opd generate --teacher T --prompts prompts.jsonl --out cache/ --topk 64 --n 4
+    opd score    --teacher T --prompts pairs.jsonl   --out cache/ --topk 64
+
+`generate` samples teacher completions for every prompt (`opd.rollout.sample`, KV-cached)
+and then scores them; `score` scores existing prompt/completion pairs (supervised KD on
+ground truth). Scoring is one forward pass over prompt+completion (`completion_logits`),
+so the stored log-probs are at temperature 1 whatever the sampling temperature was; the
+two temperatures are never the same knob. Prompts are tokenized by the same `Encoder` the
+training loop uses (same chat template, system prompt, truncation), and the exact token
+ids are stored, so training sees the very tokens the teacher scored.
+
+Work is split into shards of `shard_size` prompts; shard i always holds prompts
+[i*shard_size, (i+1)*shard_size) and is sampled with a generator seeded by (seed, i, batch),
+so a killed run that is restarted with the same arguments skips the shards its manifest
+lists (after verifying their checksums) and produces the same cache as an unkilled run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from opd.batch import assemble
+from opd.cache import (
+    FORMAT,
+    LOGPROB_DTYPES,
+    VERSION,
+    CacheError,
+    pack_shard,
+    read_manifest,
+    verify_shard,
+    write_manifest,
+    write_shard,
+)
+from opd.config import DataConfig
+from opd.data import Encoder, load_rows, require_fields
+from opd.losses.sparse import fold_student_to_buckets
+from opd.models import (
+    completion_logits,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_device,
+    shared_vocab_size,
+    tokenizer_fingerprint,
+)
+from opd.rollout import sample
+
+log = logging.getLogger("opd")
+
+
+@dataclass
+class CacheSpec:
+    """Everything that decides a cache's content; a resumed run must match it exactly."""
+
+    mode: str = "generate"  # generate: teacher samples | score: given completions
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    chat_template: str = "auto"
+    system_prompt: str = ""
+    max_prompt_tokens: int = 512
+    max_completion_tokens: int = 512  # score: completion truncation (as in training)
+    max_new_tokens: int = 128  # generate
+    temperature: float = 1.0  # generate: sampling temperature (log-probs stay at 1)
+    top_p: float = 1.0
+    top_k: int = 0  # sampling top-k, not the stored top-k (`topk`)
+    n: int = 1  # completions per prompt
+    topk: int = 64  # stored teacher top-k per position; 0 stores only token log-probs
+    logprob_dtype: str = "float16"
+    seed: int = 0
+    shard_size: int = 256  # prompts per shard
+    teacher_dtype: str = "float32"
+
+    def __post_init__(self):
+        checks = {
+            "mode": self.mode in ("generate", "score"),
+            "chat_template": self.chat_template in ("auto", "on", "off"),
+            "logprob_dtype": self.logprob_dtype in LOGPROB_DTYPES,
+            "teacher_dtype": self.teacher_dtype in ("float32", "bfloat16", "float16"),
+            "temperature": self.temperature >= 0,
+            "top_p": 0 < self.top_p <= 1,
+            "top_k": self.top_k >= 0,
+            "topk": self.topk >= 0,
+            "n": self.n >= 1 and (self.mode == "generate" or self.n == 1),
+            "shard_size": self.shard_size >= 1,
+            "max_new_tokens": self.max_new_tokens >= 1,
+            "max_prompt_tokens": self.max_prompt_tokens >= 1,
+            "max_completion_tokens": self.max_completion_tokens >= 1,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{key}={getattr(self, key)!r} is not allowed")
+
+
+def model_identity(path: str) -> dict:
+    """What identifies the teacher without loading it: config hash and weight file sizes."""
+    root = Path(path)
+    ident: dict = {"path": str(root.resolve()) if root.exists() else path}
+    if (root / "config.json").is_file():
+        raw = (root / "config.json").read_bytes()
+        ident["model_type"] = json.loads(raw).get("model_type")
+        ident["config_sha256"] = hashlib.sha256(raw).hexdigest()
+        weights = [*root.glob("*.safetensors"), *root.glob("*.bin")]
+        ident["weights"] = {w.name: w.stat().st_size for w in sorted(weights)}
+    return ident
+
+
+def rows_digest(rows: list[dict]) -> str:
+    text = json.dumps(rows, sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@torch.no_grad()
+def score_rows(model, batch, vocab_size: int, topk: int) -> list[dict]:
+    """Teacher log-probs of each row's completion tokens (temperature 1), top-k and tail."""
+    logits = completion_logits(model, batch, vocab_size).float()
+    logp = torch.log_softmax(logits, dim=-1)
+    ids = batch.completion_ids().to(logp.device)
+    token = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1).cpu()
+    if topk:
+        top_lp, top_ids = logp.topk(topk, dim=-1)
+        tail = fold_student_to_buckets(logits, top_ids)[..., -1]
+        top_lp, top_ids, tail = top_lp.cpu(), top_ids.cpu(), tail.cpu()
+    lengths = batch.completion_mask[:, batch.prompt_width :].sum(-1).tolist()
+    out = []
+    for i, n in enumerate(lengths):
+        rec = {"token_logprobs": token[i, :n].numpy()}
+        if topk:
+            rec["topk_ids"] = top_ids[i, :n].numpy()
+            rec["topk_logprobs"] = top_lp[i, :n].numpy()
+            rec["tail_logmass"] = tail[i, :n].numpy()
+        out.append(rec)
+    return out
+
+
+def _shard_seed(seed: int, shard: int, batch: int) -> int:
+    return (seed * 1_000_003 + shard * 10_007 + batch) % (2**63 - 1)
+
+
+class _Job:
+    """State shared by the shards of one run: rows, encoder, teacher (loaded on first use)."""
+
+    def __init__(self, teacher_path, rows, spec: CacheSpec, device, batch_size):
+        self.teacher_path, self.rows, self.spec = teacher_path, rows, spec
+        self.device, self.batch_size = device, batch_size
+        self.tokenizer = load_tokenizer(teacher_path)
+        data = DataConfig(
+            prompt_field=spec.prompt_field,
+            completion_field=spec.completion_field,
+            chat_template=spec.chat_template,
+            system_prompt=spec.system_prompt,
+            max_prompt_tokens=spec.max_prompt_tokens,
+            max_completion_tokens=spec.max_completion_tokens,
+        )
+        self.encoder = Encoder(self.tokenizer, data)
+        self.vocab_size = len(self.tokenizer)
+        self._model = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = load_causal_lm(
+                self.teacher_path, dtype=self.spec.teacher_dtype, device=self.device
+            ).eval()
+            shared_vocab_size(self.tokenizer, self._model)  # refuses a too-small LM head
+        return self._model
+
+    def shard_records(self, index: int) -> tuple[list[dict], list[dict]]:
+        """(array records, JSONL rows) of shard `index`, in row-id order."""
+        spec, tok, enc = self.spec, self.tokenizer, self.encoder
+        start = index * spec.shard_size
+        prompt_idx = list(range(start, min(start + spec.shard_size, len(self.rows))))
+        seqs = [(p, j) for p in prompt_idx for j in range(spec.n)]
+        records, texts = [], []
+        for b in range(0, len(seqs), self.batch_size):
+            chunk = seqs[b : b + self.batch_size]
+            src = [self.rows[p] for p, _ in chunk]
+            prompts = [enc.prompt_ids(r[spec.prompt_field]) for r in src]
+            if spec.mode == "generate":
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(_shard_seed(spec.seed, index, b // self.batch_size))
+                out = sample(
+                    self.model,
+                    prompts,
+                    max_new_tokens=spec.max_new_tokens,
+                    eos_id=tok.eos_token_id,
+                    pad_id=tok.pad_token_id,
+                    vocab_size=self.vocab_size,
+                    temperature=spec.temperature,
+                    top_k=spec.top_k,
+                    top_p=spec.top_p,
+                    generator=gen,
+                )
+                completions = out.completions
+            else:
+                completions = [enc.completion_ids(r[spec.completion_field]) for r in src]
+            batch = assemble(prompts, completions, pad_id=tok.pad_token_id).to(self.device)
+            scores = score_rows(self.model, batch, self.vocab_size, spec.topk)
+            for (p, j), row, pids, cids, rec in zip(chunk, src, prompts, completions, scores):
+                finished = bool(cids) and cids[-1] == tok.eos_token_id
+                text_ids = cids[:-1] if finished else cids
+                row_id = p * spec.n + j
+                rec.update(row_id=row_id, finished=finished, prompt_ids=pids, completion_ids=cids)
+                records.append(rec)
+                text = (
+                    tok.decode(text_ids) if spec.mode == "generate" else row[spec.completion_field]
+                )
+                texts.append(
+                    {
+                        "cache_row": row_id,
+                        "prompt_index": p,
+                        "sample": j,
+                        "finished": finished,
+                        "prompt_tokens": len(pids),
+                        "completion_tokens": len(cids),
+                        "row": {**row, spec.completion_field: text},
+                    }
+                )
+        return records, texts
+
+
+def _check_resumable(old: dict, new: dict, out: Path) -> None:
+    for key in ("spec", "tokenizer", "source"):
+        for field, value in new[key].items():
+            if old[key].get(field) != value:
+                raise CacheError(
+                    f"{out} holds a cache made with {key}.{field}={old[key].get(field)!r}, "
+                    f"this run has {value!r}; rerun with the same arguments to resume, or "
+                    "choose another --out"
+                )
+    mine = {k: v for k, v in new["teacher"].items() if k != "path"}
+    theirs = {k: old["teacher"].get(k) for k in mine}
+    if mine != theirs:
+        raise CacheError(f"{out} was made by another teacher ({old['teacher']['path']})")
+
+
+def _summarize(manifest: dict, vocab: int) -> None:
+    shards = manifest["shards"]
+    tokens = sum(s["completion_tokens"] for s in shards)
+    arrays = sum(b["bytes"] for s in shards for f, b in s["files"].items() if f.endswith("tensors"))
+    total = sum(b["bytes"] for s in shards for b in s["files"].values())
+    spec = manifest["spec"]
+    itemsize = LOGPROB_DTYPES[spec["logprob_dtype"]]().itemsize
+    manifest["counts"] = {
+        "prompts": sum(s["prompt_end"] - s["prompt_start"] for s in shards),
+        "rows": sum(s["rows"] for s in shards),
+        "completion_tokens": tokens,
+        "prompt_tokens": sum(s["prompt_tokens"] for s in shards),
+        "finished": sum(s["finished"] for s in shards),
+    }
+    manifest["bytes"] = {
+        "total": total,
+        "arrays": arrays,
+        "per_completion_token": round(total / max(tokens, 1), 2),
+        "arrays_per_completion_token": round(arrays / max(tokens, 1), 2),
+        # 6k + 12 with fp16: top-k ids and log-probs, tail mass, token id and log-prob.
+        "layout_per_completion_token": spec["topk"] * (4 + itemsize) + 4 * bool(spec["topk"]) + 8,
+        "dense_float32_per_token": 4 * vocab,
+    }
+    manifest["complete"] = len(shards) == manifest["num_shards"]
+
+
+def build_cache(
+    teacher: str,
+    prompts: str | Path,
+    out: str | Path,
+    spec: CacheSpec,
+    *,
+    batch_size: int = 16,
+    device: str = "auto",
+    on_shard: Callable[[int], None] | None = None,
+) -> dict:
+    """Write (or finish) the cache in `out`; returns its manifest."""
+    out, device = Path(out), resolve_device(device)
+    rows = load_rows(prompts)
+    fields = [spec.prompt_field] + ([spec.completion_field] if spec.mode == "score" else [])
+    require_fields(rows, fields, str(prompts))
+    if not rows:
+        raise ValueError(f"{prompts} holds no rows")
+    job = _Job(teacher, rows, spec, device, batch_size)
+    vocab = len(job.tokenizer)
+    if spec.topk > vocab:
+        log.info("topk=%d exceeds the vocabulary; storing k=%d", spec.topk, vocab)
+        spec = CacheSpec(**{**asdict(spec), "topk": vocab})
+        job.spec = spec
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "spec": asdict(spec),
+        "teacher": model_identity(teacher),
+        "tokenizer": {
+            "fingerprint": tokenizer_fingerprint(job.tokenizer),
+            "vocab_size": vocab,
+            "eos_id": job.tokenizer.eos_token_id,
+            "pad_id": job.tokenizer.pad_token_id,
+            "chat_template_used": job.encoder.use_chat,
+        },
+        "source": {"prompts": str(prompts), "rows": len(rows), "sha256": rows_digest(rows)},
+        "logprob_temperature": 1.0,
+        "num_shards": math.ceil(len(rows) / spec.shard_size),
+        "batch_size": batch_size,
+        "shards": [],
+    }
+    if out.exists() and any(p for p in out.iterdir() if not p.name.startswith(".")):
+        try:
+            old = read_manifest(out)
+        except FileNotFoundError:
+            raise FileExistsError(f"--out {out} is not empty and holds no cache") from None
+        manifest["source"]["prompts"] = old["source"]["prompts"]
+        _check_resumable(old, manifest, out)
+        for entry in old["shards"]:
+            try:
+                verify_shard(out, entry)
+                manifest["shards"].append(entry)
+            except CacheError as err:
+                log.warning("%s; writing that shard again", err)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp-*"):
+        stale.unlink()
+    _summarize(manifest, vocab)
+    write_manifest(out, manifest)
+    done = {e["index"] for e in manifest["shards"]}
+    bar = tqdm(total=len(rows), desc=f"opd {spec.mode}", disable=None, dynamic_ncols=True)
+    bar.update(sum(e["prompt_end"] - e["prompt_start"] for e in manifest["shards"]))
+    for index in range(manifest["num_shards"]):
+        if index in done:
+            continue
+        t0 = time.perf_counter()
+        records, texts = job.shard_records(index)
+        entry = write_shard(out, index, pack_shard(records, spec.topk, spec.logprob_dtype), texts)
+        entry.update(
+            prompt_start=index * spec.shard_size,
+            prompt_end=min((index + 1) * spec.shard_size, len(rows)),
+            finished=sum(t["finished"] for t in texts),
+            seconds=round(time.perf_counter() - t0, 3),
+        )
+        manifest["shards"] = sorted([*manifest["shards"], entry], key=lambda e: e["index"])
+        manifest["teacher"].setdefault(
+            "num_parameters", sum(p.numel() for p in job.model.parameters())
+        )
+        _summarize(manifest, vocab)
+        write_manifest(out, manifest)
+        bar.update(entry["prompt_end"] - entry["prompt_start"])
+        log.info(
+            "%s: %d rows, %d tokens, %.1f tokens/s",
+            entry["name"],
+            entry["rows"],
+            entry["completion_tokens"],
+            entry["completion_tokens"] / max(entry["seconds"], 1e-9),
+        )
+        if on_shard is not None:
+            on_shard(index)
+    bar.close()
+    return manifest

@@ -1,0 +1,130 @@
+"""A teacher that answers from an offline cache (`opd generate` / `opd score`): no model.
+
+Rows reach the loop from the same cache (`data.train: <cache dir>`) carrying `cache_row`
+and their stored token ids, so batch row i's completion columns are exactly the tokens the
+teacher scored; `score` checks that before returning anything. Only what the cache holds
+can be served: the sampled token's log-prob and the top-k (+ tail) log-probs, at the
+temperature they were computed at (1). Full logits, student samples and other completions
+are refused with a message saying what to change.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from opd.batch import SequenceBatch
+from opd.cache import CacheError, CacheReader
+from opd.teachers.base import TeacherScores, check_need
+
+
+def renormalized_topk(topk_lp: torch.Tensor, tail_logmass: torch.Tensor) -> torch.Tensor:
+    """Rescale stored (fp16-rounded) top-k log-probs so head + exact tail sums to one.
+
+    `[N, k], [N] -> [N, k]`. The tail was computed from full logits when the cache was
+    written; without this, rounding of k values would leave a tail of noise (or a
+    negative one, clamped to zero) where the true tail is tiny.
+    """
+    head = topk_lp.float()
+    head_mass = torch.log(-torch.expm1(tail_logmass.float())).unsqueeze(-1)  # log(1 - tail)
+    return head - torch.logsumexp(head, dim=-1, keepdim=True) + head_mass
+
+
+class CachedTeacher:
+    def __init__(self, cache_dir: str | Path, tokenizer=None, *, verify: bool = True):
+        self.reader = CacheReader(cache_dir, verify=verify)
+        if tokenizer is not None:
+            self.reader.check_tokenizer(tokenizer)
+        self.topk = self.reader.topk
+        self.temperature = float(self.reader.manifest["logprob_temperature"])
+
+    def _fill(self, need: str, topk: int, B: int, L: int) -> dict[str, torch.Tensor]:
+        # Unsupervised (padding) positions get a valid uniform distribution over k distinct
+        # ids so no divergence there is NaN before the mask removes it.
+        out = {"token_logprobs": torch.zeros(B, L)}
+        if need == "topk":
+            out["topk_ids"] = torch.arange(topk).expand(B, L, topk).clone()
+            out["topk_logprobs"] = torch.full((B, L, topk), -math.log(topk))
+        return out
+
+    def score(self, batch: SequenceBatch, need: str, topk: int = 0) -> TeacherScores:
+        check_need(need, topk)
+        if need == "logits":
+            raise CacheError(
+                "the cached teacher stores top-k log-probs, not full logits: use "
+                f"loss.estimator=topk with loss.topk <= {self.topk}"
+            )
+        if need == "topk" and not 0 < topk <= self.topk:
+            raise CacheError(
+                f"loss.topk={topk} but cache {self.reader.root} stores top-{self.topk} log-probs"
+            )
+        if len(batch.rows) != batch.size:
+            raise CacheError("the cached teacher needs the batch's dataset rows (batch.rows)")
+        B, L, P = batch.size, batch.completion_width, batch.prompt_width
+        out = self._fill(need, topk, B, L)
+        ids = batch.input_ids[:, P:].cpu()
+        lengths = batch.completion_mask[:, P:].sum(-1).tolist()
+        for i, row in enumerate(batch.rows):
+            if "cache_row" not in row:
+                raise CacheError(
+                    "batch row has no 'cache_row': with teacher.kind=cached, data.train must be "
+                    f"the cache directory ({self.reader.root})"
+                )
+            arrays = self.reader.token_arrays(row["cache_row"], topk=need == "topk")
+            stored = torch.from_numpy(arrays["completion_ids"]).long()
+            n = lengths[i]
+            if n > len(stored) or not torch.equal(ids[i, :n], stored[:n]):
+                raise CacheError(
+                    f"batch row {i} (cache row {row['cache_row']}, source {batch.source!r}) does "
+                    "not hold the cached completion: the cached teacher can only score the "
+                    "completions it stored (source.lmbda=0, stored token ids)"
+                )
+            out["token_logprobs"][i, :n] = torch.from_numpy(arrays["token_logprobs"][:n])
+            if need == "topk":
+                lp = renormalized_topk(
+                    torch.from_numpy(arrays["topk_logprobs"][:n]),
+                    torch.from_numpy(arrays["tail_logmass"][:n]),
+                )
+                out["topk_logprobs"][i, :n] = lp[:, :topk]
+                out["topk_ids"][i, :n] = torch.from_numpy(arrays["topk_ids"][:n, :topk]).long()
+        device = batch.input_ids.device
+        # No teacher compute happens here, so nothing is counted as scored.
+        return TeacherScores(**{k: v.to(device) for k, v in out.items()}, tokens_scored=0)
+
+
+def build_cached_teacher(config, tokenizer) -> CachedTeacher:
+    """`teacher.kind: cached` from a run config: checks what a cache cannot serve, up front."""
+    from opd.cache import is_cache
+
+    train = config.data.train
+    cache_dir = config.teacher.cache_dir or (train if train and is_cache(train) else "")
+    if not cache_dir:
+        raise ValueError("teacher.cache_dir is required for teacher.kind='cached'")
+    if not train or Path(train).resolve() != Path(cache_dir).resolve():
+        raise ValueError(
+            f"teacher.kind='cached' scores only the cache's own rows: set data.train={cache_dir} "
+            f"(it is {train!r})"
+        )
+    if config.source.lmbda > 0:
+        raise ValueError(
+            "teacher.kind='cached' cannot score student samples: set source.lmbda=0 "
+            "(use a local or remote teacher for on-policy distillation)"
+        )
+    if config.loss.objective == "kd" and config.loss.estimator != "topk":
+        raise ValueError(
+            "teacher.kind='cached' holds top-k log-probs, not full logits: set "
+            "loss.estimator=topk (with loss.topk <= the cache's k)"
+        )
+    teacher = CachedTeacher(cache_dir, tokenizer)
+    if config.loss.objective == "kd" and config.loss.topk > teacher.topk:
+        raise ValueError(
+            f"loss.topk={config.loss.topk} but cache {cache_dir} stores top-{teacher.topk}"
+        )
+    if config.loss.objective == "kd" and config.loss.kd_temperature != teacher.temperature:
+        raise ValueError(
+            f"loss.kd_temperature={config.loss.kd_temperature} but cache {cache_dir} holds "
+            f"teacher log-probs at temperature {teacher.temperature}"
+        )
+    return teacher
