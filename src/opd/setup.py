@@ -53,6 +53,10 @@ def build_teacher(config: TrainConfig, tokenizer, device: torch.device):
         check_same_tokenizer(tokenizer, teacher_tok, config.teacher.path)
         model = load_causal_lm(config.teacher.path, dtype=config.teacher.dtype, device=device)
         return LocalTeacher(model, shared_vocab_size(tokenizer, model))
+    if kind == "remote":  # an `opd serve` or vLLM server; checks the tokenizer at connect
+        from opd.teachers.remote import remote_teacher_from_config
+
+        return remote_teacher_from_config(config, tokenizer)
     if kind == "cached":  # offline log-probs: the teacher model is never loaded
         from opd.teachers.cached import build_cached_teacher
 

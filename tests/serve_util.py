@@ -1,0 +1,59 @@
+"""Helpers for the teacher-server tests: an in-process server on a free loopback port."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from opd.models import load_causal_lm, load_tokenizer
+from opd.protocol import Limits
+from opd.serve import BackgroundServer, ServeSettings, TeacherService, create_app
+
+TOKEN = "s3cret-token"
+LIMITS = Limits(
+    max_seq_len=64, max_seqs_per_request=8, max_topk=16, max_batch_tokens=512, body_timeout_s=2.0
+)
+
+
+def start_server(
+    model_dir,
+    *,
+    token: str | None = TOKEN,
+    limits: Limits = LIMITS,
+    batch_wait_ms: float = 5.0,
+    port: int = 0,
+    model=None,
+    tokenizer=None,
+) -> tuple[BackgroundServer, TeacherService]:
+    model = model if model is not None else load_causal_lm(str(model_dir))
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(model_dir))
+    service = TeacherService(
+        model, tokenizer, name="tiny-teacher", limits=limits, batch_wait_ms=batch_wait_ms
+    )
+    settings = ServeSettings(model=str(model_dir), port=port, limits=limits, graceful_timeout_s=5)
+    return BackgroundServer(create_app(service, token), settings).start(), service
+
+
+def auth(token: str = TOKEN) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@torch.no_grad()
+def local_logprobs(model, seq: list[int], vocab_size: int) -> torch.Tensor:
+    """`[len-1, V]` log-probs of positions 1.. of one unpadded sequence: the reference."""
+    logits = model(input_ids=torch.tensor([seq])).logits[0, :-1, :vocab_size]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def random_seqs(rng: random.Random, n: int, vocab: int, lo: int = 2, hi: int = 20) -> list:
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def close(a: torch.Tensor | list, b: torch.Tensor | list) -> None:
+    torch.testing.assert_close(
+        torch.as_tensor(a, dtype=torch.float32),
+        torch.as_tensor(b, dtype=torch.float32),
+        rtol=1e-5,
+        atol=1e-5,
+    )
