@@ -3,6 +3,6 @@
 __version__ = "0.1.0"
 
 from opd.config import TrainConfig, load_config
-from opd.train import train
+from opd.loop import train
 
 __all__ = ["TrainConfig", "__version__", "load_config", "train"]

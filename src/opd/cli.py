@@ -18,7 +18,7 @@ from opd.teachers.errors import TeacherUnavailable
 
 def _cmd_train(args) -> int:
     from opd.config import load_config
-    from opd.train import train
+    from opd.loop import train
 
     config = load_config(args.config, args.overrides)
     result = train(config)

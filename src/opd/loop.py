@@ -1,4 +1,4 @@
-"""The one loop: pick sequences -> teacher scores them -> loss -> update.
+"""The one loop (`opd.train`): pick sequences -> teacher scores them -> loss -> update.
 
     opd train examples/on_policy.yaml steps=200 loss.divergence=reverse_kl
     python -c "import opd; opd.train(opd.load_config('cfg.yaml'))"
