@@ -190,8 +190,13 @@ def _save(run: RunSetup, step: int, totals: dict, bad_steps: int):
     )
 
 
-def train(config: TrainConfig, run: RunSetup | None = None) -> dict:
-    """Run (or resume) training; returns the last logged record plus the run directory."""
+def train(config: TrainConfig, run: RunSetup | None = None, extra_eval=None) -> dict:
+    """Run (or resume) training; returns the last logged record plus the run directory.
+
+    `extra_eval(run) -> dict`, if given, runs at every evaluation point (and before the
+    first step, logged as step 0) and its values join the JSONL record: the demo uses it
+    for sampled accuracy and the exposure-bias gap.
+    """
     run = run or build_run(config)
     start_step, bad_steps = 0, 0
     totals = {
@@ -214,6 +219,8 @@ def train(config: TrainConfig, run: RunSetup | None = None) -> dict:
     )
     metric_fn = resolve_metric(config.eval_metric, config.data.answer_field)
     timer, record = PhaseTimer(), {}
+    if config.eval_every and start_step == 0:
+        metrics.write({"step": 0, **evaluate_now(run, metric_fn), **(extra_eval(run) if extra_eval else {})})
     bar = tqdm(
         range(start_step, config.steps),
         desc="opd train",
@@ -249,6 +256,8 @@ def train(config: TrainConfig, run: RunSetup | None = None) -> dict:
             done = step + 1 == config.steps
             if config.eval_every and ((step + 1) % config.eval_every == 0 or done):
                 record.update(evaluate_now(run, metric_fn))
+                if extra_eval is not None:
+                    record.update(extra_eval(run))
             if (step + 1) % config.log_every == 0 or done or "eval_accuracy" in record:
                 metrics.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", div=f"{record['divergence']:.4f}")
