@@ -61,6 +61,7 @@ class ServeSettings:
     batch_wait_ms: float = 2.0
     limits: Limits = field(default_factory=Limits)
     graceful_timeout_s: float = 30.0
+    max_connections: int = 512  # beyond this uvicorn answers 503 (clients retry)
 
 
 def is_loopback(host: str) -> bool:
@@ -257,7 +258,7 @@ def uvicorn_config(app, settings: ServeSettings):
         port=settings.port,
         log_level="info",
         timeout_graceful_shutdown=settings.graceful_timeout_s,
-        limit_concurrency=4 * settings.limits.max_seqs_per_request + 64,
+        limit_concurrency=settings.max_connections,
         access_log=False,
     )
 
