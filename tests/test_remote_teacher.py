@@ -9,9 +9,11 @@ from concurrent.futures import Future
 
 import pytest
 import torch
+import yaml
 
 from opd.batch import assemble
 from opd.checkpoint import latest_checkpoint, load_trainer_state
+from opd.cli import main as cli_main
 from opd.config import config_from_dict
 from opd.loop import train
 from opd.metrics import read_metrics
@@ -200,3 +202,13 @@ def test_server_killed_mid_run_then_resume(tiny_pair, base_config, monkeypatch):
     assert result["step"] == 4
     assert latest_checkpoint(config.output_dir).name == "step-0000004"
     assert [r["step"] for r in read_metrics(config.output_dir)] == [1, 2, 3, 4]
+
+
+def test_cli_train_stops_with_clear_error_when_server_is_down(base_config, tmp_path, capsys):
+    url = unused_url()
+    data = base_config(preset="on_policy", teacher={"kind": "remote", "url": url, "max_retries": 0})
+    path = tmp_path / "remote.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert cli_main(["train", str(path)]) == 3
+    err = capsys.readouterr().err
+    assert url in err and "resume=true" in err
