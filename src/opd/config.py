@@ -8,6 +8,8 @@ Every field is used by some recipe. A preset (`seqkd`, `supervised_kd`, `gkd`,
 from __future__ import annotations
 
 import dataclasses
+import re
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +32,15 @@ def _in_range(key: str, value, lo=None, hi=None, *, lo_open=False) -> None:
         raise ValueError(f"{key}={value!r} must be {'>' if lo_open else '>='} {lo}")
     if hi is not None and value > hi:
         raise ValueError(f"{key}={value!r} must be <= {hi}")
+
+
+def _check_template(key: str, template: str) -> None:
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as err:
+        raise ValueError(f"{key}={template!r} is not a valid template: {err}") from None
+    if any(not f or not f.isidentifier() for f in fields):
+        raise ValueError(f"{key}={template!r}: use named fields such as {{prompt}} or {{answer}}")
 
 
 @dataclass
@@ -68,9 +79,18 @@ class TeacherConfig:
     timeout_s: float = 60.0
     max_retries: int = 5
     cache_dir: str = ""  # cached: a directory written by `opd generate` / `opd score`
+    # self (OPSD/SDFT): the teacher's prompt; {prompt} is the row's data.prompt_field text,
+    # any other {name} is that column of the row (the privileged context the student lacks).
+    privileged_template: str = "{prompt}\nReference solution: {answer}\n"
+    self_weights: str = "frozen"  # self: frozen (start) | ema | live (current, no gradient)
+    ema_decay: float = 0.99  # self_weights=ema: theta_bar <- d*theta_bar + (1-d)*theta per step
 
     def __post_init__(self):
         _one_of("teacher.kind", self.kind, ("local", "self", "remote", "cached"))
+        _one_of("teacher.self_weights", self.self_weights, ("frozen", "ema", "live"))
+        _in_range("teacher.ema_decay", self.ema_decay, 0.0, 1.0)
+        if self.kind == "self":
+            _check_template("teacher.privileged_template", self.privileged_template)
         _one_of("teacher.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _in_range("teacher.timeout_s", self.timeout_s, 0.0, lo_open=True)
         _in_range("teacher.max_retries", self.max_retries, 0)
@@ -151,6 +171,31 @@ class SourceConfig:
 
 
 @dataclass
+class RewardConfig:
+    """RL + on-policy distillation (GKD, Agarwal et al. 2024, sec. 3.3).
+
+    Student-sampled batches minimize (1 - distill_weight) * PG(reward) + distill_weight * D,
+    i.e. maximize (1-a)*E[r] - a*E[D] with a = distill_weight (GKD's alpha; not loss.skew_alpha).
+    """
+
+    function: str = ""  # '' (off) | exact_match | regex | 'module:function' fn(text, row) -> float
+    pattern: str = ""  # regex: the answer is the last match's first group (or whole match)
+    distill_weight: float = 0.5  # GKD's alpha: 1 = pure on-policy distillation, 0 = pure RL
+    normalize: str = "group"  # group: (r - mean)/(std + eps) over the sampling.n samples | none
+
+    def __post_init__(self):
+        _in_range("reward.distill_weight", self.distill_weight, 0.0, 1.0)
+        _one_of("reward.normalize", self.normalize, ("group", "none"))
+        if self.function == "regex":
+            if not self.pattern:
+                raise ValueError("reward.function='regex' needs reward.pattern")
+            try:
+                re.compile(self.pattern)
+            except re.error as err:
+                raise ValueError(f"reward.pattern={self.pattern!r} is not a regex: {err}") from None
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-5
     weight_decay: float = 0.0
@@ -176,6 +221,7 @@ class TrainConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     steps: int = 100
     batch_size: int = 8  # prompts per optimizer step (each sampled `sampling.n` times on-policy)
     micro_batch_size: int = 8  # prompts per forward/backward; accumulation = batch / micro
@@ -222,6 +268,25 @@ class TrainConfig:
             raise ValueError(
                 "data.train is required when batches come from the dataset (source.lmbda < 1)"
             )
+        if self.reward.function:
+            self._check_reward()
+
+    def _check_reward(self) -> None:
+        if self.source.lmbda == 0.0:
+            raise ValueError(
+                "reward.function needs student samples: set source.lmbda > 0 (rewards score "
+                "the student's own completions)"
+            )
+        if self.reward.normalize == "group" and self.sampling.n < 2:
+            raise ValueError(
+                "reward.normalize='group' needs sampling.n >= 2 (a group of one sample has zero "
+                "advantage); raise sampling.n or use reward.normalize=none"
+            )
+        if self.reward.distill_weight > 0 and self.loss.objective == "ce":
+            raise ValueError(
+                "reward.distill_weight > 0 mixes in a distillation term: use loss.objective=kd "
+                "or pg (or reward.distill_weight=0 for pure RL)"
+            )
 
     @property
     def accumulation(self) -> int:
@@ -245,6 +310,19 @@ PRESETS: dict[str, dict] = {
     "on_policy": {"loss": {"objective": "pg"}, "source": {"lmbda": 1.0}},
     # Gu et al. 2024 (MiniLLM), without its PPO machinery: full-vocabulary reverse KL on student samples.
     "minillm_like": {
+        "loss": {"objective": "kd", "divergence": "reverse_kl", "estimator": "full"},
+        "source": {"lmbda": 1.0},
+    },
+    # Self-distillation with privileged context: the student's own model, with the reference in
+    # its prompt (teacher.privileged_template), scores the student's samples. OPSD (Zhao et al.
+    # 2026) uses full-vocabulary JSD; SDFT (Shenfeld et al. 2026) a per-token KL.
+    "opsd": {
+        "teacher": {"kind": "self"},
+        "loss": {"objective": "kd", "divergence": "jsd", "beta": 0.5, "estimator": "full"},
+        "source": {"lmbda": 1.0},
+    },
+    "sdft": {
+        "teacher": {"kind": "self"},
         "loss": {"objective": "kd", "divergence": "reverse_kl", "estimator": "full"},
         "source": {"lmbda": 1.0},
     },

@@ -31,6 +31,7 @@ from opd.metrics import MetricsLog, PhaseTimer
 from opd.models import completion_logits
 from opd.objectives import batch_loss, teacher_need
 from opd.rewards import resolve_metric
+from opd.rl import RewardStep
 from opd.rollout import sample
 from opd.setup import RunSetup, build_run
 
@@ -110,17 +111,26 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
         else nullcontext()
     )
     loss_total, div_total, teacher_scored = 0.0, 0.0, 0
+    # RL + on-policy distillation (opd.rl): student batches mix in a reward term.
+    rl = RewardStep(run.reward_fn, run.tokenizer, config) if run.reward_fn is not None else None
     run.student.train()
     for batch in batches:
         batch = batch.to(run.device)
         scores = None
-        if need is not None:
+        rewarded = rl is not None and batch.source == "student"
+        if rewarded:
+            with timer.phase("reward"):
+                rewards = rl.rewards_for(batch)
+        if need is not None and (not rewarded or rl.calls_teacher):
             with timer.phase("teacher_score"):
                 scores = run.teacher.score(batch, need, topk)
             teacher_scored += scores.tokens_scored
         with timer.phase("update"), autocast:
             logits = completion_logits(run.student, batch, run.vocab_size)
-            loss, div_sum = batch_loss(logits, batch, scores, config.loss, num_tokens)
+            if rewarded:
+                loss, div_sum = rl.batch_loss(logits, batch, scores, num_tokens, rewards)
+            else:
+                loss, div_sum = batch_loss(logits, batch, scores, config.loss, num_tokens)
             loss.backward()
         loss_total += float(loss.detach())
         div_total += div_sum
@@ -132,6 +142,8 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
         if finite:
             run.optimizer.step()
             run.scheduler.step()
+            if hasattr(run.teacher, "after_optimizer_step"):
+                run.teacher.after_optimizer_step()  # self teacher, EMA weights
         run.optimizer.zero_grad(set_to_none=True)
     by_source = {
         s: sum(b.size for b in batches if b.source == s) for s in ("dataset", "teacher", "student")
@@ -153,6 +165,7 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
         "sequences_from_teacher": by_source["teacher"],
         "sequences_from_dataset": by_source["dataset"],
         "lr": run.scheduler.get_last_lr()[0],
+        **(rl.record() if rl is not None else {}),
     }
 
 
@@ -184,6 +197,7 @@ def _save(run: RunSetup, step: int, totals: dict, bad_steps: int):
             "data_position": step * run.config.batch_size,
             "totals": totals,
             "bad_steps": bad_steps,
+            "teacher_state": getattr(run.teacher, "checkpoint_state", dict)(),
         },
         config_to_dict(run.config),
         keep=run.config.keep_checkpoints,
@@ -211,6 +225,8 @@ def train(config: TrainConfig, run: RunSetup | None = None, extra_eval=None) -> 
         run.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start_step, totals, bad_steps = state["step"], state["totals"], state["bad_steps"]
+        if hasattr(run.teacher, "load_checkpoint_state"):
+            run.teacher.load_checkpoint_state(state.get("teacher_state", {}))
         log.info("resumed from %s at step %d", run.resume_from, start_step)
     metrics = MetricsLog(
         config.output_dir,

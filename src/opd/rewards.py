@@ -37,17 +37,31 @@ def regex_match(completion: str, row: dict, pattern: str, answer_field: str = "a
     return float(last.strip() == str(row[answer_field]).strip())
 
 
-def resolve_metric(name: str, answer_field: str = "answer") -> Metric:
+def resolve_metric(name: str, answer_field: str = "answer", key: str = "eval_metric") -> Metric:
     """'exact_match' or a callable named as 'package.module:function'."""
     if name == "exact_match":
         return lambda completion, row: exact_match(completion, row, answer_field)
     if ":" not in name:
-        raise ValueError(f"eval_metric={name!r}: use 'exact_match' or 'module:function'")
+        raise ValueError(f"{key}={name!r}: use 'exact_match' or 'module:function'")
     module_name, attr = name.split(":", 1)
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"eval_metric={name!r} cannot be imported: {err}") from None
+        raise ValueError(f"{key}={name!r} cannot be imported: {err}") from None
     if not callable(fn):
-        raise ValueError(f"eval_metric={name!r} is not callable")
+        raise ValueError(f"{key}={name!r} is not callable")
     return fn
+
+
+def resolve_reward(function: str, pattern: str = "", answer_field: str = "answer") -> Metric:
+    """The `reward.function` of a config: 'exact_match', 'regex' (with `pattern`) or
+    'module:function'; every reward is per sequence, `fn(completion_text, row) -> float`."""
+    if function == "regex":
+        if not pattern:
+            raise ValueError("reward.function='regex' needs reward.pattern")
+        return lambda completion, row: regex_match(completion, row, pattern, answer_field)
+    if function not in ("exact_match",) and ":" not in function:
+        raise ValueError(
+            f"reward.function={function!r}: use 'exact_match', 'regex' or 'module:function'"
+        )
+    return resolve_metric(function, answer_field, key="reward.function")

@@ -19,6 +19,7 @@ from opd.models import (
     resolve_device,
     shared_vocab_size,
 )
+from opd.rewards import resolve_reward
 from opd.teachers.local import LocalTeacher
 
 
@@ -37,15 +38,26 @@ class RunSetup:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     resume_from: Path | None
+    reward_fn: object | None = None  # reward.function resolved: fn(completion_text, row) -> float
 
 
-def build_teacher(config: TrainConfig, tokenizer, device: torch.device):
-    """The teacher named by `teacher.kind`, or None when the objective never asks one."""
+def build_teacher(
+    config: TrainConfig, tokenizer, device: torch.device, student=None, resume_from=None
+):
+    """The teacher named by `teacher.kind`, or None when the objective never asks one.
+
+    `student` (and `resume_from`) are needed by `teacher.kind=self` only."""
     kind = config.teacher.kind
     if config.loss.objective == "ce" and (
         config.source.lmbda == 1.0 or config.source.off_policy == "dataset"
     ):
         return None  # SFT on fixed text: no teacher is loaded at all
+    if config.reward.function and config.reward.distill_weight == 0 and config.source.lmbda == 1:
+        return None  # pure RL (GKD's alpha = 0) on student samples only: no teacher
+    if kind == "self":  # the student's own model with privileged context (OPSD/SDFT)
+        from opd.teachers.self_teacher import build_self_teacher
+
+        return build_self_teacher(config, tokenizer, student, resume_from)
     if kind == "local":
         if not config.teacher.path:
             raise ValueError("teacher.path is required for teacher.kind='local'")
@@ -115,9 +127,14 @@ def build_run(config: TrainConfig) -> RunSetup:
             f"output_dir {out} already holds checkpoint {existing.name}; pass resume=true to "
             "continue it or choose another output_dir"
         )
+    reward_fn = None  # resolved before any model loads, so a bad name fails fast
+    if config.reward.function:
+        reward_fn = resolve_reward(
+            config.reward.function, config.reward.pattern, config.data.answer_field
+        )
     tokenizer = load_tokenizer(config.student.path)
     student = build_student(config, device, resume_from)
-    teacher = build_teacher(config, tokenizer, device)
+    teacher = build_teacher(config, tokenizer, device, student=student, resume_from=resume_from)
     vocab_size = shared_vocab_size(tokenizer, student)
     encoder = Encoder(tokenizer, config.data)
     train_rows, order = [], None
@@ -151,4 +168,5 @@ def build_run(config: TrainConfig) -> RunSetup:
         optimizer,
         scheduler,
         resume_from,
+        reward_fn,
     )

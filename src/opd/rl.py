@@ -1,0 +1,177 @@
+"""RL + on-policy distillation: a task reward mixed with the distillation loss.
+
+GKD (Agarwal et al. 2024, sec. 3.3) maximizes `(1-a)*E_{y~p_S}[r(y)] - a*E_{y~p_S}[D(y|x)]`.
+Here that is, on every student-sampled micro-batch,
+
+    loss = (1 - a) * PG(reward) + a * distill,     a = reward.distill_weight
+
+* `PG(reward)` is a token-level policy-gradient loss `-(p_S/q)(y_t) * A_i` over all tokens
+  of sequence i, with a sequence advantage `A_i` from its reward. With `normalize=group`
+  the `sampling.n` samples of one prompt form a group and `A_i = (r_i - mean)/(std + eps)`
+  (GRPO, Shao et al. 2024; std with Bessel's correction, as TRL's GRPOTrainer);
+  `q` is the sampler's log-prob, so the ratio is 1 in value when the sampler is the
+  current student at temperature 1 and corrects for temperature/top-p otherwise.
+* `distill` is the configured objective (`kd` with any divergence and estimator, or `pg`),
+  exactly as `opd.objectives.per_token_loss` computes it without a reward.
+
+Both terms are summed over tokens and divided by the step's token count (as `batch_loss`),
+so gradient accumulation leaves them unchanged. `a = 1` is pure on-policy distillation
+(the reward is only logged), `a = 0` pure RL (the teacher is not called at all).
+Batches from the dataset or the teacher carry no student samples and keep the plain
+distillation loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from opd.batch import SequenceBatch
+from opd.config import LossConfig
+from opd.losses import masked_sum, policy_gradient_loss
+from opd.models import token_logprobs
+from opd.objectives import per_token_loss
+from opd.teachers.base import TeacherScores
+
+EPS = 1e-4  # as TRL's GRPO: keeps an all-equal group (std 0) at advantage 0
+
+
+def completion_texts(batch: SequenceBatch, tokenizer) -> list[str]:
+    """Each row's completion decoded without special tokens (EOS, padding)."""
+    ids, mask = batch.completion_ids().cpu(), batch.loss_mask().cpu()
+    return [
+        tokenizer.decode(ids[i][mask[i]].tolist(), skip_special_tokens=True)
+        for i in range(batch.size)
+    ]
+
+
+def sequence_rewards(batch: SequenceBatch, tokenizer, reward_fn) -> torch.Tensor:
+    """`[B]` float32: `reward_fn(completion_text, row)` for every row of the batch."""
+    if len(batch.rows) != batch.size:
+        raise ValueError(f"rewards need the dataset rows: {len(batch.rows)} for {batch.size}")
+    texts = completion_texts(batch, tokenizer)
+    return torch.tensor(
+        [float(reward_fn(t, row)) for t, row in zip(texts, batch.rows, strict=True)],
+        dtype=torch.float32,
+    )
+
+
+def group_advantages(rewards_B: torch.Tensor, group_size: int, normalize: str) -> torch.Tensor:
+    """`[B] -> [B]` sequence advantages; rows `g*n .. g*n+n-1` are one prompt's samples."""
+    if normalize == "none":
+        return rewards_B.clone()
+    if normalize != "group":
+        raise ValueError(f"normalize={normalize!r} not in ('group', 'none')")
+    if group_size < 2 or rewards_B.numel() % group_size:
+        raise ValueError(
+            f"group normalization needs groups of >= 2 samples: {rewards_B.numel()} rewards, "
+            f"group size {group_size}"
+        )
+    groups = rewards_B.view(-1, group_size)
+    centered = groups - groups.mean(dim=1, keepdim=True)
+    return (centered / (groups.std(dim=1, keepdim=True) + EPS)).view(-1)
+
+
+def reward_pg_loss(
+    student_logprobs_BL: torch.Tensor,
+    advantages_B: torch.Tensor,
+    sampler_logprobs_BL: torch.Tensor | None,
+) -> torch.Tensor:
+    """`[B, L]` per-token `-(p_S/q)(y_t) * A_i`, every token of row i sharing `A_i`."""
+    adv = advantages_B.to(student_logprobs_BL.device)[:, None].expand_as(student_logprobs_BL)
+    return policy_gradient_loss(student_logprobs_BL, adv, sampler_logprobs_BL)
+
+
+@dataclass
+class MixedLoss:
+    loss: torch.Tensor  # the micro-batch's share of the step loss (backward this)
+    divergence_sum: float  # summed per-token divergence estimate (0 when a = 0: not measured)
+    reward_term: float  # (1 - a) * PG(reward), normalized by the step's tokens
+    distill_term: float  # a * distill, normalized by the step's tokens
+
+
+def mixed_batch_loss(
+    student_logits_BLV: torch.Tensor,
+    batch: SequenceBatch,
+    scores: TeacherScores | None,
+    loss: LossConfig,
+    num_tokens: int,
+    advantages_B: torch.Tensor,
+    distill_weight: float,
+) -> MixedLoss:
+    """`(1-a) * PG(reward) + a * distill` of one student micro-batch (see module doc)."""
+    mask = batch.loss_mask().to(student_logits_BLV.device)
+    denom = max(num_tokens, 1)
+    total = student_logits_BLV.new_zeros((), dtype=torch.float32)
+    reward_term = distill_term = div_sum = 0.0
+    if distill_weight < 1.0:
+        student_lp = token_logprobs(student_logits_BLV, batch.completion_ids())
+        sampler_lp = None
+        if batch.sampler_logprobs is not None:
+            sampler_lp = batch.sampler_logprobs[:, batch.prompt_width :].to(student_lp.device)
+        pg = masked_sum(reward_pg_loss(student_lp, advantages_B, sampler_lp), mask) / denom
+        total = total + (1.0 - distill_weight) * pg
+        reward_term = (1.0 - distill_weight) * float(pg.detach())
+    if distill_weight > 0.0:
+        if scores is None:
+            raise ValueError("reward.distill_weight > 0 needs teacher scores for the batch")
+        value, divergence = per_token_loss(student_logits_BLV, batch, scores, loss)
+        distill = masked_sum(value, mask) / denom
+        total = total + distill_weight * distill
+        distill_term = distill_weight * float(distill.detach())
+        div_sum = float(masked_sum(divergence, mask))
+    return MixedLoss(total, div_sum, reward_term, distill_term)
+
+
+class RewardStep:
+    """Accumulates one optimizer step's reward terms over its student micro-batches."""
+
+    def __init__(self, reward_fn, tokenizer, config):
+        self.reward_fn, self.tokenizer, self.config = reward_fn, tokenizer, config
+        self.rewards: list[torch.Tensor] = []
+        self.reward_term = self.distill_term = 0.0
+
+    @property
+    def calls_teacher(self) -> bool:
+        return self.config.reward.distill_weight > 0.0
+
+    def batch_loss(
+        self,
+        student_logits_BLV: torch.Tensor,
+        batch: SequenceBatch,
+        scores: TeacherScores | None,
+        num_tokens: int,
+        rewards_B: torch.Tensor,
+    ) -> tuple[torch.Tensor, float]:
+        """The micro-batch loss and divergence sum, like `opd.objectives.batch_loss`."""
+        cfg = self.config
+        advantages = group_advantages(rewards_B, cfg.sampling.n, cfg.reward.normalize)
+        out = mixed_batch_loss(
+            student_logits_BLV,
+            batch,
+            scores,
+            cfg.loss,
+            num_tokens,
+            advantages,
+            cfg.reward.distill_weight,
+        )
+        self.rewards.append(rewards_B)
+        self.reward_term += out.reward_term
+        self.distill_term += out.distill_term
+        return out.loss, out.divergence_sum
+
+    def rewards_for(self, batch: SequenceBatch) -> torch.Tensor:
+        return sequence_rewards(batch, self.tokenizer, self.reward_fn)
+
+    def record(self) -> dict:
+        """JSONL fields: mean reward of the step's student samples and both weighted terms."""
+        rewards = torch.cat(self.rewards) if self.rewards else torch.zeros(0)
+        return {
+            # null in a step that drew no student batch (possible when source.lmbda < 1)
+            "reward_mean": float(rewards.mean()) if rewards.numel() else None,
+            "reward_samples": rewards.numel(),
+            "reward_term": self.reward_term,
+            "distill_term": self.distill_term,
+            "distill_weight": self.config.reward.distill_weight,
+        }
