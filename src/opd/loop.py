@@ -64,7 +64,7 @@ def make_micro_batch(run: RunSetup, step: int, micro: int, timer: PhaseTimer) ->
                 for r in rows
             ]
             completions = [
-                r["completion_ids"]
+                r["completion_ids"][: config.data.max_completion_tokens]
                 if "completion_ids" in r
                 else enc.completion_ids(r[config.data.completion_field])
                 for r in rows

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from opd.batch import SequenceBatch
@@ -40,15 +41,6 @@ class CachedTeacher:
         self.topk = self.reader.topk
         self.temperature = float(self.reader.manifest["logprob_temperature"])
 
-    def _fill(self, need: str, topk: int, B: int, L: int) -> dict[str, torch.Tensor]:
-        # Unsupervised (padding) positions get a valid uniform distribution over k distinct
-        # ids so no divergence there is NaN before the mask removes it.
-        out = {"token_logprobs": torch.zeros(B, L)}
-        if need == "topk":
-            out["topk_ids"] = torch.arange(topk).expand(B, L, topk).clone()
-            out["topk_logprobs"] = torch.full((B, L, topk), -math.log(topk))
-        return out
-
     def score(self, batch: SequenceBatch, need: str, topk: int = 0) -> TeacherScores:
         check_need(need, topk)
         if need == "logits":
@@ -62,10 +54,16 @@ class CachedTeacher:
             )
         if len(batch.rows) != batch.size:
             raise CacheError("the cached teacher needs the batch's dataset rows (batch.rows)")
-        B, L, P = batch.size, batch.completion_width, batch.prompt_width
-        out = self._fill(need, topk, B, L)
-        ids = batch.input_ids[:, P:].cpu()
+        B, L, P, K = batch.size, batch.completion_width, batch.prompt_width, self.topk
+        ids = batch.input_ids[:, P:].cpu().numpy()
         lengths = batch.completion_mask[:, P:].sum(-1).tolist()
+        token = np.zeros((B, L), np.float32)
+        if need == "topk":
+            # Unsupervised (padding) positions get a uniform distribution over K distinct
+            # ids, so no divergence there is NaN before the mask removes it.
+            top_ids = np.broadcast_to(np.arange(K, dtype=np.int64), (B, L, K)).copy()
+            top_lp = np.full((B, L, K), -math.log(K), np.float32)
+            tail = np.full((B, L), -np.inf, np.float32)
         for i, row in enumerate(batch.rows):
             if "cache_row" not in row:
                 raise CacheError(
@@ -73,25 +71,28 @@ class CachedTeacher:
                     f"the cache directory ({self.reader.root})"
                 )
             arrays = self.reader.token_arrays(row["cache_row"], topk=need == "topk")
-            stored = torch.from_numpy(arrays["completion_ids"]).long()
-            n = lengths[i]
-            if n > len(stored) or not torch.equal(ids[i, :n], stored[:n]):
+            stored, n = arrays["completion_ids"], lengths[i]
+            if n > len(stored) or not np.array_equal(ids[i, :n], stored[:n]):
                 raise CacheError(
                     f"batch row {i} (cache row {row['cache_row']}, source {batch.source!r}) does "
                     "not hold the cached completion: the cached teacher can only score the "
                     "completions it stored (source.lmbda=0, stored token ids)"
                 )
-            out["token_logprobs"][i, :n] = torch.from_numpy(arrays["token_logprobs"][:n])
+            token[i, :n] = arrays["token_logprobs"][:n]
             if need == "topk":
-                lp = renormalized_topk(
-                    torch.from_numpy(arrays["topk_logprobs"][:n]),
-                    torch.from_numpy(arrays["tail_logmass"][:n]),
-                )
-                out["topk_logprobs"][i, :n] = lp[:, :topk]
-                out["topk_ids"][i, :n] = torch.from_numpy(arrays["topk_ids"][:n, :topk]).long()
+                top_ids[i, :n] = arrays["topk_ids"][:n]
+                top_lp[i, :n] = arrays["topk_logprobs"][:n]
+                tail[i, :n] = arrays["tail_logmass"][:n]
+        out = {"token_logprobs": torch.from_numpy(token)}
+        if need == "topk":
+            lp = renormalized_topk(torch.from_numpy(top_lp), torch.from_numpy(tail))
+            out["topk_ids"] = torch.from_numpy(top_ids[..., :topk])
+            out["topk_logprobs"] = lp[..., :topk]
         device = batch.input_ids.device
         # No teacher compute happens here, so nothing is counted as scored.
-        return TeacherScores(**{k: v.to(device) for k, v in out.items()}, tokens_scored=0)
+        return TeacherScores(
+            **{k: v.to(device, non_blocking=True) for k, v in out.items()}, tokens_scored=0
+        )
 
 
 def build_cached_teacher(config, tokenizer) -> CachedTeacher:
