@@ -26,6 +26,13 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_demo(args) -> int:
+    from opd.demo.run import run_demo
+
+    run_demo(args.out, quick=args.quick, cache_dir=args.cache_dir, seed=args.seed)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opd", description="Distil a teacher LM into a student.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -36,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="dotted overrides, e.g. loss.divergence=jsd loss.beta=0.5"
     )
     p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("demo", help="offline KD vs on-policy distillation on a built-in task, on CPU")
+    p.add_argument("--quick", action="store_true", help="a smaller run of about 2 minutes")
+    p.add_argument("--out", default="opd-demo", help="output directory (report.md, results.json, curves.png)")
+    p.add_argument("--cache-dir", default=None, help="where built models are cached (default ~/.cache/opd/demo)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
     from opd.cache_cli import add_cache_commands
 
     add_cache_commands(sub)  # generate, score, inspect: the offline teacher cache
