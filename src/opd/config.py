@@ -145,6 +145,9 @@ class LossConfig:
     topk: int = 64
     kd_temperature: float = 1.0
     discount: float = 0.0  # pg: discount of the per-token advantage to go
+    # kd + full + local teacher: compute the divergence from hidden states and LM heads in
+    # tiles (opd.losses.fused), never materializing [tokens, vocab] logits. Same result.
+    fused: bool = True
 
     def __post_init__(self):
         _one_of("loss.objective", self.objective, ("ce", "kd", "pg"))

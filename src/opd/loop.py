@@ -27,6 +27,7 @@ from opd.batch import SequenceBatch, assemble
 from opd.checkpoint import load_trainer_state, save_checkpoint, set_rng_state
 from opd.config import TrainConfig, config_to_dict
 from opd.evaluate import task_accuracy
+from opd.fused_objective import fused_batch_loss, teacher_hidden
 from opd.metrics import MetricsLog, PhaseTimer
 from opd.models import completion_logits
 from opd.objectives import batch_loss, teacher_need
@@ -121,6 +122,18 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
         if rewarded:
             with timer.phase("reward"):
                 rewards = rl.rewards_for(batch)
+        if run.fused and not rewarded:  # same loss without [tokens, vocab] logits
+            with timer.phase("teacher_score"):
+                hidden_t = teacher_hidden(run.teacher, batch)
+            teacher_scored += batch.num_target_tokens()
+            with timer.phase("update"), autocast:
+                loss, div_sum = fused_batch_loss(
+                    run.student, run.teacher, hidden_t, batch, config.loss, num_tokens, run.vocab_size
+                )
+                loss.backward()
+            loss_total += float(loss.detach())
+            div_total += div_sum
+            continue
         if need is not None and (not rewarded or rl.calls_teacher):
             with timer.phase("teacher_score"):
                 scores = run.teacher.score(batch, need, topk)

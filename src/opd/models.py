@@ -98,3 +98,33 @@ def token_logprobs(
     """log softmax(logits / temperature) at the given ids, in float32, `[B, L]`."""
     logits = logits_BLV.float() / temperature
     return logits.gather(-1, ids_BL.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+# Models whose logits are more than `hidden @ W.T + b` (soft-capping, scaling) must take
+# the plain path: the fused loss recomputes logits from the head weight alone.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def supports_fused_head(model) -> bool:
+    config = model.config
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return False
+    return isinstance(model.get_output_embeddings(), torch.nn.Linear)
+
+
+def completion_hidden(model, batch: SequenceBatch) -> torch.Tensor:
+    """`[B, L, H]` final hidden states that predict the completion columns (no LM head)."""
+    out = model.get_decoder()(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids(),
+        use_cache=False,
+    )
+    return out.last_hidden_state[:, batch.prompt_width - 1 : -1]
+
+
+def lm_head(model, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's weight `[V, H]` and bias cut to the shared vocabulary (views: grads flow)."""
+    head = model.get_output_embeddings()
+    bias = None if head.bias is None else head.bias[:vocab_size]
+    return head.weight[:vocab_size], bias

@@ -12,6 +12,7 @@ from opd.cache import check_cache_tokenizer
 from opd.checkpoint import latest_checkpoint
 from opd.config import TrainConfig
 from opd.data import Encoder, PromptOrder, load_rows, require_fields
+from opd.fused_objective import fused_applies
 from opd.models import (
     check_same_tokenizer,
     load_causal_lm,
@@ -39,6 +40,7 @@ class RunSetup:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     resume_from: Path | None
     reward_fn: object | None = None  # reward.function resolved: fn(completion_text, row) -> float
+    fused: bool = False  # kd from hidden states (opd.fused_objective) instead of full logits
 
 
 def build_teacher(
@@ -169,4 +171,5 @@ def build_run(config: TrainConfig) -> RunSetup:
         scheduler,
         resume_from,
         reward_fn,
+        fused=config.loss.fused and fused_applies(config.loss, student, teacher),
     )

@@ -1,0 +1,64 @@
+"""Fast path for `kd` with a local teacher: the divergence straight from hidden states.
+
+Equal to `objectives.batch_loss` on full logits (tested), but neither model's
+`[tokens, vocab]` logits are ever materialized (`opd.losses.fused`). Only supervised rows
+are passed in and reduced with one constant weight, which lets the fused backward reuse
+the gradient it formed during the forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd.batch import SequenceBatch
+from opd.config import LossConfig
+from opd.losses import fused_token_divergence
+from opd.models import completion_hidden, lm_head, supports_fused_head
+
+
+def fused_applies(loss: LossConfig, student, teacher) -> bool:
+    """Both models local, plain linear heads, and a full-vocabulary `kd` objective."""
+    model = getattr(teacher, "model", None)
+    return (
+        loss.objective == "kd"
+        and loss.estimator == "full"
+        and type(teacher).__name__ == "LocalTeacher"
+        and model is not None
+        and supports_fused_head(student)
+        and supports_fused_head(model)
+    )
+
+
+@torch.no_grad()
+def teacher_hidden(teacher, batch: SequenceBatch) -> torch.Tensor:
+    """Teacher's final hidden states on the supervised completion positions, `[N, Ht]`."""
+    hidden = completion_hidden(teacher.model, batch.to(teacher.device))
+    return hidden[batch.loss_mask().to(hidden.device)]
+
+
+def fused_batch_loss(
+    student,
+    teacher,
+    hidden_teacher_NH: torch.Tensor,
+    batch: SequenceBatch,
+    loss: LossConfig,
+    num_tokens: int,
+    vocab_size: int,
+) -> tuple[torch.Tensor, float]:
+    """Same contract as `objectives.batch_loss`: (loss / step token count, divergence sum)."""
+    hidden_student = completion_hidden(student, batch)[batch.loss_mask()]
+    ws, bs = lm_head(student, vocab_size)
+    wt, bt = lm_head(teacher.model, vocab_size)
+    values = fused_token_divergence(
+        hidden_student,
+        ws,
+        hidden_teacher_NH.to(hidden_student.device),
+        wt.to(hidden_student.device),
+        loss.divergence,
+        beta=loss.beta,
+        alpha=loss.skew_alpha,
+        kd_temperature=loss.kd_temperature,
+        student_head_bias=bs,
+        teacher_head_bias=None if bt is None else bt.to(hidden_student.device),
+    )
+    return values.sum() / max(num_tokens, 1), float(values.detach().sum())
