@@ -14,9 +14,10 @@ Side by side, on identical batches (same student, data, order and seed):
               teacher's top-K log-probs once; training never loads the teacher
 
 Time per step is the median (and the best) of the loop's own `time_step` (metrics.jsonl),
-first step excluded (warm-up); on a shared machine the best is the steadier figure. The one-off cost of writing the cache is reported separately, with the
-cache's bytes per token. The step-1 losses of live_topk and cached must agree (same batch,
-same top-K; fp16 storage), which the script checks.
+first step excluded (warm-up); on a shared machine the best is the steadier figure. The
+one-off cost of writing the cache is reported separately, with the cache's bytes per token.
+The step-1 losses of live_topk and cached must agree (same batch, same top-K; fp16
+storage), which the script checks.
 """
 
 from __future__ import annotations
@@ -181,7 +182,8 @@ def main() -> None:
     print(f"{'run':<10} {'s/step':>8} {'best':>8} {'teacher s':>10} {'loss@1':>9} {'loss@end':>9}")
     for r in results:
         print(
-            f"{r['name']:<10} {r['step_s']:8.4f} {r['step_best_s']:8.4f} {r['teacher_score_s']:10.4f} "
+            f"{r['name']:<10} {r['step_s']:8.4f} {r['step_best_s']:8.4f} "
+            f"{r['teacher_score_s']:10.4f} "
             f"{r['first_loss']:9.4f} {r['last_loss']:9.4f}"
         )
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))

@@ -1,4 +1,4 @@
-"""Offline distillation: teacher cache generation, review, faults, and training without the teacher."""
+"""Offline distillation: cache generation, review, faults, training without the teacher."""
 
 import json
 import os
@@ -181,6 +181,12 @@ def test_stored_ids_are_used_and_align_with_teacher(models, pairs, tmp_path, mon
         n = len(row["completion_ids"])
         assert batch.completion_ids()[i, :n].tolist() == row["completion_ids"]
         assert torch.isfinite(scores.topk_logprobs[i]).all()
+    # data.max_completion_tokens cuts stored completions; the teacher serves the prefix.
+    short = train_config(student, cache, tmp_path / "short", steps=1, data__max_completion_tokens=3)
+    run_short = setup_mod.build_run(short)
+    batch = make_micro_batch(run_short, 0, 0, PhaseTimer())
+    assert batch.completion_width <= 3
+    assert torch.isfinite(run_short.teacher.score(batch, "topk", 8).topk_logprobs).all()
     bad = assemble(
         [r["prompt_ids"] for r in batch.rows], [[5, 1]] * batch.size, pad_id=0, rows=batch.rows
     )

@@ -91,8 +91,10 @@ def format_report(r: dict) -> str:
     spec, counts = m["spec"], m["counts"]
     lines = [
         f"cache {r['root']}  ({m['spec']['mode']}, "
-        f"{'complete' if r['complete'] else 'INCOMPLETE'}: {r['shards_done']}/{m['num_shards']} shards)",
-        f"teacher     {m['teacher']['path']}  ({m['teacher'].get('num_parameters', '?')} parameters)",
+        f"{'complete' if r['complete'] else 'INCOMPLETE'}: "
+        f"{r['shards_done']}/{m['num_shards']} shards)",
+        f"teacher     {m['teacher']['path']}  "
+        f"({m['teacher'].get('num_parameters', '?')} parameters)",
         f"tokenizer   {m['tokenizer']['fingerprint']}  V={m['tokenizer']['vocab_size']}  "
         f"chat template {'on' if m['tokenizer']['chat_template_used'] else 'off'}",
         f"prompts     {m['source']['prompts']}  ({m['source']['rows']} rows)",
