@@ -43,9 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="dotted overrides, e.g. loss.divergence=jsd loss.beta=0.5"
     )
     p.set_defaults(func=_cmd_train)
-    from opd.cache_cli import add_cache_commands
-
-    add_cache_commands(sub)  # generate, score, inspect: the offline teacher cache
     p = sub.add_parser("demo", help="offline KD vs on-policy distillation on a built-in task, on CPU")
     p.add_argument("--quick", action="store_true", help="a smaller run of about 2 minutes")
     p.add_argument("--out", default="opd-demo", help="output directory (report.md, results.json, curves.png)")

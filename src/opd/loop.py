@@ -1,0 +1,297 @@
+"""The one loop (`opd.train`): pick sequences -> teacher scores them -> loss -> update.
+
+    opd train examples/on_policy.yaml steps=200 loss.divergence=reverse_kl
+    python -c "import opd; opd.train(opd.load_config('cfg.yaml'))"
+
+Each optimizer step draws `batch_size / micro_batch_size` micro-batches. Each micro-batch
+comes from the student with probability `source.lmbda` (GKD's lambda) and otherwise from
+`source.off_policy` (fixed dataset completions or live teacher samples). All micro-batches
+are assembled first so the loss can be normalized by the step's total token count; then
+each is scored by the teacher and back-propagated in turn (one set of teacher logits in
+memory at a time). Everything random in a step is seeded by (seed, step, micro-batch), so a
+resumed run continues exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from opd.batch import SequenceBatch, assemble
+from opd.checkpoint import load_trainer_state, save_checkpoint, set_rng_state
+from opd.config import TrainConfig, config_to_dict
+from opd.evaluate import task_accuracy
+from opd.fused_objective import fused_batch_loss, teacher_hidden
+from opd.metrics import MetricsLog, PhaseTimer
+from opd.models import completion_logits
+from opd.objectives import batch_loss, teacher_need
+from opd.rewards import resolve_metric
+from opd.rl import RewardStep
+from opd.rollout import sample
+from opd.setup import RunSetup, build_run
+
+log = logging.getLogger("opd")
+
+
+def step_seed(seed: int, step: int, micro: int) -> int:
+    return (seed * 1_000_003 + step * 1_009 + micro) % (2**63 - 1)
+
+
+def choose_source(config: TrainConfig, step: int, micro: int) -> str:
+    u = np.random.default_rng([config.seed, step, micro, 7]).random()
+    return "student" if u < config.source.lmbda else config.source.off_policy
+
+
+def make_micro_batch(run: RunSetup, step: int, micro: int, timer: PhaseTimer) -> SequenceBatch:
+    config, enc = run.config, run.encoder
+    start = (step * config.accumulation + micro) * config.micro_batch_size
+    rows = [run.train_rows[i] for i in run.order.take(start, config.micro_batch_size)]
+    source = choose_source(config, step, micro)
+    pad = run.tokenizer.pad_token_id
+    if source == "dataset":
+        with timer.phase("data"):
+            # Rows from an opd teacher cache carry the exact tokens the teacher scored
+            # (re-tokenizing decoded text need not give them back).
+            prompts = [
+                r["prompt_ids"]
+                if "prompt_ids" in r
+                else enc.prompt_ids(r[config.data.prompt_field])
+                for r in rows
+            ]
+            completions = [
+                r["completion_ids"][: config.data.max_completion_tokens]
+                if "completion_ids" in r
+                else enc.completion_ids(r[config.data.completion_field])
+                for r in rows
+            ]
+            return assemble(prompts, completions, pad_id=pad, source="dataset", rows=rows)
+    s = config.sampling
+    rows = [r for r in rows for _ in range(s.n)]
+    prompts = [enc.prompt_ids(r[config.data.prompt_field]) for r in rows]
+    model = run.student if source == "student" else run.teacher.model
+    gen = torch.Generator(device=run.device).manual_seed(step_seed(config.seed, step, micro))
+    with timer.phase("generate" if source == "student" else "teacher_generate"):
+        out = sample(
+            model,
+            prompts,
+            max_new_tokens=s.max_new_tokens,
+            eos_id=run.tokenizer.eos_token_id,
+            pad_id=pad,
+            vocab_size=run.vocab_size,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            stop=tuple(s.stop),
+            tokenizer=run.tokenizer,
+            generator=gen,
+        )
+    return assemble(
+        prompts,
+        out.completions,
+        pad_id=pad,
+        source=source,
+        completion_logprobs=out.logprobs,
+        rows=rows,
+    )
+
+
+def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
+    config = run.config
+    batches = [make_micro_batch(run, step, m, timer) for m in range(config.accumulation)]
+    num_tokens = sum(b.num_target_tokens() for b in batches)
+    need, topk = teacher_need(config.loss)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if config.bf16 and run.device.type == "cuda"
+        else nullcontext()
+    )
+    loss_total, div_total, teacher_scored = 0.0, 0.0, 0
+    # RL + on-policy distillation (opd.rl): student batches mix in a reward term.
+    rl = RewardStep(run.reward_fn, run.tokenizer, config) if run.reward_fn is not None else None
+    run.student.train()
+    for batch in batches:
+        batch = batch.to(run.device)
+        scores = None
+        rewarded = rl is not None and batch.source == "student"
+        if rewarded:
+            with timer.phase("reward"):
+                rewards = rl.rewards_for(batch)
+        if run.fused and not rewarded:  # same loss without [tokens, vocab] logits
+            with timer.phase("teacher_score"):
+                hidden_t = teacher_hidden(run.teacher, batch)
+            teacher_scored += batch.num_target_tokens()
+            with timer.phase("update"), autocast:
+                loss, div_sum = fused_batch_loss(
+                    run.student, run.teacher, hidden_t, batch, config.loss, num_tokens, run.vocab_size
+                )
+                loss.backward()
+            loss_total += float(loss.detach())
+            div_total += div_sum
+            continue
+        if need is not None and (not rewarded or rl.calls_teacher):
+            with timer.phase("teacher_score"):
+                scores = run.teacher.score(batch, need, topk)
+            teacher_scored += scores.tokens_scored
+        with timer.phase("update"), autocast:
+            logits = completion_logits(run.student, batch, run.vocab_size)
+            if rewarded:
+                loss, div_sum = rl.batch_loss(logits, batch, scores, num_tokens, rewards)
+            else:
+                loss, div_sum = batch_loss(logits, batch, scores, config.loss, num_tokens)
+            loss.backward()
+        loss_total += float(loss.detach())
+        div_total += div_sum
+    with timer.phase("update"):
+        params = [p for p in run.student.parameters() if p.requires_grad]
+        max_norm = config.optim.max_grad_norm or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
+        if finite:
+            run.optimizer.step()
+            run.scheduler.step()
+            if hasattr(run.teacher, "after_optimizer_step"):
+                run.teacher.after_optimizer_step()  # self teacher, EMA weights
+        run.optimizer.zero_grad(set_to_none=True)
+    by_source = {
+        s: sum(b.size for b in batches if b.source == s) for s in ("dataset", "teacher", "student")
+    }
+    return {
+        "loss": loss_total,
+        "divergence": div_total / max(num_tokens, 1),
+        "grad_norm": grad_norm,
+        "skipped": not finite,
+        "tokens": num_tokens,
+        "student_tokens_generated": sum(
+            b.num_target_tokens() for b in batches if b.source == "student"
+        ),
+        "teacher_tokens_generated": sum(
+            b.num_target_tokens() for b in batches if b.source == "teacher"
+        ),
+        "teacher_tokens_scored": teacher_scored,
+        "sequences_from_student": by_source["student"],
+        "sequences_from_teacher": by_source["teacher"],
+        "sequences_from_dataset": by_source["dataset"],
+        "lr": run.scheduler.get_last_lr()[0],
+        **(rl.record() if rl is not None else {}),
+    }
+
+
+def evaluate_now(run: RunSetup, metric) -> dict:
+    if not run.eval_rows:
+        return {}
+    acc = task_accuracy(
+        run.student,
+        run.encoder,
+        run.eval_rows,
+        metric,
+        prompt_field=run.config.data.prompt_field,
+        max_new_tokens=run.config.sampling.max_new_tokens,
+        vocab_size=run.vocab_size,
+        seed=run.config.seed,
+    )
+    return {"eval_accuracy": acc}
+
+
+def _save(run: RunSetup, step: int, totals: dict, bad_steps: int):
+    return save_checkpoint(
+        run.config.output_dir,
+        step,
+        run.student,
+        run.tokenizer,
+        {
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "data_position": step * run.config.batch_size,
+            "totals": totals,
+            "bad_steps": bad_steps,
+            "teacher_state": getattr(run.teacher, "checkpoint_state", dict)(),
+        },
+        config_to_dict(run.config),
+        keep=run.config.keep_checkpoints,
+    )
+
+
+def train(config: TrainConfig, run: RunSetup | None = None, extra_eval=None) -> dict:
+    """Run (or resume) training; returns the last logged record plus the run directory.
+
+    `extra_eval(run) -> dict`, if given, runs at every evaluation point (and before the
+    first step, logged as step 0) and its values join the JSONL record: the demo uses it
+    for sampled accuracy and the exposure-bias gap.
+    """
+    run = run or build_run(config)
+    start_step, bad_steps = 0, 0
+    totals = {
+        "student_tokens_generated": 0,
+        "teacher_tokens_generated": 0,
+        "teacher_tokens_scored": 0,
+        "seconds": {},
+    }
+    if run.resume_from is not None:
+        state = load_trainer_state(run.resume_from)
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start_step, totals, bad_steps = state["step"], state["totals"], state["bad_steps"]
+        if hasattr(run.teacher, "load_checkpoint_state"):
+            run.teacher.load_checkpoint_state(state.get("teacher_state", {}))
+        log.info("resumed from %s at step %d", run.resume_from, start_step)
+    metrics = MetricsLog(
+        config.output_dir,
+        resume_step=start_step if run.resume_from else None,
+        tensorboard=config.tensorboard,
+    )
+    metric_fn = resolve_metric(config.eval_metric, config.data.answer_field)
+    timer, record = PhaseTimer(), {}
+    if config.eval_every and start_step == 0:
+        metrics.write({"step": 0, **evaluate_now(run, metric_fn), **(extra_eval(run) if extra_eval else {})})
+    bar = tqdm(
+        range(start_step, config.steps),
+        desc="opd train",
+        initial=start_step,
+        total=config.steps,
+        disable=None,
+        dynamic_ncols=True,
+    )
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            record = {"step": step + 1, **train_step(run, step, timer)}
+            bad_steps = bad_steps + 1 if record["skipped"] else 0
+            if record["skipped"]:
+                log.warning("step %d: non-finite loss or gradient; update skipped", step + 1)
+                if bad_steps >= config.max_bad_steps:
+                    path = _save(run, step + 1, totals, bad_steps)
+                    raise RuntimeError(
+                        f"{bad_steps} consecutive non-finite steps; stopped. The weights were not "
+                        f"updated by them; last good state saved in {path}"
+                    )
+            seconds = {f"time_{k}": v for k, v in timer.pop().items()}
+            record.update(seconds, time_step=time.perf_counter() - t0)
+            for key in (
+                "student_tokens_generated",
+                "teacher_tokens_generated",
+                "teacher_tokens_scored",
+            ):
+                totals[key] += record[key]
+                record[f"total_{key}"] = totals[key]
+            for key, value in seconds.items():
+                totals["seconds"][key] = totals["seconds"].get(key, 0.0) + value
+            done = step + 1 == config.steps
+            if config.eval_every and ((step + 1) % config.eval_every == 0 or done):
+                record.update(evaluate_now(run, metric_fn))
+                if extra_eval is not None:
+                    record.update(extra_eval(run))
+            if (step + 1) % config.log_every == 0 or done or "eval_accuracy" in record:
+                metrics.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", div=f"{record['divergence']:.4f}")
+            if (config.save_every and (step + 1) % config.save_every == 0) or done:
+                _save(run, step + 1, totals, bad_steps)
+    finally:
+        metrics.close()
+    return {**record, "output_dir": config.output_dir, "totals": totals}
