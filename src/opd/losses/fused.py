@@ -55,29 +55,41 @@ import torch
 
 from opd.losses.divergence import DEFAULT_SKEW_ALPHA, _compute_dtype, check_kind
 
-# Tuned with benchmarks/fused_loss.py on a 2-core CPU at N=1024, V=151,936 (see its README):
-# one tile spans the vocabulary, which enables the single-pass eager gradient.
-DEFAULT_TOKEN_CHUNK = 64
+# Tuned with benchmarks/fused_loss.py at N=1024, V=151,936, H=512 (benchmarks/README.md):
+# tiles of whole rows (the eager gradient), as many rows as the memory goal allows.
+DEFAULT_TOKEN_CHUNK = 128
 DEFAULT_VOCAB_CHUNK = None  # None: one tile spans the whole vocabulary
 _UPCAST_ROWS = 8192  # weight rows upcast at a time when the head is bf16/fp16
+_BLOCK_ELEMS = 1 << 18  # elementwise work runs on column blocks of ~1 MB (cache-resident)
+_MIN_BLOCK = 128
 
 
 # ---------------------------------------------------------------- shared tile helpers
 
 
 class Workspace:
-    """Flat scratch buffers reused across tiles (allocating per tile costs page faults)."""
+    """Scratch buffers reused across tiles (allocating per tile costs page faults)."""
 
-    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device):
-        self.numel, self.dtype, self.device = numel, dtype, device
-        self.shape: tuple[int, int] = (0, 0)
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device = dtype, device
         self._bufs: list[torch.Tensor] = []
 
-    def __call__(self, i: int) -> torch.Tensor:
+    def get(self, i: int, shape: tuple[int, int]) -> torch.Tensor:
+        numel = shape[0] * shape[1]
         while len(self._bufs) <= i:
-            self._bufs.append(torch.empty(self.numel, dtype=self.dtype, device=self.device))
-        r, c = self.shape
-        return self._bufs[i][: r * c].view(r, c)
+            self._bufs.append(torch.empty(0, dtype=self.dtype, device=self.device))
+        if self._bufs[i].numel() < numel:
+            self._bufs[i] = torch.empty(numel, dtype=self.dtype, device=self.device)
+        return self._bufs[i][:numel].view(shape)
+
+    def scratch(self, first: int, shape: tuple[int, int]) -> Callable[[int], torch.Tensor]:
+        return lambda i: self.get(first + i, shape)
+
+
+def column_blocks(rows: int, cols: int):
+    """Column ranges for elementwise work on a `rows x cols` tile, about _BLOCK_ELEMS each."""
+    step = max(_MIN_BLOCK, _BLOCK_ELEMS // max(rows, 1))
+    return [(c0, min(c0 + step, cols)) for c0 in range(0, cols, step)]
 
 
 def head_logits(
@@ -150,95 +162,106 @@ class OnlineLSE:
         return self.M + self.Z.log()
 
 
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+def _rowdot(a: torch.Tensor, b: torch.Tensor, w) -> torch.Tensor:
+    return torch.mul(a, b, out=w(3)).sum(1)
 
 
-# ------------------------------------------------ per-kind tile math (s, t normalized)
-# Each takes log-prob tiles s, t (overwritten), scratch `w`, the kind's parameter, and either
-# stats=None (compute this tile's partial sums) or the full-row sums from the forward. With
-# grad=True it also returns G' = (dD/dz) / factor for the tile (stats must then be complete).
+# ------------------------------------------------ per-kind block math (s, t normalized)
+# Each takes log-prob blocks s, t (views, overwritten), scratch `w(i)`, the kind's parameter
+# and whether to return this block's partial sums. It returns (sums, A, B) with B left in
+# t's storage and A in w(0) (or None), such that G' = A * (B - c(stats)) (or B - c) where
+# G' = (dD/dz) / factor and c is the kind's per-row constant from the full-row sums.
 
 
-def _fkl(s, t, w, _, stats, grad):
+def _fkl(s, t, w, _, want_sums):
     pt = torch.exp(t, out=w(0))
-    if stats is None:
-        stats = {"D": _rowdot(pt, torch.sub(t, s, out=t))}
-    return stats, (s.exp_().sub_(pt) if grad else None)
+    sums = {"D": _rowdot(pt, torch.sub(t, s, out=t), w)} if want_sums else None
+    return sums, None, torch.sub(s.exp_(), pt, out=t)
 
 
-def _rkl(s, t, w, _, stats, grad):
+def _rkl(s, t, w, _, want_sums):
     ps = torch.exp(s, out=w(0))
     d = torch.sub(s, t, out=t)
-    if stats is None:
-        stats = {"D": _rowdot(ps, d)}
-    return stats, (ps.mul_(d.sub_(stats["D"][:, None])) if grad else None)
+    return ({"D": _rowdot(ps, d, w)} if want_sums else None), ps, d
 
 
-def _jsd(s, t, w, beta, stats, grad):
+def _jsd(s, t, w, beta, want_sums):
     tiny = torch.finfo(s.dtype).tiny
     ps = torch.exp(s, out=w(0))
-    if stats is None:
+    sums = None
+    if want_sums:
         pt = torch.exp(t, out=w(1))
         lm = torch.lerp(ps, pt, beta, out=w(2)).clamp_min_(tiny).log_()
-        kt = _rowdot(pt, t.sub_(lm))
-        ks = _rowdot(ps, s.sub_(lm))
-        stats = {"D": beta * kt + (1.0 - beta) * ks, "KS": ks}
+        kt = _rowdot(pt, t.sub_(lm), w)
+        b = torch.sub(s, lm, out=t)
+        ks = _rowdot(ps, b, w)
+        sums = {"D": beta * kt + (1.0 - beta) * ks, "KS": ks}
     else:
-        s.sub_(torch.lerp(ps, t.exp_(), beta, out=t).clamp_min_(tiny).log_())
-    return stats, (ps.mul_(s.sub_(stats["KS"][:, None])) if grad else None)
+        lm = torch.lerp(ps, t.exp_(), beta, out=t).clamp_min_(tiny).log_()
+        b = torch.sub(s, lm, out=t)
+    return sums, ps, b
 
 
-def _tvd(s, t, w, _, stats, grad):
+def _tvd(s, t, w, _, want_sums):
     ps = torch.exp(s, out=w(0))
     diff = torch.sub(ps, t.exp_(), out=s)
     sign = torch.sign(diff, out=t)
-    if stats is None:
-        stats = {"D": 0.5 * _rowdot(diff, sign), "K": _rowdot(ps, sign)}
-    return stats, (ps.mul_(sign.sub_(stats["K"][:, None])) if grad else None)
+    sums = {"D": 0.5 * _rowdot(diff, sign, w), "K": _rowdot(ps, sign, w)} if want_sums else None
+    return sums, ps, sign
 
 
-def _skew_fkl(s, t, w, a, stats, grad):
+def _skew_fkl(s, t, w, a, want_sums):
     tiny = torch.finfo(s.dtype).tiny
     ps = torch.exp(s, out=w(0))
-    if stats is None:
+    sums = None
+    if want_sums:
         pt = torch.exp(t, out=w(1))
         m = torch.lerp(ps, pt, a, out=w(2)).clamp_min_(tiny)
-        d = _rowdot(pt, t.sub_(torch.log(m, out=s)))
+        d = _rowdot(pt, t.sub_(torch.log(m, out=s)), w)
         q = pt.div_(m)
-        stats = {"D": d, "K": _rowdot(ps, q)}
-    else:
-        pt = t.exp_()
-        q = pt.div_(torch.lerp(ps, pt, a, out=s).clamp_min_(tiny))
-    return stats, (ps.mul_(q.neg_().add_(stats["K"][:, None])) if grad else None)
+        sums = {"D": d, "K": _rowdot(ps, q, w)}
+        return sums, ps, torch.neg(q, out=t)
+    pt = t.exp_()
+    q = pt.div_(torch.lerp(ps, pt, a, out=s).clamp_min_(tiny))
+    return sums, ps, q.neg_()
 
 
-def _skew_rkl(s, t, w, a, stats, grad):
+def _skew_rkl(s, t, w, a, want_sums):
     tiny = torch.finfo(s.dtype).tiny
     ps = torch.exp(s, out=w(0))
     pt = t.exp_()
     m = torch.lerp(pt, ps, a, out=w(1)).clamp_min_(tiny)
     q = pt.div_(m)
     s.sub_(m.log_())
-    if stats is None:
-        stats = {"D": _rowdot(ps, s), "K": _rowdot(ps, q)}
-    if not grad:
-        return stats, None
-    s.add_(q, alpha=1.0 - a).sub_((stats["D"] + (1.0 - a) * stats["K"])[:, None])
-    return stats, ps.mul_(s)
+    sums = {"D": _rowdot(ps, s, w), "K": _rowdot(ps, q, w)} if want_sums else None
+    return sums, ps, q.mul_(1.0 - a).add_(s)
 
 
-_TileFn = Callable[..., tuple[dict, torch.Tensor | None]]
-# kind -> (tile function, names of the saved per-token sums, factor(param) of the gradient)
-_KINDS: dict[str, tuple[_TileFn, tuple[str, ...], Callable[[float], float]]] = {
-    "forward_kl": (_fkl, (), lambda _: 1.0),
-    "reverse_kl": (_rkl, ("D",), lambda _: 1.0),
-    "jsd": (_jsd, ("KS",), lambda beta: 1.0 - beta),
-    "tvd": (_tvd, ("K",), lambda _: 0.5),
-    "skew_forward_kl": (_skew_fkl, ("K",), lambda a: 1.0 - a),
-    "skew_reverse_kl": (_skew_rkl, ("D", "K"), lambda _: 1.0),
+_TileFn = Callable[..., tuple]
+# kind -> (block function, saved per-token sums, gradient factor(param), c(stats, param))
+_KINDS: dict[str, tuple[_TileFn, tuple[str, ...], Callable, Callable]] = {
+    "forward_kl": (_fkl, (), lambda _: 1.0, lambda st, _: None),
+    "reverse_kl": (_rkl, ("D",), lambda _: 1.0, lambda st, _: st["D"]),
+    "jsd": (_jsd, ("KS",), lambda beta: 1.0 - beta, lambda st, _: st["KS"]),
+    "tvd": (_tvd, ("K",), lambda _: 0.5, lambda st, _: st["K"]),
+    "skew_forward_kl": (_skew_fkl, ("K",), lambda a: 1.0 - a, lambda st, _: -st["K"]),
+    "skew_reverse_kl": (
+        _skew_rkl,
+        ("D", "K"),
+        lambda _: 1.0,
+        lambda st, a: st["D"] + (1.0 - a) * st["K"],
+    ),
 }
 _ONLINE = {"forward_kl": False, "reverse_kl": True}  # value online; True: p = student
+
+
+def _grad_into(out: torch.Tensor, A, B: torch.Tensor, c) -> torch.Tensor:
+    """out = A * (B - c) (or B - c): the block's G'."""
+    if c is not None:
+        B = B.sub_(c[:, None])
+    if A is None:
+        return out.copy_(B)
+    return torch.mul(A, B, out=out)
 
 
 @dataclass(frozen=True)
@@ -256,7 +279,7 @@ class _Inputs:
 
     def __init__(self, spec: _Spec, hs, ws, bs, ht, wt, bt):
         dt, T = _compute_dtype(hs), spec.temperature
-        self.dt, self.ws, self.wt = dt, ws, wt
+        self.dt, self.ws, self.wt, self.spec = dt, ws, wt, spec
         self.hs_raw = hs.to(dt)
         self.hs, self.ht = self.hs_raw / T, ht.to(dt) / T
         self.bs = None if bs is None else bs.to(dt) / T
@@ -264,31 +287,34 @@ class _Inputs:
         self.N, self.V = hs.shape[0], ws.shape[0]
         self.tc = max(1, min(spec.token_chunk, self.N))
         self.vc = max(1, min(spec.vocab_chunk, self.V))
-        self.work = Workspace(self.tc * self.vc, dt, hs.device)
-        self.spec = spec
+        self.work = Workspace(dt, hs.device)
+        self.fn, self.names, factor, self.c_fn = _KINDS[spec.kind]
+        self.factor = factor(spec.param)
 
-    def tiles(self, rows: slice, v0: int, v1: int, ht=None, hs=None):
-        """Both models' logits/T for rows x [v0, v1), in the first two scratch buffers."""
-        self.work.shape = (rows.stop - rows.start, v1 - v0)
-        hs = self.hs if hs is None else hs
-        ht = self.ht if ht is None else ht
-        zs = head_logits(self.work(0), hs[rows], self.ws, self.bs, v0)
-        zt = head_logits(self.work(1), ht[rows], self.wt, self.bt, v0)
+    def tiles(self, hs, ht, v0: int, v1: int):
+        """Both models' logits/T for the given rows x [v0, v1), in buffers 0 and 1."""
+        shape = (hs.shape[0], v1 - v0)
+        zs = head_logits(self.work.get(0, shape), hs, self.ws, self.bs, v0)
+        zt = head_logits(self.work.get(1, shape), ht, self.wt, self.bt, v0)
         if self.spec.masked:
             clamp_masked(zs), clamp_masked(zt)
         return zs, zt
 
-    def scratch(self, i: int) -> torch.Tensor:
-        return self.work(i + 2)
+    def blocks(self, zs, zt, Ls=None, Lt=None):
+        """(s, t, scratch) per column block; s, t normalized in place when Ls, Lt given."""
+        n = zs.shape[0]
+        for c0, c1 in column_blocks(n, zs.shape[1]):
+            s, t = zs[:, c0:c1], zt[:, c0:c1]
+            if Ls is not None:
+                s, t = s.sub_(Ls[:, None]), t.sub_(Lt[:, None])
+            yield s, t, self.work.scratch(2, (n, c1 - c0))
 
 
 def _forward(x: _Inputs, eager: tuple[bool, bool, bool] | None):
     """Per-token values, saved sums, normalizers and (eager) unit gradients."""
-    spec, N, V, dt = x.spec, x.N, x.V, x.dt
-    fn, names, _ = _KINDS[spec.kind]
-    dev = x.hs.device
+    spec, N, V, dt, dev = x.spec, x.N, x.V, x.dt, x.hs.device
     values = torch.zeros(N, dtype=dt, device=dev)
-    stats = {k: torch.zeros(N, dtype=dt, device=dev) for k in names}
+    stats = {k: torch.zeros(N, dtype=dt, device=dev) for k in x.names}
     Ls, Lt = torch.empty(N, dtype=dt, device=dev), torch.empty(N, dtype=dt, device=dev)
     unit = None
     if eager is not None:  # unit gradients: dh for any grad_output, dW and db for grad_output = 1
@@ -298,60 +324,63 @@ def _forward(x: _Inputs, eager: tuple[bool, bool, bool] | None):
             torch.zeros(V, H, dtype=dt, device=dev) if eager[1] else None,
             torch.zeros(V, dtype=dt, device=dev) if eager[2] else None,
         )
+    online = _ONLINE.get(spec.kind)
     for r0 in range(0, N, x.tc):
         rows = slice(r0, min(r0 + x.tc, N))
         n = rows.stop - r0
         lse_s, lse_t = OnlineLSE(n, x.hs), OnlineLSE(n, x.hs)
-        online = _ONLINE.get(spec.kind)
+        if x.vc >= V:  # whole rows: normalizers, sums and the gradient from one matmul each
+            zs, zt = x.tiles(x.hs[rows], x.ht[rows], 0, V)
+            for s, t, w in x.blocks(zs, zt):
+                lse_s.update(s, w(0))
+                lse_t.update(t, w(0))
+            Ls[rows], Lt[rows] = lse_s.value(), lse_t.value()
+            for s, t, w in x.blocks(zs, zt, Ls[rows], Lt[rows]):
+                got, A, _ = x.fn(s, t, w, spec.param, True)
+                values[rows] += got["D"]
+                for k in x.names:
+                    stats[k][rows] += got[k]
+                if A is not None:
+                    s.copy_(A)  # keep A beside B (in t) until the row sums are complete
+            if unit is not None:
+                c = x.c_fn({k: v[rows] for k, v in stats.items()}, spec.param)
+                G = zt.sub_(c[:, None]) if c is not None else zt
+                if x.fn is not _fkl:
+                    G = zs.mul_(G)
+                dh = None if unit[0] is None else unit[0][rows]
+                head_grads(G, 0, x.ws, x.hs_raw[rows], dh, unit[1], unit[2], None)
+            continue
+        # Several tiles: online normalizers, and the KL value where it is online too.
         acc = torch.zeros(n, dtype=dt, device=dev)
         for v0 in range(0, V, x.vc):
-            zs, zt = x.tiles(rows, v0, min(v0 + x.vc, V))
-            if x.vc >= V:  # the tile is whole rows: normalize and evaluate in this pass
-                lse_s.update(zs, x.scratch(0))
-                lse_t.update(zt, x.scratch(0))
-                Ls[rows], Lt[rows] = lse_s.value(), lse_t.value()
-                s, t = zs.sub_(Ls[rows, None]), zt.sub_(Lt[rows, None])
-                got, G = fn(s, t, x.scratch, spec.param, None, eager is not None)
-                values[rows] = got["D"]
-                for k in names:
-                    stats[k][rows] = got[k]
-                if eager is not None:
-                    dh = None if unit[0] is None else unit[0][rows]
-                    head_grads(G, 0, x.ws, x.hs_raw[rows], dh, unit[1], unit[2], None)
-                continue
-            # Several tiles: online normalizers, and the KL value where it is online too.
-            p, q = (zs, zt) if online else (zt, zs)
-            lq = lse_t if online else lse_s
-            lp = lse_s if online else lse_t
-            lq.update(q, x.scratch(0))
-            if online is not None:
-                e, scale = lp.update(p, x.scratch(0))
-                acc.mul_(scale).add_(_rowdot(e, torch.sub(p, q, out=q)))
-            else:
-                lp.update(p, x.scratch(0))
-        if x.vc >= V:
-            continue
+            zs, zt = x.tiles(x.hs[rows], x.ht[rows], v0, min(v0 + x.vc, V))
+            for s, t, w in x.blocks(zs, zt):
+                p, q = (s, t) if online else (t, s)
+                lp, lq = (lse_s, lse_t) if online else (lse_t, lse_s)
+                lq.update(q, w(0))
+                e, scale = lp.update(p, w(0))
+                if online is not None:
+                    acc.mul_(scale).add_(_rowdot(e, torch.sub(p, q, out=q), w))
         Ls[rows], Lt[rows] = lse_s.value(), lse_t.value()
         if online is not None:
             lp, lq = (lse_s, lse_t) if online else (lse_t, lse_s)
             values[rows] = acc / lp.Z - lp.value() + lq.value()
-            if names:  # reverse_kl saves its own value
+            if x.names:  # reverse_kl saves its own value
                 stats["D"][rows] = values[rows]
             continue
         for v0 in range(0, V, x.vc):  # second pass: the kind's sums with known normalizers
-            zs, zt = x.tiles(rows, v0, min(v0 + x.vc, V))
-            s, t = zs.sub_(Ls[rows, None]), zt.sub_(Lt[rows, None])
-            got, _ = fn(s, t, x.scratch, spec.param, None, False)
-            values[rows] += got["D"]
-            for k in names:
-                stats[k][rows] += got[k]
+            zs, zt = x.tiles(x.hs[rows], x.ht[rows], v0, min(v0 + x.vc, V))
+            for s, t, w in x.blocks(zs, zt, Ls[rows], Lt[rows]):
+                got, _, _ = x.fn(s, t, w, spec.param, True)
+                values[rows] += got["D"]
+                for k in x.names:
+                    stats[k][rows] += got[k]
     return values, stats, Ls, Lt, unit
 
 
 def _backward_rows(x: _Inputs, sel, omega, stats, Ls, Lt, dw, db, want_dh: bool):
     """Recompute the rows `sel` tile by tile (vocabulary outer, so each slice of dW is
     written once) and accumulate `sum_i omega_i G'_i` into dh (returned, compact), dw, db."""
-    fn, _, _ = _KINDS[x.spec.kind]
     hs, ht, Ls, Lt = x.hs[sel], x.ht[sel], Ls[sel], Lt[sel]
     stats = {k: v[sel] for k, v in stats.items()}
     hw = x.hs_raw[sel] * omega[:, None]
@@ -360,11 +389,14 @@ def _backward_rows(x: _Inputs, sel, omega, stats, Ls, Lt, dw, db, want_dh: bool)
     for v0 in range(0, x.V, x.vc):
         for r0 in range(0, n, x.tc):
             rows = slice(r0, min(r0 + x.tc, n))
-            zs, zt = x.tiles(rows, v0, min(v0 + x.vc, x.V), ht=ht, hs=hs)
-            s, t = zs.sub_(Ls[rows, None]), zt.sub_(Lt[rows, None])
-            part = {k: v[rows] for k, v in stats.items()}
-            _, G = fn(s, t, x.scratch, x.spec.param, part, True)
-            head_grads(G, v0, x.ws, hw[rows], None if dh is None else dh[rows], dw, db, omega[rows])
+            zs, zt = x.tiles(hs[rows], ht[rows], v0, min(v0 + x.vc, x.V))
+            c = x.c_fn({k: v[rows] for k, v in stats.items()}, x.spec.param)
+            for s, t, w in x.blocks(zs, zt, Ls[rows], Lt[rows]):
+                _, A, B = x.fn(s, t, w, x.spec.param, False)
+                _grad_into(s, A, B, c)
+            head_grads(
+                zs, v0, x.ws, hw[rows], None if dh is None else dh[rows], dw, db, omega[rows]
+            )
     return dh
 
 

@@ -53,7 +53,7 @@ class _HeadGather(torch.autograd.Function):
         N, V, k = h.shape[0], w.shape[0], ids.shape[1]
         tc, vc = max(1, min(token_chunk, N)), max(1, min(vocab_chunk, V))
         masked = b is not None and bool(torch.isneginf(b).any())
-        work = Workspace(tc * vc, dt, h.device)
+        work = Workspace(dt, h.device)
         picked = torch.zeros(N, k, dtype=dt, device=h.device)
         log_z = torch.empty(N, dtype=dt, device=h.device)
         log_out = torch.full((N,), -math.inf, dtype=dt, device=h.device)
@@ -61,17 +61,17 @@ class _HeadGather(torch.autograd.Function):
             rows = slice(r0, min(r0 + tc, N))
             full, out = OnlineLSE(rows.stop - r0, hT), OnlineLSE(rows.stop - r0, hT)
             for v0 in range(0, V, vc):
-                work.shape = (rows.stop - r0, min(vc, V - v0))
-                z = head_logits(work(0), hT[rows], w, bT, v0)
+                shape = (rows.stop - r0, min(vc, V - v0))
+                z = head_logits(work.get(0, shape), hT[rows], w, bT, v0)
                 if masked:
                     clamp_masked(z)
                 local = ids[rows] - v0
                 inside = (local >= 0) & (local < z.shape[1])
                 idx = local.clamp(0, z.shape[1] - 1)
                 picked[rows] = torch.where(inside, z.gather(1, idx), picked[rows])
-                full.update(z, work(1))
+                full.update(z, work.get(1, shape))
                 if with_tail:
-                    out.update(_mask_ids(z, idx, inside), work(1))
+                    out.update(_mask_ids(z, idx, inside), work.get(1, shape))
             log_z[rows] = full.value()
             if with_tail:  # Z == 0 (every id is in the top-k): an empty tail, log 0 = -inf
                 log_out[rows] = torch.where(out.Z > 0, out.value(), log_out[rows])
@@ -108,17 +108,17 @@ class _HeadGather(torch.autograd.Function):
             lo = log_out[sel].nan_to_num(neginf=0.0)[:, None]  # empty tail: exp(-inf - 0) = 0
             go = g_log_out[sel, None]
             n = sel.numel()
-            work = Workspace(min(tc, n) * vc, dt, h.device)
+            work = Workspace(dt, h.device)
             dh_s = torch.zeros(n, h.shape[1], dtype=dt, device=h.device) if need_h else None
             ones = torch.ones(n, dtype=dt, device=h.device)
             for v0 in range(0, V, vc):
                 for r0 in range(0, n, tc):
                     rows = slice(r0, min(r0 + tc, n))
-                    work.shape = (rows.stop - r0, min(vc, V - v0))
-                    z = head_logits(work(0), hT[rows], w, bT, v0)
+                    shape = (rows.stop - r0, min(vc, V - v0))
+                    z = head_logits(work.get(0, shape), hT[rows], w, bT, v0)
                     if masked:
                         clamp_masked(z)
-                    G = torch.sub(z, lz[rows], out=work(1)).exp_().mul_(gz[rows])
+                    G = torch.sub(z, lz[rows], out=work.get(1, shape)).exp_().mul_(gz[rows])
                     local = ids_s[rows] - v0
                     inside = (local >= 0) & (local < z.shape[1])
                     idx = local.clamp(0, z.shape[1] - 1)
