@@ -390,3 +390,14 @@ def test_topk_equal_to_vocab_matches_live_full_kd(models, pairs, tmp_path, dtype
     assert a["tokens"] == b["tokens"] > 0 and a["loss"] > 0.5
     assert b["loss"] == pytest.approx(a["loss"], rel=tol)
     assert b["divergence"] == pytest.approx(a["divergence"], rel=tol)
+
+
+def test_inspect_flags_empty_completions(models, tmp_path):
+    teacher, _ = models
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "1+1=", "completion": ""}\n{"prompt": "2+2=", "completion": "4"}\n')
+    cache = tmp_path / "cache"
+    build_cache(str(teacher), data, cache, CacheSpec(mode="score", topk=4))
+    report = cache_report(str(cache))
+    assert report["empty"] == [0] and report["truncated"] == []
+    assert "WARNING     1 empty completions" in inspect_cache(str(cache))
