@@ -401,3 +401,16 @@ def test_inspect_flags_empty_completions(models, tmp_path):
     report = cache_report(str(cache))
     assert report["empty"] == [0] and report["truncated"] == []
     assert "WARNING     1 empty completions" in inspect_cache(str(cache))
+
+
+def test_a_second_writer_is_refused(models, pairs, tmp_path):
+    import fcntl
+
+    teacher, _ = models
+    out = tmp_path / "cache"
+    out.mkdir()
+    with (out / ".lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a live `opd generate` on the same --out holds it
+        with pytest.raises(CacheError, match="another"):
+            build_cache(str(teacher), pairs, out, small_spec())
+    assert build_cache(str(teacher), pairs, out, small_spec(n=1))["complete"]

@@ -19,6 +19,7 @@ lists (after verifying their checksums) and produces the same cache as an unkill
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -244,6 +245,38 @@ def _check_resumable(old: dict, new: dict, out: Path) -> None:
         raise CacheError(f"{out} was made by another teacher ({old['teacher']['path']})")
 
 
+def _open_out(out: Path, manifest: dict):
+    """Lock `out` for this run and adopt the verified shards an earlier run left there."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = (out / ".lock").open("w")
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CacheError(f"another `opd generate`/`opd score` is writing {out}") from None
+        if any(not p.name.startswith(".") for p in out.iterdir()):
+            try:
+                old = read_manifest(out)
+            except FileNotFoundError:
+                raise FileExistsError(f"--out {out} is not empty and holds no cache") from None
+            manifest["source"]["prompts"] = old["source"]["prompts"]
+            _check_resumable(old, manifest, out)
+            if "num_parameters" in old["teacher"]:
+                manifest["teacher"]["num_parameters"] = old["teacher"]["num_parameters"]
+            for entry in old["shards"]:
+                try:
+                    verify_shard(out, entry)
+                    manifest["shards"].append(entry)
+                except CacheError as err:
+                    log.warning("%s; writing that shard again", err)
+        for stale in out.glob(".*.tmp-*"):  # left by a killed run; the lock says none is live
+            stale.unlink()
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
 def _summarize(manifest: dict, vocab: int) -> None:
     shards = manifest["shards"]
     tokens = sum(s["completion_tokens"] for s in shards)
@@ -311,54 +344,44 @@ def build_cache(
         "batch_size": batch_size,
         "shards": [],
     }
-    if out.exists() and any(p for p in out.iterdir() if not p.name.startswith(".")):
-        try:
-            old = read_manifest(out)
-        except FileNotFoundError:
-            raise FileExistsError(f"--out {out} is not empty and holds no cache") from None
-        manifest["source"]["prompts"] = old["source"]["prompts"]
-        _check_resumable(old, manifest, out)
-        for entry in old["shards"]:
-            try:
-                verify_shard(out, entry)
-                manifest["shards"].append(entry)
-            except CacheError as err:
-                log.warning("%s; writing that shard again", err)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp-*"):
-        stale.unlink()
-    _summarize(manifest, vocab)
-    write_manifest(out, manifest)
-    done = {e["index"] for e in manifest["shards"]}
-    bar = tqdm(total=len(rows), desc=f"opd {spec.mode}", disable=None, dynamic_ncols=True)
-    bar.update(sum(e["prompt_end"] - e["prompt_start"] for e in manifest["shards"]))
-    for index in range(manifest["num_shards"]):
-        if index in done:
-            continue
-        t0 = time.perf_counter()
-        records, texts = job.shard_records(index)
-        entry = write_shard(out, index, pack_shard(records, spec.topk, spec.logprob_dtype), texts)
-        entry.update(
-            prompt_start=index * spec.shard_size,
-            prompt_end=min((index + 1) * spec.shard_size, len(rows)),
-            finished=sum(t["finished"] for t in texts),
-            seconds=round(time.perf_counter() - t0, 3),
-        )
-        manifest["shards"] = sorted([*manifest["shards"], entry], key=lambda e: e["index"])
-        manifest["teacher"].setdefault(
-            "num_parameters", sum(p.numel() for p in job.model.parameters())
-        )
+    lock = _open_out(out, manifest)
+    try:
         _summarize(manifest, vocab)
         write_manifest(out, manifest)
-        bar.update(entry["prompt_end"] - entry["prompt_start"])
-        log.info(
-            "%s: %d rows, %d tokens, %.1f tokens/s",
-            entry["name"],
-            entry["rows"],
-            entry["completion_tokens"],
-            entry["completion_tokens"] / max(entry["seconds"], 1e-9),
-        )
-        if on_shard is not None:
-            on_shard(index)
-    bar.close()
+        done = {e["index"] for e in manifest["shards"]}
+        bar = tqdm(total=len(rows), desc=f"opd {spec.mode}", disable=None, dynamic_ncols=True)
+        bar.update(sum(e["prompt_end"] - e["prompt_start"] for e in manifest["shards"]))
+        for index in range(manifest["num_shards"]):
+            if index in done:
+                continue
+            t0 = time.perf_counter()
+            records, texts = job.shard_records(index)
+            entry = write_shard(
+                out, index, pack_shard(records, spec.topk, spec.logprob_dtype), texts
+            )
+            entry.update(
+                prompt_start=index * spec.shard_size,
+                prompt_end=min((index + 1) * spec.shard_size, len(rows)),
+                finished=sum(t["finished"] for t in texts),
+                seconds=round(time.perf_counter() - t0, 3),
+            )
+            manifest["shards"] = sorted([*manifest["shards"], entry], key=lambda e: e["index"])
+            manifest["teacher"].setdefault(
+                "num_parameters", sum(p.numel() for p in job.model.parameters())
+            )
+            _summarize(manifest, vocab)
+            write_manifest(out, manifest)
+            bar.update(entry["prompt_end"] - entry["prompt_start"])
+            log.info(
+                "%s: %d rows, %d tokens, %.1f tokens/s",
+                entry["name"],
+                entry["rows"],
+                entry["completion_tokens"],
+                entry["completion_tokens"] / max(entry["seconds"], 1e-9),
+            )
+            if on_shard is not None:
+                on_shard(index)
+        bar.close()
+    finally:
+        lock.close()  # releases the lock (a killed process releases it too)
     return manifest
