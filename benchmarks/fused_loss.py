@@ -10,7 +10,8 @@ another's peak. "Extra peak" is the peak minus the memory held before the forwar
 built): on CPU from /proc/self/status (VmHWM after resetting it through
 /proc/self/clear_refs), on CUDA from torch.cuda.max_memory_allocated. It includes the
 gradients the step produces (the [V, H] weight gradient is 0.31 GB here). Times are one
-forward + backward of the mean over tokens, best of --repeats.
+forward + backward of the mean over tokens, best of --repeats; "cpu" is the process's CPU
+time (all threads) over the same region, a steadier figure when other jobs share the cores.
 
 Methods
   floor        the four unavoidable products: student logits, teacher logits, and the
@@ -141,14 +142,14 @@ def worker(args) -> dict:
     meter = PeakMeter(device)
     if args.worker == "check":
         return check(args, hs, ws, ht, wt)
-    times, peaks, loss = [], [], None
+    times, cpus, peaks, loss = [], [], [], None
     for _ in range(args.repeats):
         hs.grad = ws.grad = None
         hs.requires_grad_(args.worker != "floor")
         ws.requires_grad_(args.worker != "floor")
         meter.start()
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if args.worker == "floor":
             out = floor_step(hs, ws, ht, wt)
         else:
@@ -157,9 +158,16 @@ def worker(args) -> dict:
             loss = value.item()
         sync()
         times.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
         peaks.append(meter.stop())
         out = value = None  # noqa: F841
-    return {"time_s": min(times), "times_s": times, "extra_peak_b": peaks[0], "loss": loss}
+    return {
+        "time_s": min(times),
+        "times_s": times,
+        "cpu_s": min(cpus),
+        "extra_peak_b": peaks[0],
+        "loss": loss,
+    }
 
 
 def check(args, hs, ws, ht, wt) -> dict:
@@ -235,8 +243,8 @@ def main(argv=None) -> None:
     if "floor" in args.methods:
         floor = spawn("floor", "jsd", args)
         results.append({"method": "floor", "kind": "-", **floor})
-        print(f"{'floor':12s} {'-':10s} {floor.get('time_s', 0):7.2f} s  1.00x  "
-              f"{floor.get('extra_peak_b', 0) / 1e9:6.2f} GB", flush=True)  # fmt: skip
+        print(f"{'floor':12s} {'-':10s} {floor['time_s']:7.2f} s  1.00x  cpu {floor['cpu_s']:6.2f} s "
+              f"1.00x  {floor['extra_peak_b'] / 1e9:6.2f} GB", flush=True)  # fmt: skip
     for kind in args.kinds:
         for method in args.methods:
             if method == "floor":
@@ -250,10 +258,10 @@ def main(argv=None) -> None:
                       f"grad_h {r['grad_h_rel_err']:.1e}, grad_W {r['grad_w_rel_err']:.1e}",
                       flush=True)  # fmt: skip
             else:
-                ratio = (
-                    r["time_s"] / floor["time_s"] if floor and "time_s" in floor else float("nan")
-                )
+                ratio = r["time_s"] / floor["time_s"] if floor else float("nan")
+                cpu_ratio = r["cpu_s"] / floor["cpu_s"] if floor else float("nan")
                 print(f"{method:12s} {kind:10s} {r['time_s']:7.2f} s  {ratio:4.2f}x  "
+                      f"cpu {r['cpu_s']:6.2f} s {cpu_ratio:4.2f}x  "
                       f"{r['extra_peak_b'] / 1e9:6.2f} GB  loss {r['loss']:.6f}", flush=True)  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:

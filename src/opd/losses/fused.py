@@ -272,6 +272,7 @@ class _Spec:
     token_chunk: int
     vocab_chunk: int
     masked: bool  # a bias holds -inf
+    grad_mode: bool  # autograd was on at the call (needs_input_grad ignores no_grad)
 
 
 class _Inputs:
@@ -405,7 +406,7 @@ class _FusedDivergence(torch.autograd.Function):
     def forward(ctx, hs, ws, bs, ht, wt, bt, spec: _Spec):
         x = _Inputs(spec, hs, ws, bs, ht, wt, bt)
         need = tuple(ctx.needs_input_grad[:3])
-        eager = need if any(need) and x.vc >= x.V else None
+        eager = need if spec.grad_mode and any(need) and x.vc >= x.V else None
         values, stats, Ls, Lt, unit = _forward(x, eager)
         ctx.spec, ctx.unit, ctx.names = spec, unit, tuple(stats)
         ctx.save_for_backward(hs, ws, bs, ht, wt, bt, Ls, Lt, *stats.values())
@@ -513,7 +514,10 @@ def fused_token_divergence(
     biases = (student_head_bias, teacher_head_bias)
     masked = any(b is not None and bool(torch.isneginf(b).any()) for b in biases)
     V = student_head_weight.shape[0]
-    spec = _Spec(kind, param, float(kd_temperature), token_chunk, vocab_chunk or V, masked)
+    spec = _Spec(
+        kind, param, float(kd_temperature), token_chunk, vocab_chunk or V, masked,
+        torch.is_grad_enabled(),
+    )  # fmt: skip
     lead = student_hidden.shape[:-1]
     tb = None if teacher_head_bias is None else teacher_head_bias.detach()
     out = _FusedDivergence.apply(
