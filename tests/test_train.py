@@ -235,3 +235,20 @@ def test_cli_train_with_overrides(base_config, tmp_path, capsys):
     assert len(read_metrics(tmp_path / "run")) == 2
     assert main(["train", str(path), "loss.nope=1"]) == 2
     assert "unknown config key loss.nope" in capsys.readouterr().err
+
+
+def test_tensorboard_mirror(base_config):
+    pytest.importorskip("tensorboard")
+    cfg = config_from_dict(base_config(preset="supervised_kd", steps=2, tensorboard=True))
+    train(cfg)
+    assert list((Path(cfg.output_dir) / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_example_configs_parse():
+    from opd.config import load_config
+
+    for path in sorted(Path(__file__).parents[1].joinpath("examples").glob("*.yaml")):
+        if path.name.startswith("accelerate"):
+            continue  # an accelerate launcher config, not an opd run config
+        cfg = load_config(path, ["data.train=x.jsonl"])
+        assert cfg.student.path, path
