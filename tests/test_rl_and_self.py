@@ -101,6 +101,22 @@ def test_self_teacher_scores_the_same_tokens_at_the_same_columns(tiny_pair):
             torch.testing.assert_close(token_lp[i, j], expect, atol=2e-5, rtol=1e-4)
 
 
+def test_self_teacher_without_privileged_context_is_the_student(tiny_pair):
+    """Template '{prompt}' and starting weights: the teacher's scores are the student's own,
+    so every divergence is zero (any misalignment of columns would show here)."""
+    _, student_dir = tiny_pair
+    model, enc, tok = setup_student(student_dir)
+    teacher = SelfTeacher(model, enc, vocab_size=len(tok), template="{prompt}", weights="frozen")
+    batch = sampled_batch(model, enc, tok)
+    with torch.no_grad():
+        own = completion_logits(model, batch, len(tok))
+    got = teacher.score(batch, "logits").logits
+    mask = batch.loss_mask()
+    torch.testing.assert_close(got[mask], own[mask], atol=1e-5, rtol=1e-5)
+    loss, div = batch_loss(own, batch, teacher.score(batch, "logits"), LossConfig(), 10)
+    assert abs(float(loss)) < 1e-6 and abs(div) < 1e-5
+
+
 def test_privileged_template_names_a_missing_column(tiny_pair):
     with pytest.raises(ValueError, match="needs column 'solution'"):
         render_privileged("{prompt}{solution}", ROWS[0])
@@ -333,6 +349,24 @@ def test_self_distillation_runs_end_to_end(weights, base_config, tmp_path):
     assert all(r["teacher_tokens_scored"] == r["student_tokens_generated"] > 0 for r in records)
     assert all(math.isfinite(r["divergence"]) and r["divergence"] > 0 for r in records)
     assert math.isfinite(result["loss"])
+
+
+@pytest.mark.parametrize(
+    "loss", [{"objective": "pg"}, {"estimator": "topk", "topk": 8, "divergence": "forward_kl"}]
+)
+def test_self_teacher_serves_sampled_and_topk_estimators(loss, base_config, tmp_path):
+    cfg = config_from_dict(
+        base_config(
+            teacher={"kind": "self", "privileged_template": TEMPLATE, "self_weights": "live"},
+            source__lmbda=1.0,
+            loss={"divergence": "reverse_kl", **loss},
+            steps=1,
+            output_dir=str(tmp_path / "est"),
+        )
+    )
+    train(cfg)
+    (record,) = read_metrics(cfg.output_dir)
+    assert math.isfinite(record["loss"]) and record["teacher_tokens_scored"] > 0
 
 
 def test_ema_self_teacher_resumes_exactly(base_config, tmp_path):
