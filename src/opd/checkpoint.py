@@ -50,14 +50,17 @@ def save_checkpoint(
     trainer_state: dict,
     config: dict,
     keep: int = 2,
+    model_state: dict | None = None,
 ) -> Path:
+    """`model_state`: full weights gathered from a sharded (FSDP) model; None: the model's own."""
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:07d}"
     tmp = ckpt_root / f".tmp-step-{step:07d}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    extra = {"state_dict": model_state} if model_state is not None else {}
+    model.save_pretrained(tmp, safe_serialization=True, **extra)
     tokenizer.save_pretrained(tmp)
     torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
     (tmp / "opd_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from opd.teachers.errors import TeacherUnavailable
@@ -22,7 +23,8 @@ def _cmd_train(args) -> int:
 
     config = load_config(args.config, args.overrides)
     result = train(config)
-    print({k: v for k, v in result.items() if k != "totals"})
+    if os.environ.get("RANK", "0") == "0":  # multi-process runs (opd.distributed): one line
+        print({k: v for k, v in result.items() if k != "totals"})
     return 0
 
 

@@ -84,6 +84,9 @@ class TeacherConfig:
     privileged_template: str = "{prompt}\nReference solution: {answer}\n"
     self_weights: str = "frozen"  # self: frozen (start) | ema | live (current, no gradient)
     ema_decay: float = 0.99  # self_weights=ema: theta_bar <- d*theta_bar + (1-d)*theta per step
+    # local, multi-process runs: shard the teacher's weights over the ranks (FSDP2) instead of
+    # one full eval-mode copy per rank (opd.distributed)
+    shard: bool = False
 
     def __post_init__(self):
         _one_of("teacher.kind", self.kind, ("local", "self", "remote", "cached"))
@@ -94,6 +97,8 @@ class TeacherConfig:
         _one_of("teacher.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _in_range("teacher.timeout_s", self.timeout_s, 0.0, lo_open=True)
         _in_range("teacher.max_retries", self.max_retries, 0)
+        if self.shard and self.kind != "local":
+            raise ValueError("teacher.shard applies to teacher.kind='local' only")
 
 
 @dataclass

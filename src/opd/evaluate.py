@@ -29,6 +29,7 @@ def generate_texts(
     temperature: float = 0.0,
     batch_size: int = 64,
     seed: int = 0,
+    all_finished=None,
 ) -> tuple[list[str], int]:
     """Completions as text (EOS stripped), and the number of tokens generated."""
     tok = encoder.tokenizer
@@ -47,6 +48,7 @@ def generate_texts(
             vocab_size=vocab_size,
             temperature=temperature,
             generator=gen,
+            all_finished=all_finished,
         )
         generated += sum(len(c) for c in out.completions)
         texts += [tok.decode(c, skip_special_tokens=True) for c in out.completions]
@@ -64,6 +66,7 @@ def task_accuracy(
     vocab_size,
     temperature=0.0,
     seed=0,
+    all_finished=None,
 ) -> float:
     if not rows:
         return float("nan")
@@ -76,6 +79,7 @@ def task_accuracy(
         vocab_size=vocab_size,
         temperature=temperature,
         seed=seed,
+        all_finished=all_finished,
     )
     return sum(metric(t, r) for t, r in zip(texts, rows, strict=True)) / len(rows)
 

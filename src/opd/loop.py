@@ -24,8 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from opd.batch import SequenceBatch, assemble
-from opd.checkpoint import load_trainer_state, save_checkpoint, set_rng_state
+from opd.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from opd.config import TrainConfig, config_to_dict
+from opd.distributed import NullMetricsLog, aggregate_step
 from opd.evaluate import task_accuracy
 from opd.fused_objective import fused_batch_loss, teacher_hidden
 from opd.metrics import MetricsLog, PhaseTimer
@@ -39,8 +40,9 @@ from opd.setup import RunSetup, build_run
 log = logging.getLogger("opd")
 
 
-def step_seed(seed: int, step: int, micro: int) -> int:
-    return (seed * 1_000_003 + step * 1_009 + micro) % (2**63 - 1)
+def step_seed(seed: int, step: int, micro: int, rank: int = 0) -> int:
+    # rank: each process of a multi-process run samples its own completions (opd.distributed)
+    return (seed * 1_000_003 + step * 1_009 + micro + rank * 2**40) % (2**63 - 1)
 
 
 def choose_source(config: TrainConfig, step: int, micro: int) -> str:
@@ -49,8 +51,10 @@ def choose_source(config: TrainConfig, step: int, micro: int) -> str:
 
 
 def make_micro_batch(run: RunSetup, step: int, micro: int, timer: PhaseTimer) -> SequenceBatch:
-    config, enc = run.config, run.encoder
-    start = (step * config.accumulation + micro) * config.micro_batch_size
+    config, enc, world = run.config, run.encoder, run.world
+    # Global micro-batch `micro` holds micro_batch_size * W prompts; rank r takes slice r.
+    start = (step * world.accumulation(config) + micro) * world.size + world.rank
+    start *= config.micro_batch_size
     rows = [run.train_rows[i] for i in run.order.take(start, config.micro_batch_size)]
     source = choose_source(config, step, micro)
     pad = run.tokenizer.pad_token_id
@@ -74,8 +78,9 @@ def make_micro_batch(run: RunSetup, step: int, micro: int, timer: PhaseTimer) ->
     s = config.sampling
     rows = [r for r in rows for _ in range(s.n)]
     prompts = [enc.prompt_ids(r[config.data.prompt_field]) for r in rows]
-    model = run.student if source == "student" else run.teacher.model
-    gen = torch.Generator(device=run.device).manual_seed(step_seed(config.seed, step, micro))
+    model = world.sampling_model(run.student if source == "student" else run.teacher.model)
+    gen = torch.Generator(device=run.device)
+    gen.manual_seed(step_seed(config.seed, step, micro, world.rank))
     with timer.phase("generate" if source == "student" else "teacher_generate"):
         out = sample(
             model,
@@ -90,6 +95,7 @@ def make_micro_batch(run: RunSetup, step: int, micro: int, timer: PhaseTimer) ->
             stop=tuple(s.stop),
             tokenizer=run.tokenizer,
             generator=gen,
+            all_finished=world.lockstep(model),
         )
     return assemble(
         prompts,
@@ -103,8 +109,10 @@ def make_micro_batch(run: RunSetup, step: int, micro: int, timer: PhaseTimer) ->
 
 def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
     config = run.config
-    batches = [make_micro_batch(run, step, m, timer) for m in range(config.accumulation)]
-    num_tokens = sum(b.num_target_tokens() for b in batches)
+    world = run.world
+    batches = [make_micro_batch(run, step, m, timer) for m in range(world.accumulation(config))]
+    # Summed over ranks before any backward: every rank divides by the step's global count.
+    num_tokens = world.sum(sum(b.num_target_tokens() for b in batches))
     need, topk = teacher_need(config.loss)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
@@ -115,7 +123,7 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
     # RL + on-policy distillation (opd.rl): student batches mix in a reward term.
     rl = RewardStep(run.reward_fn, run.tokenizer, config) if run.reward_fn is not None else None
     run.student.train()
-    for batch in batches:
+    for i, batch in enumerate(batches):
         batch = batch.to(run.device)
         scores = None
         rewarded = rl is not None and batch.source == "student"
@@ -138,19 +146,21 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
             with timer.phase("teacher_score"):
                 scores = run.teacher.score(batch, need, topk)
             teacher_scored += scores.tokens_scored
-        with timer.phase("update"), autocast:
+        last = i == len(batches) - 1
+        with timer.phase("update"), autocast, world.grad_sync(run.student, last):
             logits = completion_logits(run.student, batch, run.vocab_size)
             if rewarded:
                 loss, div_sum = rl.batch_loss(logits, batch, scores, num_tokens, rewards)
             else:
                 loss, div_sum = batch_loss(logits, batch, scores, config.loss, num_tokens)
-            loss.backward()
+            world.backward(loss)
         loss_total += float(loss.detach())
         div_total += div_sum
+    loss_total, div_total = world.sum_all([loss_total, div_total])
     with timer.phase("update"):
         params = [p for p in run.student.parameters() if p.requires_grad]
         max_norm = config.optim.max_grad_norm or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = world.clip_grad_norm(run.student, params, max_norm)
         finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
         if finite:
             run.optimizer.step()
@@ -161,7 +171,7 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
     by_source = {
         s: sum(b.size for b in batches if b.source == s) for s in ("dataset", "teacher", "student")
     }
-    return {
+    return aggregate_step(world, {
         "loss": loss_total,
         "divergence": div_total / max(num_tokens, 1),
         "grad_norm": grad_norm,
@@ -179,14 +189,14 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
         "sequences_from_dataset": by_source["dataset"],
         "lr": run.scheduler.get_last_lr()[0],
         **(rl.record() if rl is not None else {}),
-    }
+    })
 
 
 def evaluate_now(run: RunSetup, metric) -> dict:
     if not run.eval_rows:
         return {}
     acc = task_accuracy(
-        run.student,
+        run.world.sampling_model(run.student),
         run.encoder,
         run.eval_rows,
         metric,
@@ -194,18 +204,25 @@ def evaluate_now(run: RunSetup, metric) -> dict:
         max_new_tokens=run.config.sampling.max_new_tokens,
         vocab_size=run.vocab_size,
         seed=run.config.seed,
+        all_finished=run.world.lockstep(run.student),
     )
     return {"eval_accuracy": acc}
 
 
 def _save(run: RunSetup, step: int, totals: dict, bad_steps: int):
-    return save_checkpoint(
+    world = run.world  # gathers run on every rank (FSDP); rank 0 alone writes
+    model_state = world.model_state(run.student)
+    optimizer_state = world.optimizer_state(run.student, run.optimizer)
+    if not world.is_main:
+        world.barrier()
+        return latest_checkpoint(run.config.output_dir)
+    path = save_checkpoint(
         run.config.output_dir,
         step,
-        run.student,
+        world.unwrap(run.student),
         run.tokenizer,
         {
-            "optimizer": run.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": run.scheduler.state_dict(),
             "data_position": step * run.config.batch_size,
             "totals": totals,
@@ -214,7 +231,10 @@ def _save(run: RunSetup, step: int, totals: dict, bad_steps: int):
         },
         config_to_dict(run.config),
         keep=run.config.keep_checkpoints,
+        model_state=model_state,
     )
+    world.barrier()
+    return path
 
 
 def train(config: TrainConfig, run: RunSetup | None = None, extra_eval=None) -> dict:
@@ -234,17 +254,21 @@ def train(config: TrainConfig, run: RunSetup | None = None, extra_eval=None) -> 
     }
     if run.resume_from is not None:
         state = load_trainer_state(run.resume_from)
-        run.optimizer.load_state_dict(state["optimizer"])
+        run.world.load_optimizer_state(run.student, run.optimizer, state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start_step, totals, bad_steps = state["step"], state["totals"], state["bad_steps"]
         if hasattr(run.teacher, "load_checkpoint_state"):
             run.teacher.load_checkpoint_state(state.get("teacher_state", {}))
         log.info("resumed from %s at step %d", run.resume_from, start_step)
-    metrics = MetricsLog(
-        config.output_dir,
-        resume_step=start_step if run.resume_from else None,
-        tensorboard=config.tensorboard,
+    metrics = (
+        MetricsLog(
+            config.output_dir,
+            resume_step=start_step if run.resume_from else None,
+            tensorboard=config.tensorboard,
+        )
+        if run.world.is_main
+        else NullMetricsLog()
     )
     metric_fn = resolve_metric(config.eval_metric, config.data.answer_field)
     timer, record = PhaseTimer(), {}
@@ -255,7 +279,7 @@ def train(config: TrainConfig, run: RunSetup | None = None, extra_eval=None) -> 
         desc="opd train",
         initial=start_step,
         total=config.steps,
-        disable=None,
+        disable=None if run.world.is_main else True,
         dynamic_ncols=True,
     )
     try:

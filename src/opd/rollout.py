@@ -64,8 +64,12 @@ def sample(
     stop: tuple[str, ...] = (),
     tokenizer=None,
     generator: torch.Generator | None = None,
+    all_finished=None,
 ) -> Rollout:
-    """Sample one completion per prompt. `temperature == 0` is greedy (log q = 0)."""
+    """Sample one completion per prompt. `temperature == 0` is greedy (log q = 0).
+
+    `all_finished(done) -> bool`, for a model sharded over processes (FSDP): every forward
+    all-gathers weights, so all ranks keep stepping until every rank's rows are done."""
     if stop and tokenizer is None:
         raise ValueError("stop strings need the tokenizer to decode completions")
     was_training = model.training
@@ -111,7 +115,10 @@ def sample(
                     )
                     if any(s in tail for s in stop):
                         done[i] = True
-        if bool(done.all()) or t == max_new_tokens - 1:
+        finished = bool(done.all())
+        if all_finished is not None:
+            finished = all_finished(finished)
+        if finished or t == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
         out = model(

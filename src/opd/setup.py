@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,6 +12,7 @@ from opd.cache import check_cache_tokenizer
 from opd.checkpoint import latest_checkpoint
 from opd.config import TrainConfig
 from opd.data import Encoder, PromptOrder, load_rows, require_fields
+from opd.distributed import World, init_world
 from opd.fused_objective import fused_applies
 from opd.models import (
     check_same_tokenizer,
@@ -41,6 +42,7 @@ class RunSetup:
     resume_from: Path | None
     reward_fn: object | None = None  # reward.function resolved: fn(completion_text, row) -> float
     fused: bool = False  # kd from hidden states (opd.fused_objective) instead of full logits
+    world: World = field(default_factory=World)  # this process in a multi-process run
 
 
 def build_teacher(
@@ -117,7 +119,11 @@ def build_student(config: TrainConfig, device: torch.device, resume_from: Path |
 
 
 def build_run(config: TrainConfig) -> RunSetup:
-    device = resolve_device(config.device)
+    world = init_world(config)  # World() unless launched by torchrun / accelerate launch
+    world.accumulation(config)  # batch_size must split over micro-batches x processes
+    if world.sharded and config.teacher.kind == "self" and config.teacher.self_weights == "ema":
+        raise ValueError("teacher.self_weights='ema' is not supported with an FSDP student")
+    device = world.device if world.distributed else resolve_device(config.device)
     torch.manual_seed(config.seed)
     resume_from = None
     out = Path(config.output_dir)
@@ -151,6 +157,11 @@ def build_run(config: TrainConfig) -> RunSetup:
     else:
         raise ValueError("data.train is required: it provides the prompts (and completions)")
     eval_rows = load_rows(config.data.eval)[: config.eval_size] if config.data.eval else []
+    # The fused path calls the decoder and head directly, outside the DDP/FSDP forward.
+    fused = not world.distributed and config.loss.fused
+    fused = fused and fused_applies(config.loss, student, teacher)
+    student = world.wrap_student(student)  # DDP/FSDP; the model itself in one process
+    teacher = world.place_teacher(teacher, config.teacher.shard)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=config.optim.lr, weight_decay=config.optim.weight_decay
@@ -171,5 +182,6 @@ def build_run(config: TrainConfig) -> RunSetup:
         scheduler,
         resume_from,
         reward_fn,
-        fused=config.loss.fused and fused_applies(config.loss, student, teacher),
+        fused=fused,
+        world=world,
     )

@@ -1,0 +1,230 @@
+"""Multi-process training (issue 8): 2 CPU processes over gloo, tiny models.
+
+DDP runs are launched with `torchrun`, FSDP runs with `accelerate launch --use_fsdp`
+(accelerate does not shard on CPU, so opd shards with torch FSDP2 itself; see
+`opd.distributed`). A run over W processes must equal the single-process run on the same
+global batch: the single run uses `micro_batch_size = W * m` so its lambda draws (one per
+global micro-batch) are the same ones.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from opd.checkpoint import latest_checkpoint
+from opd.config import config_from_dict
+from opd.distributed import World
+from opd.loop import make_micro_batch, step_seed, train
+from opd.metrics import PhaseTimer, read_metrics
+from opd.setup import build_run
+from serve_util import TOKEN, start_server
+
+TIMEOUT_S = 240  # per launch; a launch takes ~20 s on 2 idle cores
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+
+
+def _config(tiny_pair, data, out, **extra) -> dict:
+    teacher, student = tiny_pair
+    cfg = {
+        "student": {"path": str(student)},
+        "teacher": {"path": str(teacher)},
+        "data": {"train": str(data)},
+        "steps": 3,
+        "batch_size": 4,
+        "micro_batch_size": 2,
+        "sampling": {"max_new_tokens": 6},
+        "optim": {"lr": 1e-3},
+        "output_dir": str(out),
+        "device": "cpu",
+    }
+    for key, value in extra.items():
+        node, parts = cfg, key.split("__")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return cfg
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def launch(cfg: dict, tmp_path: Path, *, fsdp: bool = False) -> Path:
+    """`opd train` on 2 processes; returns the run directory."""
+    path = tmp_path / f"{Path(cfg['output_dir']).name}-{cfg['steps']}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    port = _free_port()
+    if fsdp:
+        cmd = [str(ACCELERATE), "launch", "--use_fsdp", "--fsdp_version", "2"]
+        cmd += ["--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"]
+        cmd += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+        cmd += ["--dynamo_backend", "no", "--main_process_port", port, "-m", "opd.cli"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        cmd += ["--master_port", port, "-m", "opd.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [*cmd, "train", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env=env,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert proc.stdout.count("'step':") == 1, "only rank 0 prints the result"
+    if fsdp:  # accelerate's FSDP2 wrapping: root, embeddings, 2 decoder layers, norm, head
+        assert "in 6 FSDP units" in proc.stderr, proc.stderr[-2000:]
+    return Path(cfg["output_dir"])
+
+
+def _weights(run_dir) -> dict:
+    return load_file(str(latest_checkpoint(run_dir) / "model.safetensors"))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert sorted(a) == sorted(b)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny_pair, addition_data, tmp_path_factory):
+    """The 1-process reference: global batch 4 in one micro-batch of 4, the plain path."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    cfg = _config(
+        tiny_pair, addition_data, out, preset="supervised_kd", micro_batch_size=4, loss__fused=False
+    )
+    train(config_from_dict(cfg))
+    return out
+
+
+def test_ranks_take_disjoint_slices_of_each_global_micro_batch(tiny_pair, addition_data, tmp_path):
+    cfg = _config(tiny_pair, addition_data, tmp_path / "r", preset="supervised_kd", batch_size=8)
+    run = build_run(config_from_dict(cfg))  # 1 process; ranks are played by World objects
+    timer = PhaseTimer()
+    single = [make_micro_batch(run, 1, m, timer).rows for m in range(4)]  # 4 x 2 prompts
+    for micro in range(2):  # 2 processes: 2 global micro-batches of 2 x 2 prompts
+        slices = []
+        for rank in range(2):
+            run.world = World(rank=rank, size=2)
+            slices.append(make_micro_batch(run, 1, micro, timer).rows)
+        assert slices[0] + slices[1] == single[2 * micro] + single[2 * micro + 1]
+    with pytest.raises(ValueError, match="micro_batch_size x processes = 2 x 8"):
+        World(rank=0, size=8).accumulation(run.config)
+    # Rank 0 keeps the single-process seeds (bit-identical runs); other ranks differ.
+    assert step_seed(3, 5, 1) == (3 * 1_000_003 + 5 * 1_009 + 1)
+    assert len({step_seed(3, 5, 1, rank) for rank in range(8)}) == 8
+
+
+def test_two_process_ddp_equals_single_process(single_run, tiny_pair, addition_data, tmp_path):
+    cfg = _config(tiny_pair, addition_data, tmp_path / "ddp", preset="supervised_kd")
+    out = launch(cfg, tmp_path)
+    assert max_diff(_weights(out), _weights(single_run)) < 1e-5
+    ddp, ref = read_metrics(out), read_metrics(single_run)
+    assert len(ddp) == 3  # rank 0 alone writes metrics
+    for a, b in zip(ddp, ref, strict=True):
+        assert a["tokens"] == b["tokens"] and a["sequences_from_dataset"] == 4
+        assert a["teacher_tokens_scored"] == b["teacher_tokens_scored"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+def _resume_from_step(src: Path, dst: Path, step: int) -> None:
+    """`dst`: a copy of run `src` as it was right after saving `step`."""
+    name = f"step-{step:07d}"
+    (dst / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src / "checkpoints" / name, dst / "checkpoints" / name)
+    (dst / "checkpoints" / "latest").write_text(name)
+    lines = (src / "metrics.jsonl").read_text().splitlines()
+    (dst / "metrics.jsonl").write_text("".join(f"{x}\n" for x in lines[:step]))
+
+
+def _check_resume(first: Path, resumed: Path) -> None:
+    a, b = _weights(first), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in read_metrics(first)] == [r["loss"] for r in read_metrics(resumed)]
+
+
+def test_two_process_ddp_resume_equals_uninterrupted(tiny_pair, addition_data, tmp_path):
+    """GKD with student samples: each rank samples with its own seed from the inner module."""
+    extra = {"preset": "gkd", "save_every": 1, "keep_checkpoints": 3}
+    cfg = _config(tiny_pair, addition_data, tmp_path / "full", **extra)
+    full = launch(cfg, tmp_path)
+    records = read_metrics(full)
+    assert sum(r["sequences_from_student"] for r in records) > 0
+    assert all(r["sequences_from_student"] + r["sequences_from_dataset"] == 4 for r in records)
+    _resume_from_step(full, tmp_path / "resumed", 1)
+    cfg = _config(tiny_pair, addition_data, tmp_path / "resumed", resume=True, **extra)
+    _check_resume(full, launch(cfg, tmp_path))
+
+
+def test_fsdp_equals_single_process_and_saves_a_loadable_model(
+    single_run, tiny_pair, addition_data, tmp_path
+):
+    cfg = _config(tiny_pair, addition_data, tmp_path / "fsdp", preset="supervised_kd")
+    out = launch(cfg, tmp_path, fsdp=True)
+    assert max_diff(_weights(out), _weights(single_run)) < 1e-5
+    model = AutoModelForCausalLM.from_pretrained(latest_checkpoint(out))
+    ref = AutoModelForCausalLM.from_pretrained(latest_checkpoint(single_run))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_fsdp_sharded_teacher_samples_in_lockstep_and_resumes(tiny_pair, addition_data, tmp_path):
+    """Student and teacher sharded; both sample (ranks stop at different lengths, so
+    forwards run in lock-step); the gathered optimizer state resumes exactly."""
+    extra = {
+        "preset": "gkd",
+        "source__off_policy": "teacher",
+        "teacher__shard": True,
+        "micro_batch_size": 1,
+        "steps": 2,
+        "save_every": 1,
+        "keep_checkpoints": 3,
+    }
+    cfg = _config(tiny_pair, addition_data, tmp_path / "full", **extra)
+    full = launch(cfg, tmp_path, fsdp=True)
+    records = read_metrics(full)
+    assert sum(r["teacher_tokens_generated"] for r in records) > 0
+    assert sum(r["student_tokens_generated"] for r in records) > 0
+    state = torch.load(latest_checkpoint(full) / "trainer_state.pt", weights_only=False)
+    assert sorted(state["optimizer"]["state"]) == list(range(len(_weights(full))))
+    _resume_from_step(full, tmp_path / "resumed", 1)
+    cfg = _config(tiny_pair, addition_data, tmp_path / "resumed", resume=True, **extra)
+    _check_resume(full, launch(cfg, tmp_path, fsdp=True))
+
+
+def test_remote_teacher_serves_both_processes(tiny_pair, addition_data, tmp_path, monkeypatch):
+    """The teacher on its own worker (`opd serve`, or vLLM): each rank is a client, and the
+    2-process run equals the 1-process run against the same server."""
+    server, _ = start_server(tiny_pair[0])
+    monkeypatch.setenv("OPD_TEACHER_TOKEN", TOKEN)
+    extra = {
+        "preset": "supervised_kd",
+        "loss__estimator": "topk",
+        "loss__topk": 8,
+        "teacher__kind": "remote",
+        "teacher__path": "",
+        "teacher__url": server.url,
+    }
+    try:
+        out = launch(_config(tiny_pair, addition_data, tmp_path / "two", **extra), tmp_path)
+        ref = _config(tiny_pair, addition_data, tmp_path / "one", micro_batch_size=4, **extra)
+        train(config_from_dict(ref))
+    finally:
+        server.stop()
+    assert max_diff(_weights(out), _weights(tmp_path / "one")) < 1e-5
+    for a, b in zip(read_metrics(out), read_metrics(tmp_path / "one"), strict=True):
+        assert a["teacher_tokens_scored"] == b["teacher_tokens_scored"] == a["tokens"] > 0
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
