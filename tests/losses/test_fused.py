@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import opd.losses.fused as fused_module
+import opd.losses.fused_sampled as tiles_module
 from opd.losses import (
     KINDS,
     fused_sparse_token_divergence,
@@ -58,8 +58,8 @@ def student_params(s):
 @pytest.mark.parametrize("kind", KINDS)
 def test_values_and_masked_mean_gradients_equal_plain_path(kind, bias, chunks, monkeypatch):
     if chunks != (64, 100):  # elementwise work in column blocks of 3 (and a partial one)
-        monkeypatch.setattr(fused_module, "_BLOCK_ELEMS", 1)
-        monkeypatch.setattr(fused_module, "_MIN_BLOCK", 3)
+        monkeypatch.setattr(tiles_module, "_BLOCK_ELEMS", 1)
+        monkeypatch.setattr(tiles_module, "_MIN_BLOCK", 3)
     s, t = make(1, bias=bias)
     mask = torch.ones(13, dtype=torch.float64)
     mask[[2, 3, 11]] = 0.0
@@ -76,8 +76,8 @@ def test_values_and_masked_mean_gradients_equal_plain_path(kind, bias, chunks, m
 @pytest.mark.parametrize("chunks", [(5, 7), (4, None)])
 @pytest.mark.parametrize("kind", KINDS)
 def test_float32_gradients_within_1e4_for_any_grad_output(kind, chunks, monkeypatch):
-    monkeypatch.setattr(fused_module, "_MIN_BLOCK", 8)
-    monkeypatch.setattr(fused_module, "_BLOCK_ELEMS", 1)
+    monkeypatch.setattr(tiles_module, "_MIN_BLOCK", 8)
+    monkeypatch.setattr(tiles_module, "_BLOCK_ELEMS", 1)
     # Uniform, mask-like and arbitrary per-token weights exercise the eager gradient alone,
     # with a partial recompute, and with a full recompute; a second backward recomputes all.
     s, t = make(2, dtype=torch.float32)

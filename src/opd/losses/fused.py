@@ -9,25 +9,29 @@ the student's hidden states, head weight and bias. The result equals
 
 How it works
 ------------
-* Forward. Each tile of both models' logits is recomputed from `hidden @ W[v0:v1].T`; the
-  log-sum-exp over the vocabulary is accumulated online (running max and rescaled sum, as in
-  flash attention). `forward_kl` / `reverse_kl` accumulate their value in the same pass
-  (`sum_v p(z_p - z_q)` rescales like the sum); the mixture kinds and TVD need both models'
-  normalizers before any term can be evaluated, so they take a second pass over the tiles.
-  When one tile spans the whole vocabulary (`vocab_chunk >= V`) both passes collapse into one.
-* Backward. `dD/dz` for each kind is written in closed form (below) from quantities saved by
-  the forward (the two log-normalizers and one or two per-token sums), so the backward needs a
-  single pass over the tiles, vocabulary-outer so that each slice of the weight gradient is
-  written once: recompute both tiles, form `G = dD/dz`, then `dh += G W`, `dW += G^T h`,
-  `db += G^T 1`.
-* Eager gradient. When the tile spans the vocabulary and the student needs a gradient, the
-  forward already holds every row's normalizers, so it also forms `G` and accumulates
-  `dh_unit = G W` (exact for any per-token grad_output, which only rescales rows) and
-  `dW_unit = G^T h` for grad_output = 1 (the Liger-Kernel idea). The backward then uses
+* Tiles. Logits are formed `token_chunk x vocab_chunk` at a time (`hidden @ W[v0:v1].T`, one
+  matrix product per model) into two reused buffers; the elementwise work then runs on
+  column blocks of ~1 MB that stay in cache, which matters on CPUs as much as the products.
+* Forward. The log-sum-exp over the vocabulary is accumulated online (running max and
+  rescaled sum, as in flash attention). `forward_kl` / `reverse_kl` accumulate their value in
+  the same pass (`sum_v p (z_p - z_q)` rescales like the sum); the mixture kinds and TVD need
+  both models' normalizers before any term can be evaluated, so over several vocabulary tiles
+  they take a second pass. A tile that spans the vocabulary (`vocab_chunk=None`, the
+  default) gives the normalizers, the values and the gradient from one product per model.
+* Backward. `dD/dz` for each kind is in closed form (below) from quantities saved by the
+  forward (both log-normalizers and one or two per-token sums), so the backward is a single
+  pass over the tiles, vocabulary-outer so that each slice of the weight gradient is written
+  once: recompute both tiles, form `G = dD/dz`, then `dh += G W`, `dW += G^T h`, `db += G^T 1`.
+* Eager gradient. With whole-row tiles and autograd on, the forward already holds every
+  row's normalizers and sums, so it forms `G` too and accumulates `dh_unit = G W` (exact for
+  any per-token grad_output, which only rescales rows) and `dW_unit = G^T h` for
+  grad_output = 1 (Liger-Kernel's idea). The backward then uses
   `dW = c * dW_unit + sum_{i: g_i != c} (g_i - c) G_i h_i^T` with `c` the most frequent value
-  of grad_output, recomputing only those rows: nothing for a plain mean over the tokens
-  passed in, the rest of the rows for anything else. This halves the matrix products; the
-  price is holding the `[V, H]` weight-gradient buffer from forward to backward.
+  of grad_output and recomputes only those rows: none for a plain mean over the tokens passed
+  in (pass `hidden[mask]`), the masked rows for a masked mean over padded rows, all rows for
+  arbitrary weights. Four matrix products instead of six (eight for JSD/TVD/skew over several
+  vocabulary tiles); the price is that each token chunk reads both head weights again, and
+  the `[V, Hs]` weight-gradient buffer lives from the forward to the backward.
 
 Gradients w.r.t. the student's normalized-logit variable `z` (temperature already applied),
 with `s, t` the log-probs, `p_s, p_t` the probabilities, every sum over the vocabulary:
@@ -54,112 +58,22 @@ from dataclasses import dataclass
 import torch
 
 from opd.losses.divergence import DEFAULT_SKEW_ALPHA, _compute_dtype, check_kind
+from opd.losses.fused_sampled import (
+    OnlineLSE,
+    Workspace,
+    check_head,
+    clamp_masked,
+    column_blocks,
+    head_grads,
+    head_logits,
+)
 
 # Tuned with benchmarks/fused_loss.py at N=1024, V=151,936, H=512 (benchmarks/README.md):
-# tiles of whole rows (the eager gradient), as many rows as the memory goal allows.
+# whole-row tiles (the eager gradient); 128 rows keep the two [128, V] float32 logit buffers
+# plus the [V, H] weight gradient under the 0.6 GB goal there. On a GPU larger token chunks
+# pay (fewer re-reads of the head weights) where memory allows.
 DEFAULT_TOKEN_CHUNK = 128
 DEFAULT_VOCAB_CHUNK = None  # None: one tile spans the whole vocabulary
-_UPCAST_ROWS = 8192  # weight rows upcast at a time when the head is bf16/fp16
-_BLOCK_ELEMS = 1 << 18  # elementwise work runs on column blocks of ~1 MB (cache-resident)
-_MIN_BLOCK = 128
-
-
-# ---------------------------------------------------------------- shared tile helpers
-
-
-class Workspace:
-    """Scratch buffers reused across tiles (allocating per tile costs page faults)."""
-
-    def __init__(self, dtype: torch.dtype, device: torch.device):
-        self.dtype, self.device = dtype, device
-        self._bufs: list[torch.Tensor] = []
-
-    def get(self, i: int, shape: tuple[int, int]) -> torch.Tensor:
-        numel = shape[0] * shape[1]
-        while len(self._bufs) <= i:
-            self._bufs.append(torch.empty(0, dtype=self.dtype, device=self.device))
-        if self._bufs[i].numel() < numel:
-            self._bufs[i] = torch.empty(numel, dtype=self.dtype, device=self.device)
-        return self._bufs[i][:numel].view(shape)
-
-    def scratch(self, first: int, shape: tuple[int, int]) -> Callable[[int], torch.Tensor]:
-        return lambda i: self.get(first + i, shape)
-
-
-def column_blocks(rows: int, cols: int):
-    """Column ranges for elementwise work on a `rows x cols` tile, about _BLOCK_ELEMS each."""
-    step = max(_MIN_BLOCK, _BLOCK_ELEMS // max(rows, 1))
-    return [(c0, min(c0 + step, cols)) for c0 in range(0, cols, step)]
-
-
-def head_logits(
-    out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, v0: int
-) -> torch.Tensor:
-    """`out[:, j] = h @ w[v0 + j] + b[v0 + j]` in out's dtype; w may be lower precision."""
-    c = out.shape[1]
-    step = c if w.dtype == out.dtype else _UPCAST_ROWS
-    for a in range(0, c, step):
-        e = min(a + step, c)
-        wp = w[v0 + a : v0 + e].to(out.dtype)
-        o = out[:, a:e]
-        if b is None:
-            torch.mm(h, wp.t(), out=o)
-        else:
-            torch.addmm(b[v0 + a : v0 + e], h, wp.t(), out=o)
-    return out
-
-
-def head_grads(
-    G: torch.Tensor,
-    v0: int,
-    w: torch.Tensor,
-    hw: torch.Tensor,
-    dh: torch.Tensor | None,
-    dw: torch.Tensor | None,
-    db: torch.Tensor | None,
-    row_w: torch.Tensor | None,
-) -> None:
-    """Accumulate `dh += G @ w[v0:]`, `dw[v0:] += G^T hw`, `db[v0:] += G^T row_w` (or column sums)."""
-    c = G.shape[1]
-    step = c if w.dtype == G.dtype else _UPCAST_ROWS
-    for a in range(0, c, step):
-        e = min(a + step, c)
-        g = G[:, a:e]
-        if dh is not None:
-            dh.addmm_(g, w[v0 + a : v0 + e].to(G.dtype))
-        if dw is not None:
-            dw[v0 + a : v0 + e].addmm_(g.t(), hw)
-        if db is not None:
-            if row_w is None:
-                db[v0 + a : v0 + e] += g.sum(0)
-            else:
-                db[v0 + a : v0 + e].addmv_(g.t(), row_w)
-
-
-def clamp_masked(z: torch.Tensor) -> torch.Tensor:
-    """Replace -inf logits (masked vocabulary) with a huge finite value: exp gives exactly 0,
-    and products with a zero probability stay 0 instead of 0 * inf = NaN."""
-    return z.clamp_min_(torch.finfo(z.dtype).min / 64)
-
-
-class OnlineLSE:
-    """Running log-sum-exp over vocabulary tiles: max `M` and `Z = sum exp(z - M)` per row."""
-
-    def __init__(self, n: int, like: torch.Tensor):
-        self.M = torch.full((n,), torch.finfo(like.dtype).min, dtype=like.dtype, device=like.device)
-        self.Z = torch.zeros(n, dtype=like.dtype, device=like.device)
-
-    def update(self, z: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fold a tile in; returns (exp(z - M_new) in scratch, rescale factor of old sums)."""
-        m_new = torch.maximum(self.M, z.amax(1))
-        scale = torch.exp(self.M - m_new)
-        e = torch.sub(z, m_new[:, None], out=scratch).exp_()
-        self.Z.mul_(scale).add_(e.sum(1))
-        self.M = m_new
-        return e, scale
-
-    def value(self) -> torch.Tensor:
-        return self.M + self.Z.log()
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor, w) -> torch.Tensor:
@@ -492,8 +406,8 @@ def fused_token_divergence(
         raise ValueError(
             f"token_chunk and vocab_chunk must be >= 1, got {token_chunk}, {vocab_chunk}"
         )
-    _check_head("student", student_hidden, student_head_weight, student_head_bias)
-    _check_head("teacher", teacher_hidden, teacher_head_weight, teacher_head_bias)
+    check_head("student", student_hidden, student_head_weight, student_head_bias)
+    check_head("teacher", teacher_hidden, teacher_head_weight, teacher_head_bias)
     if student_head_weight.shape[0] != teacher_head_weight.shape[0]:
         raise ValueError(
             f"vocabulary sizes differ: student {student_head_weight.shape[0]} vs teacher "
@@ -530,13 +444,3 @@ def fused_token_divergence(
         spec,
     )
     return out.reshape(lead)
-
-
-def _check_head(who: str, hidden, weight, bias) -> None:
-    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"{who} hidden {tuple(hidden.shape)} does not match head weight "
-            f"{tuple(weight.shape)} (expected [..., H] and [V, H])"
-        )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"{who} head bias {tuple(bias.shape)} must be [V={weight.shape[0]}]")
