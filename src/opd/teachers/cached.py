@@ -10,6 +10,7 @@ are refused with a message saying what to change.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -19,6 +20,8 @@ import torch
 from opd.batch import SequenceBatch
 from opd.cache import CacheError, CacheReader
 from opd.teachers.base import TeacherScores, check_need
+
+log = logging.getLogger("opd")
 
 
 def renormalized_topk(topk_lp: torch.Tensor, tail_logmass: torch.Tensor) -> torch.Tensor:
@@ -103,6 +106,8 @@ def build_cached_teacher(config, tokenizer) -> CachedTeacher:
     cache_dir = config.teacher.cache_dir or (train if train and is_cache(train) else "")
     if not cache_dir:
         raise ValueError("teacher.cache_dir is required for teacher.kind='cached'")
+    if not config.teacher.cache_dir:
+        log.info("teacher.cache_dir not set; using the cache in data.train (%s)", cache_dir)
     if not train or Path(train).resolve() != Path(cache_dir).resolve():
         raise ValueError(
             f"teacher.kind='cached' scores only the cache's own rows: set data.train={cache_dir} "
