@@ -1,0 +1,1 @@
+"""The built-in offline task and tiny teacher/student models behind `opd demo`."""
