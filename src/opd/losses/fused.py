@@ -11,7 +11,7 @@ How it works
 ------------
 * Tiles. Logits are formed `token_chunk x vocab_chunk` at a time (`hidden @ W[v0:v1].T`, one
   matrix product per model) into two reused buffers; the elementwise work then runs on
-  column blocks of ~1 MB that stay in cache, which matters on CPUs as much as the products.
+  column blocks of the tile, which bounds the scratch memory to four blocks.
 * Forward. The log-sum-exp over the vocabulary is accumulated online (running max and
   rescaled sum, as in flash attention). `forward_kl` / `reverse_kl` accumulate their value in
   the same pass (`sum_v p (z_p - z_q)` rescales like the sum); the mixture kinds and TVD need
