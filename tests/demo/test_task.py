@@ -23,6 +23,7 @@ from opd.demo.task import (
     exact_match,
     extract_answer,
     make_examples,
+    max_completion_chars,
     render,
     split_of,
 )
@@ -48,9 +49,11 @@ def test_generator_is_deterministic_and_seeded():
 
 def test_splits_are_disjoint_even_across_seeds():
     train = {e["prompt"] for s in (0, 1) for e in make_examples(2000, seed=s, split="train")}
-    evals = {e["prompt"] for s in (0, 1) for e in make_examples(400, seed=s, split="eval")}
-    assert not train & evals
+    dev = {e["prompt"] for s in (0, 1) for e in make_examples(300, seed=s, split="dev")}
+    evals = {e["prompt"] for s in (0, 1) for e in make_examples(300, seed=s, split="eval")}
+    assert not train & evals and not train & dev and not dev & evals
     assert all(split_of(p) == "eval" for p in evals)
+    assert all(split_of(p) == "dev" for p in dev)
     with pytest.raises(ValueError, match="split"):
         make_examples(1, seed=0, split="test")
 
@@ -68,7 +71,7 @@ def test_scratchpad_is_a_correct_running_sum_of_the_prompt():
             total += terms[i]
             assert int(m[4]) == total
         assert ex["answer"] == str(sum(terms)) == str(total)
-        assert 30 <= len(ex["completion"]) <= 80
+        assert 30 <= len(ex["completion"]) <= max_completion_chars() <= 80
     check_charset(make_examples(300, seed=0, split="eval"))
 
 
@@ -125,6 +128,22 @@ def test_pretrain_lowers_completion_loss():
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
 
 
+def test_pretrain_stops_when_asked():
+    tok = build_char_tokenizer()
+    model = _tiny_model(tok)
+    seen = []
+
+    def stop(step):
+        seen.append((step, model.training))
+        return step >= 6
+
+    losses = pretrain_causal_lm(
+        model, tok, make_examples(16, 0, "train"), steps=50, batch_size=2, stop=stop, check_every=3
+    )
+    assert len(losses) == 6 and seen == [(3, False), (6, False)]
+    assert not model.training
+
+
 def test_left_padded_batch_generation_matches_one_by_one():
     tok = build_char_tokenizer()
     model = _tiny_model(tok, seed=1)
@@ -137,8 +156,19 @@ def test_left_padded_batch_generation_matches_one_by_one():
 
 def _tiny_config(**kw) -> BuildConfig:
     spec = ModelSpec(hidden=16, layers=1, heads=2, steps=2, lr=1e-3, batch_size=4)
-    base = {"num_train": 32, "num_eval": 4, "max_new_tokens": 4}
-    return BuildConfig(teacher=spec, student=spec, **{**base, **kw})
+    # The student stops at its first check: any accuracy reaches a target of 0.
+    student = ModelSpec(
+        hidden=16,
+        layers=1,
+        heads=2,
+        steps=5,
+        lr=1e-3,
+        batch_size=4,
+        target_accuracy=0.0,
+        check_every=1,
+    )
+    base = {"num_train": 32, "num_dev": 2, "num_eval": 4, "max_new_tokens": 4}
+    return BuildConfig(teacher=spec, student=student, **{**base, **kw})
 
 
 def test_build_writes_loadable_models_and_reuses_the_cache(tmp_path, monkeypatch):
@@ -163,6 +193,7 @@ def test_build_writes_loadable_models_and_reuses_the_cache(tmp_path, monkeypatch
     monkeypatch.setattr(build, "_build_into", no_rebuild)
     again = build_models(tmp_path, seed=0, config=config)
     assert again["teacher_dir"] == paths["teacher_dir"] and again["meta"] == meta
+    assert meta["teacher"]["steps"] == 2 and meta["student"]["steps"] == 1  # early stop
     # Another seed or config is another cache entry, never the stale one.
     with pytest.raises(AssertionError, match="not reused"):
         build_models(tmp_path, seed=1, config=config)

@@ -40,7 +40,11 @@ META_FILE = "meta.json"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Architecture of one tiny Llama and how long to train it on ground truth."""
+    """Architecture of one tiny Llama and how long to train it on ground truth.
+
+    Training stops at `steps`, or earlier at the first check (every `check_every` steps
+    from `min_steps` on) where greedy accuracy on the dev split reaches `target_accuracy`.
+    """
 
     hidden: int
     layers: int
@@ -49,6 +53,9 @@ class ModelSpec:
     lr: float
     batch_size: int = 16
     intermediate: int | None = None
+    target_accuracy: float | None = None
+    min_steps: int = 0
+    check_every: int = 100
 
     def model_kwargs(self) -> dict:
         return {
@@ -67,21 +74,61 @@ class BuildConfig:
     student: ModelSpec
     task: TaskSpec = field(default_factory=lambda: DEFAULT_SPEC)
     num_train: int = 20000
+    num_dev: int = 64
     num_eval: int = 256
     max_new_tokens: int = 80
 
     @classmethod
     def preset(cls, quick: bool) -> BuildConfig:
+        # The hard part of the task is the label lookup (an induction-head circuit); tiny
+        # models learn it in a sudden phase change somewhere between ~400 and ~1000 steps,
+        # depending on the seed. So training stops on reaching a dev-set accuracy rather
+        # than after a fixed count: the teacher once it is competent, the student once it
+        # has just got through the change (right format, frequent slips) and still has
+        # most of the way to go. Batch 16 reached the phase change in as few steps as 32.
         if quick:
-            return cls(
-                teacher=ModelSpec(hidden=64, layers=2, heads=2, steps=700, lr=3e-3, batch_size=16),
-                student=ModelSpec(hidden=32, layers=2, heads=2, steps=900, lr=3e-3, batch_size=16),
-                num_eval=128,
+            teacher = ModelSpec(
+                hidden=64,
+                layers=2,
+                heads=4,
+                steps=1200,
+                lr=2e-3,
+                target_accuracy=0.95,
+                min_steps=400,
+                check_every=50,
             )
-        return cls(
-            teacher=ModelSpec(hidden=128, layers=3, heads=4, steps=900, lr=3e-3, batch_size=16),
-            student=ModelSpec(hidden=48, layers=2, heads=2, steps=700, lr=3e-3, batch_size=16),
+            student = ModelSpec(
+                hidden=32,
+                layers=2,
+                heads=2,
+                steps=1000,
+                lr=3e-3,
+                target_accuracy=0.25,
+                min_steps=300,
+                check_every=50,
+            )
+            return cls(teacher=teacher, student=student, num_dev=64, num_eval=128)
+        teacher = ModelSpec(
+            hidden=128,
+            layers=3,
+            heads=4,
+            steps=1400,
+            lr=2e-3,
+            target_accuracy=0.98,
+            min_steps=500,
+            check_every=100,
         )
+        student = ModelSpec(
+            hidden=48,
+            layers=2,
+            heads=2,
+            steps=1200,
+            lr=3e-3,
+            target_accuracy=0.25,
+            min_steps=300,
+            check_every=50,
+        )
+        return cls(teacher=teacher, student=student, num_dev=128, num_eval=256)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,11 +200,15 @@ def pretrain_causal_lm(
     weight_decay: float = 0.01,
     log_every: int = 0,
     log: Callable[[dict], None] | None = None,
+    stop: Callable[[int], bool] | None = None,
+    check_every: int = 0,
 ) -> list[float]:
     """Plain cross-entropy on prompt+completion, loss on completion tokens and EOS only.
 
-    AdamW with linear warm-up and cosine decay to 10% of `lr`; batches are drawn with
-    replacement from `examples` with a seeded generator. Returns the per-step losses.
+    AdamW with linear warm-up and cosine decay to 10% of `lr` over `steps`; batches are
+    drawn with replacement from `examples` with a seeded generator. Every `check_every`
+    steps `stop(step)` is called (model in eval mode) and training ends if it returns
+    True. Returns the per-step losses (their count is the number of steps taken).
     """
     pairs = _encode(tokenizer, examples)
     gen = torch.Generator().manual_seed(seed)
@@ -194,6 +245,12 @@ def pretrain_causal_lm(
                     "elapsed_s": round(time.perf_counter() - start, 2),
                 }
             )
+        if stop is not None and check_every and (step + 1) % check_every == 0:
+            model.eval()
+            done = stop(step + 1)
+            model.train()
+            if done:
+                break
     model.eval()
     return losses
 
@@ -342,6 +399,7 @@ def _build_into(tmp: Path, config: BuildConfig, seed: int, key: str, log) -> dic
     t0 = time.perf_counter()
     tokenizer = build_tokenizer(tmp / "tokenizer")
     train = make_examples(config.num_train, seed, "train", config.task)
+    dev = make_examples(config.num_dev, seed, "dev", config.task)
     evals = make_examples(config.num_eval, seed, "eval", config.task)
     meta: dict = {
         "config_hash": key,
@@ -356,10 +414,19 @@ def _build_into(tmp: Path, config: BuildConfig, seed: int, key: str, log) -> dic
     ):
         t = time.perf_counter()
         model = _new_model(tokenizer, spec, model_seed)
+        checks: list[dict] = []
 
         def stage_log(rec: dict, name: str = name) -> None:
             if log:
                 log({"event": "train", "model": name, **rec})
+
+        def reached_target(step: int, spec: ModelSpec = spec, model=model, checks=checks) -> bool:
+            if spec.target_accuracy is None or step < spec.min_steps:
+                return False
+            acc = greedy_accuracy(model, tokenizer, dev, config.max_new_tokens)
+            checks.append({"step": step, "dev_accuracy": acc})
+            stage_log({"step": step, "dev_accuracy": acc})
+            return acc >= spec.target_accuracy
 
         losses = pretrain_causal_lm(
             model,
@@ -371,6 +438,8 @@ def _build_into(tmp: Path, config: BuildConfig, seed: int, key: str, log) -> dic
             seed=model_seed,
             log_every=max(1, spec.steps // 10),
             log=stage_log,
+            stop=reached_target,
+            check_every=spec.check_every,
         )
         train_s = time.perf_counter() - t
         acc = greedy_accuracy(model, tokenizer, evals, config.max_new_tokens)
@@ -378,7 +447,9 @@ def _build_into(tmp: Path, config: BuildConfig, seed: int, key: str, log) -> dic
         tokenizer.save_pretrained(tmp / name)
         meta[name] = {
             "params": count_params(model),
+            "steps": len(losses),
             "eval_accuracy": acc,
+            "dev_checks": checks,
             "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
             "train_s": round(train_s, 2),
             "total_s": round(time.perf_counter() - t, 2),
