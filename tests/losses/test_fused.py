@@ -270,3 +270,15 @@ def test_cuda_matches_plain_path(kind):
         g_want = torch.autograd.grad(want.mean(), student_params(s))
         for a, b in zip(g_got, g_want):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * b.abs().max().item())
+
+
+def test_no_tokens():
+    h = torch.zeros(0, 4, requires_grad=True)
+    w = torch.randn(10, 4, requires_grad=True)
+    for vc in [None, 3]:
+        out = fused_token_divergence(
+            h, w, torch.zeros(0, 5), torch.randn(10, 5), "jsd", beta=0.5, vocab_chunk=vc
+        )
+        out.sum().backward()
+        assert out.shape == (0,) and w.grad.abs().sum() == 0
+    assert fused_token_logprobs(h, w, torch.zeros(0, dtype=torch.long)).shape == (0,)

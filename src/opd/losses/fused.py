@@ -342,7 +342,8 @@ class _FusedDivergence(torch.autograd.Function):
             if need_h:
                 dh = unit[0].mul_((g * scale)[:, None])
             values, counts = torch.unique(g, return_counts=True)
-            c = values[counts.argmax()]  # the rows at this weight cost nothing more
+            # the rows at this weight cost nothing more
+            c = values[counts.argmax()] if g.numel() else g.new_zeros(())
             dw = unit[1].mul_(c * scale) if need_w else None
             db = unit[2].mul_(c * scale) if need_b else None
             row_w = g - c
@@ -397,7 +398,10 @@ def fused_token_divergence(
     Memory: a few `token_chunk x vocab_chunk` tiles (vocab_chunk None: the whole vocabulary)
     plus the `[V, Hs]` weight gradient. Passing only the supervised rows (e.g.
     `hidden[mask]`) and a plain mean makes the backward free once the forward has run with
-    whole-vocabulary tiles (see the module docstring).
+    whole-vocabulary tiles (see the module docstring). That weight-gradient buffer is made
+    in the forward and lives until the backward, so call backward per micro-batch (or pass a
+    `vocab_chunk` below V, which recomputes in the backward instead) rather than holding
+    many calls' graphs at once.
     """
     check_kind(kind, beta=beta, alpha=alpha)
     if kd_temperature <= 0:
