@@ -12,6 +12,7 @@ import torch
 
 from opd.batch import SequenceBatch
 from opd.config import LossConfig
+from opd.lean import lean_supported, packed_supervised_hidden
 from opd.losses import fused_token_divergence
 from opd.models import completion_hidden, lm_head, supports_fused_head
 
@@ -29,11 +30,18 @@ def fused_applies(loss: LossConfig, student, teacher) -> bool:
     )
 
 
+def supervised_hidden(model, batch: SequenceBatch) -> torch.Tensor:
+    """`completion_hidden(model, batch)[batch.loss_mask()]`, `[N, H]`: by the packed forward
+    of `opd.lean` (real tokens only; tested equal) where the architecture allows it."""
+    if lean_supported(model):
+        return packed_supervised_hidden(model, batch)
+    return completion_hidden(model, batch)[batch.loss_mask()]
+
+
 @torch.no_grad()
 def teacher_hidden(teacher, batch: SequenceBatch) -> torch.Tensor:
     """Teacher's final hidden states on the supervised completion positions, `[N, Ht]`."""
-    hidden = completion_hidden(teacher.model, batch.to(teacher.device))
-    return hidden[batch.loss_mask().to(hidden.device)]
+    return supervised_hidden(teacher.model, batch.to(teacher.device))
 
 
 def fused_batch_loss(
@@ -46,7 +54,7 @@ def fused_batch_loss(
     vocab_size: int,
 ) -> tuple[torch.Tensor, float]:
     """Same contract as `objectives.batch_loss`: (loss / step token count, divergence sum)."""
-    hidden_student = completion_hidden(student, batch)[batch.loss_mask()]
+    hidden_student = supervised_hidden(student, batch)
     ws, bs = lm_head(student, vocab_size)
     wt, bt = lm_head(teacher.model, vocab_size)
     values = fused_token_divergence(

@@ -34,7 +34,7 @@ from opd.models import completion_logits
 from opd.objectives import batch_loss, teacher_need
 from opd.rewards import resolve_metric
 from opd.rl import RewardStep
-from opd.rollout import sample
+from opd.rollout_fast import sample_fast
 from opd.setup import RunSetup, build_run
 
 log = logging.getLogger("opd")
@@ -82,7 +82,7 @@ def make_micro_batch(run: RunSetup, step: int, micro: int, timer: PhaseTimer) ->
     gen = torch.Generator(device=run.device)
     gen.manual_seed(step_seed(config.seed, step, micro, world.rank))
     with timer.phase("generate" if source == "student" else "teacher_generate"):
-        out = sample(
+        out = sample_fast(  # = rollout.sample, on a static KV cache (issue 10)
             model,
             prompts,
             max_new_tokens=s.max_new_tokens,

@@ -1,0 +1,200 @@
+"""The fast sampler: `opd.rollout.sample` on a static KV cache, same tokens (issue 10).
+
+`sample_fast` returns what `sample` returns for the same generator state: identical tokens
+(greedy and sampled) and the same log q. It draws its randomness the way `sample` does:
+`torch.multinomial(p, 1)` is `argmax(p / E)` with `E ~ Exp(1)` drawn for every row of the
+batch (PyTorch's one-sample path), so the fast path draws the same `[B, V]` noise each step
+and uses the rows it still decodes. What it saves per token:
+
+* no `DynamicCache` growth (`torch.cat` per layer per token) and no attention-mask `cat`:
+  keys/values go into a preallocated grid, a boolean row marks valid cells;
+* no Hugging Face forward wrapper (mask building, output records): one embedding, the
+  layer loop and the head (`opd.lean.LeanDecoder`);
+* rows that have finished leave the batch once they are a quarter of it, so the tail of a
+  long generation runs on the rows still going.
+
+Models outside `opd.lean.lean_supported`, and callers that must step in lock-step across
+processes (`all_finished`, FSDP), get `sample` itself.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from opd.lean import GraphedStep, LeanDecoder, lean_supported
+from opd.rollout import Rollout, left_pad, process_logits, sample
+
+log = logging.getLogger("opd")
+
+
+@torch.no_grad()
+def sample_fast(
+    model,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    vocab_size: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop: tuple[str, ...] = (),
+    tokenizer=None,
+    generator: torch.Generator | None = None,
+    all_finished=None,
+    compact_at: float = 0.25,
+    static: bool | None = None,
+) -> Rollout:
+    """Same contract as `opd.rollout.sample`.
+
+    `compact_at`: drop finished rows from the batch once they are at least this fraction
+    of it. `static` (default: on CUDA): fixed shapes instead, every step over the whole
+    cache width and all rows, replayed as one CUDA graph on CUDA (launch overhead, not
+    arithmetic, bounds small-batch decoding on a GPU)."""
+    kw = dict(
+        max_new_tokens=max_new_tokens,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        vocab_size=vocab_size,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop=stop,
+        tokenizer=tokenizer,
+        generator=generator,
+    )
+    if all_finished is not None:
+        return sample(model, prompts, **kw, all_finished=all_finished)
+    if not lean_supported(model):
+        return sample(model, prompts, **kw)
+    if stop and tokenizer is None:
+        raise ValueError("stop strings need the tokenizer to decode completions")
+    was_training = model.training
+    model.eval()
+    try:
+        if static is None:
+            static = next(model.parameters()).device.type == "cuda"
+        return _decode(model, prompts, **kw, compact_at=compact_at, static=static)
+    finally:
+        model.train(was_training)
+
+
+def _decode(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, temperature, top_k,
+            top_p, stop, tokenizer, generator, compact_at, static) -> Rollout:  # fmt: skip
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, pad_id, device)
+    B, P = ids.shape
+    # The last sampled token is never fed back: the cache needs P + max_new_tokens - 1 columns.
+    decoder = LeanDecoder(model, vocab_size, B, P + max_new_tokens - 1)
+    step = decoder.step
+    if static:
+        step = _static_step(decoder, B)
+    logits = decoder.prefill(ids, mask)
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logq = torch.zeros((B, max_new_tokens), device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    rows = None  # batch row of each cache row once finished rows have left; None: all rows
+    next_pos = mask.sum(-1)  # position of the first new token: the prompt length
+    longest_stop = max((len(s) for s in stop), default=0)
+    plain = top_k == 0 and top_p == 1.0
+    for t in range(max_new_tokens):
+        if temperature == 0.0:
+            token = logits.argmax(-1)
+            token_logq = torch.zeros(token.shape, device=device)
+        else:
+            if plain and temperature == 1.0:  # process_logits' other steps are identities here
+                logp = torch.log_softmax(logits.float(), dim=-1)
+            else:
+                logp = process_logits(logits, temperature, top_k, top_p)
+            # torch.multinomial(p, 1) is argmax(p / E), E ~ Exp(1) drawn for all B rows.
+            noise = torch.empty((B, logp.shape[-1]), device=device).exponential_(
+                1, generator=generator
+            )
+            token = (logp.exp() / (noise if rows is None else noise[rows])).argmax(-1)
+            token_logq = logp.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+        live = ~(done if rows is None else done[rows])
+        token = token.masked_fill(~live, pad_id)
+        token_logq = token_logq.masked_fill(~live, 0.0)
+        ended = live & (token == eos_id)
+        if rows is None:
+            tokens[:, t], logq[:, t] = token, token_logq
+            lengths += live
+            done |= ended
+        else:
+            tokens[rows, t], logq[rows, t] = token, token_logq
+            lengths[rows] += live
+            done[rows] |= ended
+        if stop:
+            for i in range(B) if rows is None else rows.tolist():
+                if not done[i]:
+                    tail = tokenizer.decode(
+                        tokens[i, max(0, t + 1 - longest_stop) : t + 1].tolist()
+                    )
+                    if any(s in tail for s in stop):
+                        done[i] = True
+        if t == max_new_tokens - 1:
+            break
+        still = ~(done if rows is None else done[rows])
+        n_still = int(still.sum())
+        if n_still == 0:
+            break
+        if not static and n_still <= (1 - compact_at) * still.numel():
+            keep = still.nonzero().squeeze(1)
+            decoder.keep(keep)
+            rows = keep if rows is None else rows[keep]
+            token, next_pos = token[keep], next_pos[keep]
+        logits = step(token, next_pos, P + t)
+        next_pos = next_pos + 1
+    n = lengths.tolist()
+    rows_tokens, rows_logq = tokens.tolist(), logq.tolist()
+    return Rollout(
+        completions=[rows_tokens[i][: n[i]] for i in range(B)],
+        logprobs=[rows_logq[i][: n[i]] for i in range(B)],
+        finished=done.tolist(),
+    )
+
+
+# A graph replays whatever it captured; the first replay in a process is checked against
+# the same step run eagerly (its cache writes are idempotent), and graphs are dropped for
+# good if they ever disagree.
+_GRAPHS = {"verified": False, "disabled": False}
+
+
+def _static_step(decoder: LeanDecoder, batch: int):
+    """The fixed-shape step: replayed as a CUDA graph on CUDA, else run as it is."""
+    column = torch.zeros(1, dtype=torch.long, device=decoder.key_bias.device)
+
+    def eager(tokens, positions, col: int):
+        column.fill_(col)
+        return decoder.step_static(tokens, positions, column)
+
+    if decoder.key_bias.device.type != "cuda" or _GRAPHS["disabled"]:
+        return eager
+    try:
+        graphed = GraphedStep(decoder, batch)
+    except RuntimeError as err:  # capture unsupported here: the same step, launched eagerly
+        log.warning("CUDA graph capture of the decode step failed (%s); running it eagerly", err)
+        _GRAPHS["disabled"] = True
+        return eager
+
+    def run(tokens, positions, col: int):
+        if _GRAPHS["disabled"]:
+            return eager(tokens, positions, col)
+        logits = graphed(tokens, positions, col)
+        if _GRAPHS["verified"]:
+            return logits
+        ref = eager(tokens, positions, col)
+        if (logits - ref).abs().max() <= 1e-2 * ref.abs().max() + 1e-3:
+            _GRAPHS["verified"] = True
+        else:
+            log.warning(
+                "CUDA graph replay of the decode step disagrees with eager; not using graphs"
+            )
+            _GRAPHS["disabled"] = True
+        return ref
+
+    return run

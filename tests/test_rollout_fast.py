@@ -1,0 +1,160 @@
+"""The fast sampler returns exactly what `opd.rollout.sample` returns (issue 10)."""
+
+import pytest
+import torch
+
+from opd import lean
+from opd.models import load_causal_lm, load_tokenizer
+from opd.rollout import sample
+from opd.rollout_fast import sample_fast
+from opd.tiny import build_char_tokenizer, tiny_causal_lm
+
+# A 15-token vocabulary: EOS is likely enough that rows stop at many different steps, so
+# the finished-row compaction runs mid-generation.
+TOK = build_char_tokenizer("0123456789+=")
+FAMILIES = {
+    "llama": {},
+    "qwen2": {},  # biased q/k/v projections
+    "qwen3": {"heads": 4, "kv_heads": 2},  # per-head q/k norms, grouped KV heads
+}
+SETTINGS = [  # temperature, top_k, top_p
+    (0.0, 0, 1.0),
+    (1.0, 0, 1.0),
+    (0.7, 5, 1.0),
+    (1.3, 0, 0.8),
+]
+
+
+def _model(family: str, seed: int = 3):
+    return tiny_causal_lm(
+        len(TOK), family=family, hidden=32, layers=2, seed=seed, **FAMILIES[family]
+    ).eval()
+
+
+def _prompts():
+    texts = ["12+3=", "7=", "99+99+1=", "5", "40+2=", "1+1="]
+    return [TOK(t).input_ids for t in texts]  # left padding of 0 to 7 tokens
+
+
+def _both(model, prompts, seed=5, fast_kw=None, **kw):
+    kw = {"max_new_tokens": 24, "eos_id": 1, "pad_id": 0, "vocab_size": len(TOK), **kw}
+    outs, states = [], []
+    for fn, extra in ((sample, {}), (sample_fast, fast_kw or {})):
+        gen = torch.Generator().manual_seed(seed)
+        outs.append(fn(model, prompts, generator=gen, **kw, **extra))
+        states.append(gen.get_state())
+    return outs, states
+
+
+def _assert_same(ref, fast):
+    assert fast.completions == ref.completions
+    assert fast.finished == ref.finished
+    for a, b in zip(ref.logprobs, fast.logprobs, strict=True):
+        torch.testing.assert_close(torch.tensor(b), torch.tensor(a), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("temperature,top_k,top_p", SETTINGS)
+def test_same_tokens_and_logprobs_as_sample(family, temperature, top_k, top_p):
+    model = _model(family)
+    assert lean.lean_supported(model)
+    for seed in (0, 1, 2):
+        (ref, fast), (s_ref, s_fast) = _both(
+            model, _prompts(), seed=seed, temperature=temperature, top_k=top_k, top_p=top_p
+        )
+        _assert_same(ref, fast)
+        assert torch.equal(s_ref, s_fast)  # the generator advanced exactly as much
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_static_shape_steps_same_tokens(family):
+    # The fixed-shape step (what a CUDA graph replays) attends over the whole cache width.
+    model = _model(family)
+    for temperature in (0.0, 1.0):
+        (ref, fast), (s_ref, s_fast) = _both(
+            model, _prompts(), temperature=temperature, fast_kw={"static": True}
+        )
+        _assert_same(ref, fast)
+        assert torch.equal(s_ref, s_fast)
+
+
+def test_rows_that_finish_leave_the_batch(monkeypatch):
+    kept = []
+    keep = lean.LeanDecoder.keep
+    monkeypatch.setattr(
+        lean.LeanDecoder, "keep", lambda self, rows: kept.append(len(rows)) or keep(self, rows)
+    )
+    model = _model("llama")
+    prompts = _prompts() * 3
+    (ref, fast), _ = _both(model, prompts, seed=4, max_new_tokens=40)
+    _assert_same(ref, fast)
+    assert kept and kept[-1] < len(prompts)  # compaction happened, and changed nothing
+    kept.clear()
+    gen = torch.Generator().manual_seed(4)
+    never = sample_fast(
+        model, prompts, max_new_tokens=40, eos_id=1, pad_id=0, vocab_size=len(TOK),
+        generator=gen, compact_at=1.0,
+    )  # fmt: skip
+    assert not kept
+    _assert_same(ref, never)
+
+
+def test_stop_strings_end_rows_like_sample(tiny_pair):
+    _, student = tiny_pair
+    tok = load_tokenizer(str(student))
+    model = load_causal_lm(str(student))
+    prompts = [tok("12+3=").input_ids, tok("7+7=").input_ids]
+    kw = dict(max_new_tokens=8, eos_id=-1, pad_id=0, vocab_size=len(tok), temperature=0.0)
+    free = sample(model, prompts, **kw)
+    stop = (tok.decode(free.completions[0])[2:4],)
+    ref = sample(model, prompts, stop=stop, tokenizer=tok, **kw)
+    fast = sample_fast(model, prompts, stop=stop, tokenizer=tok, **kw)
+    _assert_same(ref, fast)
+    assert fast.finished[0] and len(fast.completions[0]) == 4
+
+
+def test_peaked_teacher_greedy_and_sampled(tiny_pair):
+    teacher, _ = tiny_pair  # LM head scaled up: confident, so EOS ends rows early
+    tok = load_tokenizer(str(teacher))
+    model = load_causal_lm(str(teacher))
+    prompts = [tok(t).input_ids for t in ("12+3=", "7=", "99+1=", "4+4=")]
+    for temperature in (0.0, 1.0):
+        (ref, fast), _ = _both(
+            model, prompts, temperature=temperature, max_new_tokens=12, eos_id=tok.eos_token_id,
+            vocab_size=len(tok),
+        )  # fmt: skip
+        _assert_same(ref, fast)
+
+
+def test_unsupported_models_and_lockstep_take_sample():
+    model = tiny_causal_lm(len(TOK), family="mistral", hidden=32, layers=2, seed=1).eval()
+    assert not lean.lean_supported(model)
+    (ref, fast), _ = _both(model, _prompts())
+    _assert_same(ref, fast)
+    sliding = tiny_causal_lm(len(TOK), family="qwen2", hidden=32, layers=2, seed=1)
+    sliding.config.use_sliding_window = True
+    assert not lean.lean_supported(sliding)
+    split = _model("llama")
+    split.hf_device_map = {"model.layers.0": 0, "model.layers.1": 1}  # over two devices
+    assert not lean.lean_supported(split)
+    calls = []
+
+    def all_finished(done: bool) -> bool:
+        calls.append(done)
+        return done
+
+    model = _model("llama")
+    (ref, _), _ = _both(model, _prompts())
+    gen = torch.Generator().manual_seed(5)
+    out = sample_fast(
+        model, _prompts(), max_new_tokens=24, eos_id=1, pad_id=0, vocab_size=len(TOK),
+        generator=gen, all_finished=all_finished,
+    )  # fmt: skip
+    assert calls  # the lock-step hook was honoured (by `sample` itself)
+    _assert_same(ref, out)
+
+
+def test_restores_training_mode():
+    model = _model("qwen3").train()
+    sample_fast(model, _prompts(), max_new_tokens=3, eos_id=1, pad_id=0, vocab_size=len(TOK))
+    assert model.training
