@@ -30,7 +30,7 @@ import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from onpolicy_vs_trl import BATCH, MAX_NEW, build
+from onpolicy_models import BATCH, MAX_NEW, build
 
 
 def profile_ours(paths: dict, steps: int) -> dict:
