@@ -1,7 +1,10 @@
 """Self-distillation with the reference in the teacher's context vs SFT on the references.
 
-    python benchmarks/self_distill.py                      # demo's quick models, ~5 min on CPU
-    python benchmarks/self_distill.py --steps 80 --seeds 0 1 --methods sft opsd_frozen
+    python benchmarks/self_distill.py                      # builds the demo's quick models
+    python benchmarks/self_distill.py --models ~/.cache/opd/demo/models-<hash> --seeds 0 1 2
+    python benchmarks/self_distill.py --methods opsd_frozen --template "{prompt}"  # control
+
+With the models built, one seed of all five methods takes about 2 minutes on 2 CPU cores.
 
 Every method starts from the demo's weak student (`opd.demo.build.build_models`, no bigger
 teacher involved unless named) and makes the same number of optimizer updates on the same
@@ -75,12 +78,14 @@ def greedy(model, encoder, rows, max_new_tokens: int, vocab: int, prompt_field="
 
 
 @torch.no_grad()
-def privileged_diagnostics(student_dir: str, eval_rows: list[dict], max_new_tokens: int) -> dict:
+def privileged_diagnostics(
+    student_dir: str, eval_rows: list[dict], max_new_tokens: int, template: str = TEMPLATE
+) -> dict:
     """What the privileged context gives the starting student: greedy accuracy with the
     reference in its prompt, and the reference's NLL per token with and without it."""
     tok = load_tokenizer(student_dir)
     enc = Encoder(tok, DataConfig(chat_template="off"))
-    rows = [{**r, "privileged": render_privileged(TEMPLATE, r)} for r in eval_rows]
+    rows = [{**r, "privileged": render_privileged(template, r)} for r in eval_rows]
     model = load_causal_lm(student_dir).eval()
     out = {
         "self_teacher_accuracy_with_reference": greedy(
@@ -136,32 +141,46 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "opd" / "demo"))
     parser.add_argument("--full-models", action="store_true", help="the demo's full build")
+    parser.add_argument(
+        "--models", help="an existing build folder (student/, teacher/, meta.json) to use as is"
+    )
     parser.add_argument("--out", default="runs/self_distill")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--eval-size", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=72)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--template", default=TEMPLATE, help="teacher.privileged_template")
     parser.add_argument("--device", default="auto", help="training device (auto: cuda if any)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    build = BuildConfig.preset(quick=not args.full_models)
-    if "rl_kd" not in args.methods:
-        # Only rl_kd uses the demo's teacher. The student's build does not depend on the
-        # teacher's (own seed, same data), so a 1-step stand-in teacher gives the same student.
-        build = replace(build, teacher=ModelSpec(hidden=16, layers=1, heads=1, steps=1, lr=1e-3))
-    models = build_models(args.cache_dir, seed=0, config=build)
+    if args.models:
+        folder = Path(args.models)
+        meta = json.loads((folder / "meta.json").read_text())
+        models = {
+            "student_dir": folder / "student",
+            "teacher_dir": folder / "teacher",
+            "meta": meta,
+        }
+    else:
+        build = BuildConfig.preset(quick=not args.full_models)
+        if "rl_kd" not in args.methods:
+            # Only rl_kd uses the demo's teacher. The student's build does not depend on the
+            # teacher's (own seed, same data), so a 1-step stand-in teacher gives the same student.
+            stand_in = ModelSpec(hidden=16, layers=1, heads=1, steps=1, lr=1e-3)
+            build = replace(build, teacher=stand_in)
+        models = build_models(args.cache_dir, seed=0, config=build)
     train_rows = make_examples(args.steps * args.batch_size, 0, "train")
     eval_rows = make_examples(args.eval_size, 0, "eval")
     write_jsonl(out / "train.jsonl", train_rows)
     write_jsonl(out / "eval.jsonl", eval_rows)
     common = {
         "student": {"path": str(models["student_dir"])},
-        "teacher": {"path": str(models["teacher_dir"]), "privileged_template": TEMPLATE},
+        "teacher": {"path": str(models["teacher_dir"]), "privileged_template": args.template},
         "data": {"train": str(out / "train.jsonl"), "eval": str(out / "eval.jsonl")},
         "sampling": {"temperature": 1.0, "max_new_tokens": args.max_new_tokens},
         "optim": {"lr": args.lr, "max_grad_norm": 1.0},
@@ -175,8 +194,11 @@ def main(argv=None) -> int:
     }
     report = {
         "args": vars(args),
-        "template": TEMPLATE,
-        **privileged_diagnostics(str(models["student_dir"]), eval_rows, args.max_new_tokens),
+        "build": {k: models["meta"].get(k) for k in ("config_hash", "config")},
+        "template": args.template,
+        **privileged_diagnostics(
+            str(models["student_dir"]), eval_rows, args.max_new_tokens, args.template
+        ),
         "student_build_accuracy": models["meta"]["student"]["eval_accuracy"],
         "demo_teacher_accuracy": models["meta"]["teacher"]["eval_accuracy"],
         "runs": {},

@@ -100,7 +100,7 @@ class BuildConfig:
             student = ModelSpec(
                 hidden=32,
                 layers=2,
-                heads=2,
+                heads=4,
                 steps=1000,
                 lr=3e-3,
                 target_accuracy=0.25,
@@ -121,7 +121,7 @@ class BuildConfig:
         student = ModelSpec(
             hidden=48,
             layers=2,
-            heads=2,
+            heads=4,
             steps=1200,
             lr=3e-3,
             target_accuracy=0.25,

@@ -18,6 +18,7 @@ COLUMNS = (
     ("t gen s", "{:.1f}"),
     ("t teacher s", "{:.1f}"),
     ("t update s", "{:.1f}"),
+    ("t eval+other s", "{:.1f}"),
 )
 
 
@@ -36,6 +37,7 @@ def _row(name: str, m: dict) -> list[str]:
         sec.get("generate", 0.0),
         sec.get("teacher_generate", 0.0) + sec.get("teacher_score", 0.0),
         sec.get("update", 0.0),
+        m["wall_seconds"] - sum(sec.values()),
     ]
     return [fmt.format(v) for (_, fmt), v in zip(COLUMNS, values, strict=True)]
 
@@ -61,18 +63,25 @@ def plot_curves(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_acc, ax_gap) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_acc, ax_smp, ax_gap) = plt.subplots(1, 3, figsize=(16, 4))
     for name, m in results["methods"].items():
         steps = [p["step"] for p in m["curve"]]
         ax_acc.plot(steps, [p["eval_accuracy"] for p in m["curve"]], marker="o", label=name)
+        ax_smp.plot(steps, [p["eval_sampled_accuracy"] for p in m["curve"]], marker="o", label=name)
         ax_gap.plot(steps, [p["exposure_gap"] for p in m["curve"]], marker="o", label=name)
     teacher = results.get("references", {}).get("teacher")
     if teacher:
         ax_acc.axhline(teacher["greedy_accuracy"], color="gray", linestyle="--", label="teacher")
-    ax_acc.set(xlabel="student updates", ylabel="greedy accuracy (held out)", title="Task accuracy")
+        ax_smp.axhline(teacher["sampled_accuracy"], color="gray", linestyle="--", label="teacher")
+    ax_acc.set(
+        xlabel="student updates", ylabel="greedy accuracy (held out)", title="Greedy accuracy"
+    )
+    ax_smp.set(
+        xlabel="student updates", ylabel="accuracy at temperature 1", title="Sampled accuracy"
+    )
     ax_gap.set(
         xlabel="student updates",
-        ylabel="KL(T||S) own prefixes - teacher prefixes",
+        ylabel="TVD on own prefixes - on teacher prefixes",
         title="Exposure-bias gap",
     )
     ax_gap.axhline(0.0, color="gray", linewidth=0.8)
@@ -92,13 +101,16 @@ def write_outputs(out: Path, results: dict) -> str:
         "# opd demo report",
         "",
         f"Seed {results['seed']}; quick={results['quick']}; {s['steps']} student updates of "
-        f"{s['batch_size']} prompts per method, lr {s['lr']}, max {s['max_new_tokens']} new tokens; "
+        f"{s['batch_size']} prompts per method, AdamW lr {s['lr']} after {s['warmup_steps']} "
+        f"warm-up steps, max {s['max_new_tokens']} new tokens; "
         f"held-out eval on {s['eval_size']} prompts.",
         f"Teacher {build['teacher']['params']:,} params, student {build['student']['params']:,} params; "
         f"model build {build['seconds']:.0f}s (about 0 when cached); total {results['total_seconds']:.0f}s.",
         "",
-        "Exposure gap = mean per-token KL(T||S) on the student's own sampled prefixes minus the same on "
-        "teacher-sampled prefixes. Times are wall seconds per phase summed over the run.",
+        "div = mean per-token total variation distance between student and teacher next-token "
+        "distributions; exposure gap = div on the student's own sampled prefixes minus div on "
+        "teacher-sampled prefixes (results.json also has the gap in KL(T||S) and KL(S||T)). "
+        "Times are wall seconds per phase summed over the run.",
         "",
         table,
         "",

@@ -13,6 +13,7 @@ time per phase. Writes `report.md`, `results.json` and `curves.png` to the outpu
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,10 @@ from opd.models import completion_logits, load_causal_lm
 from opd.rollout import sample
 from opd.setup import build_run
 
-EXPOSURE_KIND = "forward_kl"  # KL(T||S) per token, the divergence supervised KD minimizes
+# The exposure gap is measured in total variation, which none of the methods minimizes: KL(T||S)
+# would favour the forward-KL methods and KL(S||T) the reverse-KL ones (both are recorded too).
+EXPOSURE_KIND = "tvd"
+EXPOSURE_ALSO = ("forward_kl", "reverse_kl")
 
 # Each method is a preset plus the overrides that make it what the issue names. All use
 # the same student, teacher, prompts, optimizer and number of updates.
@@ -51,6 +55,10 @@ METHODS: dict[str, dict] = {
         "preset": "gkd",
         "source": {"lmbda": 0.5, "off_policy": "teacher"},
     },  # lambda = 0.5
+    # Not one of the five the comparison needs: full-vocabulary reverse KL on the same student
+    # prefixes as `on_policy`. It separates the data (student prefixes) from the estimator
+    # (one sampled token vs the whole distribution) when on_policy lags behind.
+    "on_policy_full_rkl": {"preset": "minillm_like"},
 }
 
 
@@ -61,15 +69,19 @@ class DemoSettings:
     eval_size: int
     batch_size: int
     lr: float
+    warmup_steps: int = 0
     max_new_tokens: int = 72
 
     @classmethod
     def preset(cls, quick: bool) -> DemoSettings:
+        # One learning rate for every method, with a short warm-up: without it a fresh AdamW's
+        # first steps (sign-like, of size lr) knocked the pretrained student down before any
+        # method could act. 3e-4 is the middle of the grid {1e-4, 3e-4, 1e-3} measured in the
+        # README: at 1e-4 no method moved much in 100 updates, at 1e-3 the sampled-token
+        # on_policy run fell apart while the others did not.
         if quick:
-            return cls(steps=8, eval_every=4, eval_size=48, batch_size=16, lr=1e-4)
-        # lr 1e-3 wrecked the pretrained student in one Adam step (greedy acc .44 -> .06 after
-        # 4 steps for every method, measured); 1e-4 moves it without breaking it.
-        return cls(steps=40, eval_every=10, eval_size=128, batch_size=32, lr=1e-4)
+            return cls(steps=16, eval_every=8, eval_size=48, batch_size=16, lr=3e-4, warmup_steps=2)
+        return cls(steps=150, eval_every=25, eval_size=256, batch_size=32, lr=3e-4, warmup_steps=10)
 
 
 class ExposureProbe:
@@ -102,7 +114,8 @@ class ExposureProbe:
         return out.completions
 
     @torch.no_grad()
-    def _divergence(self, run, completions) -> float:
+    def _divergences(self, run, completions) -> dict[str, float]:
+        """Mean per-token divergence of the student from the teacher on these sequences."""
         tok = self.encoder.tokenizer
         batch = assemble(self.prompts, completions, pad_id=tok.pad_token_id).to(run.device)
         was_training = run.student.training
@@ -110,9 +123,12 @@ class ExposureProbe:
         s_logits = completion_logits(run.student, batch, run.vocab_size)
         run.student.train(was_training)
         t_logits = run.teacher.score(batch, "logits").logits
-        values = token_divergence(s_logits, t_logits, EXPOSURE_KIND)
         mask = batch.loss_mask()
-        return float(masked_sum(values, mask) / mask.sum().clamp(min=1))
+        out = {}
+        for kind in (EXPOSURE_KIND, *EXPOSURE_ALSO):
+            values = token_divergence(s_logits, t_logits, kind)
+            out[kind] = float(masked_sum(values, mask) / mask.sum().clamp(min=1))
+        return out
 
     def __call__(self, run) -> dict:
         if self._teacher_batch is None:
@@ -120,17 +136,20 @@ class ExposureProbe:
         own = self._sample(run.student, run.vocab_size)
         tok = self.encoder.tokenizer
         texts = [tok.decode(c, skip_special_tokens=True) for c in own]
-        on_student = self._divergence(run, own)
-        on_teacher = self._divergence(run, self._teacher_batch)
-        return {
+        on_student = self._divergences(run, own)
+        on_teacher = self._divergences(run, self._teacher_batch)
+        record = {
             "eval_sampled_accuracy": sum(
                 exact_match(t, r) for t, r in zip(texts, self.rows, strict=True)
             )
             / len(self.rows),
-            "div_on_student": on_student,
-            "div_on_teacher": on_teacher,
-            "exposure_gap": on_student - on_teacher,
+            "div_on_student": on_student[EXPOSURE_KIND],
+            "div_on_teacher": on_teacher[EXPOSURE_KIND],
+            "exposure_gap": on_student[EXPOSURE_KIND] - on_teacher[EXPOSURE_KIND],
         }
+        for kind in EXPOSURE_ALSO:
+            record[f"exposure_gap_{kind}"] = on_student[kind] - on_teacher[kind]
+        return record
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -160,6 +179,7 @@ def run_demo(
     cache_dir: str | Path | None = None,
     seed: int = 0,
     methods: list[str] | None = None,
+    settings: DemoSettings | None = None,
     log=print,
 ) -> dict:
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -167,7 +187,7 @@ def run_demo(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "opd" / "demo"
-    settings = DemoSettings.preset(quick)
+    settings = settings or DemoSettings.preset(quick)
     log(
         f"[opd demo] building or loading teacher and student in {cache_dir} (quick={quick}, seed={seed})"
     )
@@ -186,7 +206,7 @@ def run_demo(
         "teacher": {"path": str(models["teacher_dir"])},
         "data": {"train": str(data_dir / "train.jsonl"), "eval": str(data_dir / "eval.jsonl")},
         "sampling": {"temperature": 1.0, "max_new_tokens": settings.max_new_tokens},
-        "optim": {"lr": settings.lr, "max_grad_norm": 1.0},
+        "optim": {"lr": settings.lr, "warmup_steps": settings.warmup_steps, "max_grad_norm": 1.0},
         "steps": settings.steps,
         "batch_size": settings.batch_size,
         "micro_batch_size": settings.batch_size,
@@ -206,8 +226,6 @@ def run_demo(
     for name in methods or list(METHODS):
         run_dir = out / "runs" / name
         if run_dir.exists():
-            import shutil
-
             shutil.rmtree(run_dir)
         config = config_from_dict({**common, **METHODS[name], "output_dir": str(run_dir)})
         run = build_run(config)
@@ -249,6 +267,7 @@ def run_demo(
             "div_on_student": last["div_on_student"],
             "div_on_teacher": last["div_on_teacher"],
             "exposure_gap": last["exposure_gap"],
+            **{f"exposure_gap_{k}": last[f"exposure_gap_{k}"] for k in EXPOSURE_ALSO},
             "student_updates": settings.steps,
             "student_tokens_generated": final["totals"]["student_tokens_generated"],
             "teacher_tokens_generated": final["totals"]["teacher_tokens_generated"],
