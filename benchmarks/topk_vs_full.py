@@ -67,7 +67,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="default 150 quick, 400 full")
     parser.add_argument("--ks", type=int, nargs="+", default=[64, 8])
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-4, help="as opd.demo.run (1e-3 breaks it)")
+    parser.add_argument("--lr", type=float, default=3e-4, help="as opd.demo.run")
+    parser.add_argument("--warmup", type=int, default=10, help="warm-up steps, as opd.demo.run")
     parser.add_argument("--num-train", type=int, default=4096)
     parser.add_argument("--num-eval", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
@@ -108,7 +109,7 @@ def main() -> None:
         "steps": steps,
         "batch_size": args.batch_size,
         "micro_batch_size": args.batch_size,
-        "optim": {"lr": args.lr},
+        "optim": {"lr": args.lr, "warmup_steps": args.warmup},
         "seed": args.seed,
         "eval_every": steps,
         "eval_size": args.num_eval,
