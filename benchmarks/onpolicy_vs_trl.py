@@ -132,8 +132,10 @@ def run_trl(args, paths: dict, out: Path) -> dict:
         beta=1.0,
         learning_rate=1e-6,
         lr_scheduler_type="constant",
-        bf16=args.device == "cuda" and args.dtype == "bfloat16",
-        gradient_checkpointing=False,
+        # --trl-defaults keeps TRL's own defaults (bf16 autocast, gradient checkpointing), as a
+        # user who does not tune it runs it; otherwise both are set as fast as they go here.
+        bf16=args.trl_defaults or (args.device == "cuda" and args.dtype == "bfloat16"),
+        gradient_checkpointing=args.trl_defaults,
         use_cpu=args.device == "cpu",
         logging_steps=1000,
         save_strategy="no",
@@ -362,6 +364,8 @@ def spawn(side: str, args, paths: dict) -> dict:
     ]
     for key in ("size", "device", "dtype", "steps", "warmup", "threads", "seed"):
         cmd += [f"--{key}", str(getattr(args, key))]
+    if args.trl_defaults:
+        cmd.append("--trl-defaults")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -396,6 +400,11 @@ def main(argv=None) -> None:
     p.add_argument("--workdir", default=None, help="where models are built (default: a temp dir)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--no-check", action="store_true", help="skip the loss/gradient agreement check")
+    p.add_argument(
+        "--trl-defaults",
+        action="store_true",
+        help="run TRL with its default bf16=True, gradient_checkpointing=True",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--paths", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -414,7 +423,7 @@ def main(argv=None) -> None:
     sides = [s for s in ("ours", "trl") if s in args.sides.split(",")]
     results = {
         k: getattr(args, k)
-        for k in ("size", "device", "dtype", "steps", "warmup", "threads", "rounds")
+        for k in ("size", "device", "dtype", "steps", "warmup", "threads", "rounds", "trl_defaults")
     }
     if not args.no_check:
         results["check"] = c = spawn("check", args, paths)

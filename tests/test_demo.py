@@ -3,6 +3,8 @@
 import json
 import math
 
+import pytest
+
 from opd.cli import main
 from opd.demo.run import METHODS
 
@@ -15,7 +17,8 @@ def test_demo_quick(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == set(METHODS)
     for name, m in results["methods"].items():
-        for key in ("greedy_accuracy", "sampled_accuracy", "div_on_student", "div_on_teacher", "exposure_gap"):
+        keys = ("greedy_accuracy", "sampled_accuracy", "div_on_student", "div_on_teacher")
+        for key in (*keys, "exposure_gap", "exposure_gap_forward_kl", "exposure_gap_reverse_kl"):
             assert math.isfinite(m[key]), (name, key)
         assert m["student_updates"] == results["settings"]["steps"]
         assert m["teacher_tokens_scored"] + m["teacher_tokens_generated"] > 0, name
@@ -27,3 +30,8 @@ def test_demo_quick(tmp_path):
     assert refs["teacher"]["greedy_accuracy"] > refs["student_untrained"]["greedy_accuracy"]
     report = (out / "report.md").read_text()
     assert all(name in report for name in METHODS)
+
+
+def test_demo_unknown_method_is_named(tmp_path):
+    with pytest.raises(SystemExit, match="nope"):
+        main(["demo", "--quick", "--methods", "seqkd,nope", "--out", str(tmp_path)])

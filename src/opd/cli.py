@@ -29,9 +29,31 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from opd.demo.run import run_demo
+    from dataclasses import replace
 
-    run_demo(args.out, quick=args.quick, cache_dir=args.cache_dir, seed=args.seed)
+    from opd.demo.run import METHODS, DemoSettings, run_demo
+
+    methods = args.methods.split(",") if args.methods else None
+    unknown = sorted(set(methods or ()) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"opd demo --methods: unknown {unknown}; choose from {sorted(METHODS)}")
+    settings = DemoSettings.preset(args.quick)
+    changes = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "warmup_steps": args.warmup_steps,
+        "eval_every": args.eval_every,
+    }
+    settings = replace(settings, **{k: v for k, v in changes.items() if v is not None})
+    run_demo(
+        args.out,
+        quick=args.quick,
+        cache_dir=args.cache_dir,
+        seed=args.seed,
+        methods=methods,
+        settings=settings,
+    )
     return 0
 
 
@@ -45,11 +67,25 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="dotted overrides, e.g. loss.divergence=jsd loss.beta=0.5"
     )
     p.set_defaults(func=_cmd_train)
-    p = sub.add_parser("demo", help="offline KD vs on-policy distillation on a built-in task, on CPU")
+    p = sub.add_parser(
+        "demo", help="offline KD vs on-policy distillation on a built-in task, on CPU"
+    )
     p.add_argument("--quick", action="store_true", help="a smaller run of about 2 minutes")
-    p.add_argument("--out", default="opd-demo", help="output directory (report.md, results.json, curves.png)")
-    p.add_argument("--cache-dir", default=None, help="where built models are cached (default ~/.cache/opd/demo)")
+    p.add_argument(
+        "--out", default="opd-demo", help="output directory (report.md, results.json, curves.png)"
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where built models are cached (default ~/.cache/opd/demo)",
+    )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
+    p.add_argument("--steps", type=int, default=None, help="student updates per method")
+    p.add_argument("--batch-size", type=int, default=None, help="prompts per update")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--eval-every", type=int, default=None)
     p.set_defaults(func=_cmd_demo)
     from opd.cache_cli import add_cache_commands
 

@@ -8,6 +8,8 @@ state; a large gap is the cost of never seeing one's own mistakes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from opd.batch import assemble
@@ -15,10 +17,9 @@ from opd.data import Encoder
 from opd.losses import masked_sum, token_divergence
 from opd.models import completion_logits
 from opd.rollout import sample
-from opd.teachers.local import LocalTeacher
 
 
-def generate_texts(
+def sample_completions(
     model,
     encoder: Encoder,
     rows: list[dict],
@@ -26,19 +27,17 @@ def generate_texts(
     prompt_field: str,
     max_new_tokens: int,
     vocab_size: int,
-    temperature: float = 0.0,
-    batch_size: int = 64,
+    temperature: float = 1.0,
     seed: int = 0,
+    batch_size: int = 64,
     all_finished=None,
-) -> tuple[list[str], int]:
-    """Completions as text (EOS stripped), and the number of tokens generated."""
+) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, completion ids) for every row, sampled in chunks from one seeded generator."""
     tok = encoder.tokenizer
-    texts, generated = [], 0
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    prompts_all, completions = [], []
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        prompts = [encoder.prompt_ids(r[prompt_field]) for r in chunk]
+        prompts = [encoder.prompt_ids(r[prompt_field]) for r in rows[start : start + batch_size]]
         out = sample(
             model,
             prompts,
@@ -50,94 +49,101 @@ def generate_texts(
             generator=gen,
             all_finished=all_finished,
         )
-        generated += sum(len(c) for c in out.completions)
-        texts += [tok.decode(c, skip_special_tokens=True) for c in out.completions]
-    return texts, generated
+        prompts_all += prompts
+        completions += out.completions
+    return prompts_all, completions
 
 
-def task_accuracy(
-    model,
-    encoder,
-    rows,
-    metric,
-    *,
-    prompt_field,
-    max_new_tokens,
-    vocab_size,
-    temperature=0.0,
-    seed=0,
-    all_finished=None,
-) -> float:
+def generate_texts(model, encoder: Encoder, rows: list[dict], **kw) -> tuple[list[str], int]:
+    """Completions as text (EOS stripped), and the number of tokens generated.
+
+    Keywords as `sample_completions`, except that `temperature` defaults to 0 (greedy)."""
+    kw.setdefault("temperature", 0.0)
+    _, completions = sample_completions(model, encoder, rows, **kw)
+    tok = encoder.tokenizer
+    texts = [tok.decode(c, skip_special_tokens=True) for c in completions]
+    return texts, sum(len(c) for c in completions)
+
+
+def task_accuracy(model, encoder, rows, metric, **kw) -> float:
+    """Mean of `metric(text, row)` over the rows (NaN for none); keywords as `generate_texts`."""
     if not rows:
         return float("nan")
-    texts, _ = generate_texts(
-        model,
-        encoder,
-        rows,
-        prompt_field=prompt_field,
-        max_new_tokens=max_new_tokens,
-        vocab_size=vocab_size,
-        temperature=temperature,
-        seed=seed,
-        all_finished=all_finished,
-    )
+    texts, _ = generate_texts(model, encoder, rows, **kw)
     return sum(metric(t, r) for t, r in zip(texts, rows, strict=True)) / len(rows)
 
 
 @torch.no_grad()
-def divergence_on_samples(
+def mean_divergences(
     student,
-    teacher: LocalTeacher,
-    sampler,
+    teacher,
+    prompts: Sequence[list[int]],
+    completions: Sequence[list[int]],
+    *,
+    pad_id: int,
+    vocab_size: int,
+    kinds: Sequence[str] = ("reverse_kl",),
+    beta: float | None = None,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Mean per-token divergence of the student from `teacher` (an `opd.teachers` teacher)
+    on these sequences, one figure per kind, over all completion tokens."""
+    device = next(student.parameters()).device
+    totals, count = dict.fromkeys(kinds, 0.0), 0
+    was_training = student.training
+    student.eval()
+    try:
+        for start in range(0, len(prompts), batch_size):
+            end = start + batch_size
+            batch = assemble(prompts[start:end], completions[start:end], pad_id=pad_id).to(device)
+            s_logits = completion_logits(student, batch, vocab_size)
+            t_logits = teacher.score(batch, "logits").logits.to(device)
+            mask = batch.loss_mask()
+            for kind in kinds:
+                values = token_divergence(s_logits, t_logits, kind, beta=beta)
+                totals[kind] += float(masked_sum(values, mask))
+            count += int(mask.sum())
+    finally:
+        student.train(was_training)
+    return {kind: total / max(count, 1) for kind, total in totals.items()}
+
+
+def exposure_bias(
+    student,
+    teacher,
     encoder: Encoder,
     rows: list[dict],
     *,
     prompt_field: str,
     max_new_tokens: int,
     vocab_size: int,
-    kind: str = "reverse_kl",
-    beta: float | None = None,
+    kinds: Sequence[str] = ("reverse_kl",),
     temperature: float = 1.0,
     seed: int = 0,
-    batch_size: int = 64,
-) -> float:
-    """Mean per-token D(student || teacher kind) on completions sampled by `sampler`."""
-    tok = encoder.tokenizer
-    device = next(student.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    total, count = 0.0, 0
-    student_was_training = student.training
-    student.eval()
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        prompts = [encoder.prompt_ids(r[prompt_field]) for r in chunk]
-        out = sample(
-            sampler,
-            prompts,
-            max_new_tokens=max_new_tokens,
-            eos_id=tok.eos_token_id,
-            pad_id=tok.pad_token_id,
-            vocab_size=vocab_size,
-            temperature=temperature,
-            generator=gen,
-        )
-        batch = assemble(prompts, out.completions, pad_id=tok.pad_token_id).to(device)
-        s_logits = completion_logits(student, batch, vocab_size)
-        t_logits = teacher.score(batch, "logits").logits.to(device)
-        values = token_divergence(s_logits, t_logits, kind, beta=beta)
-        mask = batch.loss_mask()
-        total += float(masked_sum(values, mask))
-        count += int(mask.sum())
-    student.train(student_was_training)
-    return total / max(count, 1)
+    teacher_samples: tuple[list[list[int]], list[list[int]]] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Per kind: divergence on student prefixes, on teacher prefixes, and the gap.
 
-
-def exposure_bias(student, teacher: LocalTeacher, encoder, rows, **kw) -> dict[str, float]:
-    """Divergence on student prefixes, on teacher prefixes, and their difference (the gap)."""
-    on_student = divergence_on_samples(student, teacher, student, encoder, rows, **kw)
-    on_teacher = divergence_on_samples(student, teacher, teacher.model, encoder, rows, **kw)
+    `teacher_samples` (from `sample_completions(teacher.model, ...)`) can be passed in when
+    the teacher is frozen, so its samples are drawn once for many evaluations."""
+    sampling = {
+        "prompt_field": prompt_field,
+        "max_new_tokens": max_new_tokens,
+        "vocab_size": vocab_size,
+        "temperature": temperature,
+        "seed": seed,
+    }
+    if teacher_samples is None:
+        teacher_samples = sample_completions(teacher.model, encoder, rows, **sampling)
+    own = sample_completions(student, encoder, rows, **sampling)
+    common = {"pad_id": encoder.tokenizer.pad_token_id, "vocab_size": vocab_size, "kinds": kinds}
+    on_student = mean_divergences(student, teacher, *own, **common)
+    on_teacher = mean_divergences(student, teacher, *teacher_samples, **common)
     return {
-        "div_on_student": on_student,
-        "div_on_teacher": on_teacher,
-        "exposure_gap": on_student - on_teacher,
+        kind: {
+            "div_on_student": on_student[kind],
+            "div_on_teacher": on_teacher[kind],
+            "exposure_gap": on_student[kind] - on_teacher[kind],
+        }
+        for kind in kinds
     }

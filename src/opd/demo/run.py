@@ -20,17 +20,14 @@ from pathlib import Path
 
 import torch
 
-from opd.batch import assemble
 from opd.config import config_from_dict
 from opd.demo.build import build_models
 from opd.demo.report import write_outputs
 from opd.demo.task import exact_match, make_examples
-from opd.evaluate import task_accuracy
+from opd.evaluate import mean_divergences, sample_completions, task_accuracy
 from opd.loop import train
-from opd.losses import masked_sum, token_divergence
 from opd.metrics import read_metrics
-from opd.models import completion_logits, load_causal_lm
-from opd.rollout import sample
+from opd.models import load_causal_lm
 from opd.setup import build_run
 
 # The exposure gap is measured in total variation, which none of the methods minimizes: KL(T||S)
@@ -91,58 +88,38 @@ class ExposureProbe:
     evaluation, since the teacher never changes.
     """
 
-    def __init__(self, teacher_dir: str, encoder, rows: list[dict], max_new_tokens: int, seed: int):
-        self.rows, self.max_new_tokens, self.seed = rows, max_new_tokens, seed
-        self.teacher_dir = teacher_dir
-        self.encoder = encoder
-        self.prompts = [encoder.prompt_ids(r["prompt"]) for r in rows]
-        self._teacher_batch = None
-
-    def _sample(self, model, vocab_size: int):
-        tok = self.encoder.tokenizer
-        gen = torch.Generator(device=next(model.parameters()).device).manual_seed(self.seed)
-        out = sample(
-            model,
-            self.prompts,
-            max_new_tokens=self.max_new_tokens,
-            eos_id=tok.eos_token_id,
-            pad_id=tok.pad_token_id,
-            vocab_size=vocab_size,
-            temperature=1.0,
-            generator=gen,
-        )
-        return out.completions
-
-    @torch.no_grad()
-    def _divergences(self, run, completions) -> dict[str, float]:
-        """Mean per-token divergence of the student from the teacher on these sequences."""
-        tok = self.encoder.tokenizer
-        batch = assemble(self.prompts, completions, pad_id=tok.pad_token_id).to(run.device)
-        was_training = run.student.training
-        run.student.eval()
-        s_logits = completion_logits(run.student, batch, run.vocab_size)
-        run.student.train(was_training)
-        t_logits = run.teacher.score(batch, "logits").logits
-        mask = batch.loss_mask()
-        out = {}
-        for kind in (EXPOSURE_KIND, *EXPOSURE_ALSO):
-            values = token_divergence(s_logits, t_logits, kind)
-            out[kind] = float(masked_sum(values, mask) / mask.sum().clamp(min=1))
-        return out
+    def __init__(self, encoder, rows: list[dict], max_new_tokens: int, seed: int):
+        self.rows, self.encoder = rows, encoder
+        # One batch of all rows (not chunks), so every evaluation draws the same noise.
+        self.sampling = {
+            "prompt_field": "prompt",
+            "max_new_tokens": max_new_tokens,
+            "temperature": 1.0,
+            "seed": seed,
+            "batch_size": len(rows),
+        }
+        self._teacher_samples = None
 
     def __call__(self, run) -> dict:
-        if self._teacher_batch is None:
-            self._teacher_batch = self._sample(run.teacher.model, run.vocab_size)
-        own = self._sample(run.student, run.vocab_size)
-        tok = self.encoder.tokenizer
-        texts = [tok.decode(c, skip_special_tokens=True) for c in own]
-        on_student = self._divergences(run, own)
-        on_teacher = self._divergences(run, self._teacher_batch)
-        record = {
-            "eval_sampled_accuracy": sum(
-                exact_match(t, r) for t, r in zip(texts, self.rows, strict=True)
+        sampling = {**self.sampling, "vocab_size": run.vocab_size}
+        if self._teacher_samples is None:
+            self._teacher_samples = sample_completions(
+                run.teacher.model, self.encoder, self.rows, **sampling
             )
-            / len(self.rows),
+        own = sample_completions(run.student, self.encoder, self.rows, **sampling)
+        common = {
+            "pad_id": self.encoder.tokenizer.pad_token_id,
+            "vocab_size": run.vocab_size,
+            "kinds": (EXPOSURE_KIND, *EXPOSURE_ALSO),
+            "batch_size": len(self.rows),
+        }
+        on_student = mean_divergences(run.student, run.teacher, *own, **common)
+        on_teacher = mean_divergences(run.student, run.teacher, *self._teacher_samples, **common)
+        tok = self.encoder.tokenizer
+        texts = [tok.decode(c, skip_special_tokens=True) for c in own[1]]
+        hits = sum(exact_match(t, r) for t, r in zip(texts, self.rows, strict=True))
+        record = {
+            "eval_sampled_accuracy": hits / len(self.rows),
             "div_on_student": on_student[EXPOSURE_KIND],
             "div_on_teacher": on_teacher[EXPOSURE_KIND],
             "exposure_gap": on_student[EXPOSURE_KIND] - on_teacher[EXPOSURE_KIND],
@@ -230,9 +207,7 @@ def run_demo(
         config = config_from_dict({**common, **METHODS[name], "output_dir": str(run_dir)})
         run = build_run(config)
         if probe is None:
-            probe = ExposureProbe(
-                str(models["teacher_dir"]), run.encoder, eval_rows, settings.max_new_tokens, seed
-            )
+            probe = ExposureProbe(run.encoder, eval_rows, settings.max_new_tokens, seed)
             refs = {
                 "teacher": reference_accuracy(
                     str(models["teacher_dir"]),
