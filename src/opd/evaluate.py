@@ -111,33 +111,20 @@ def mean_divergences(
 def exposure_bias(
     student,
     teacher,
-    encoder: Encoder,
-    rows: list[dict],
+    own_samples: tuple[list[list[int]], list[list[int]]],
+    teacher_samples: tuple[list[list[int]], list[list[int]]],
     *,
-    prompt_field: str,
-    max_new_tokens: int,
+    pad_id: int,
     vocab_size: int,
     kinds: Sequence[str] = ("reverse_kl",),
-    temperature: float = 1.0,
-    seed: int = 0,
-    teacher_samples: tuple[list[list[int]], list[list[int]]] | None = None,
+    batch_size: int = 64,
 ) -> dict[str, dict[str, float]]:
-    """Per kind: divergence on student prefixes, on teacher prefixes, and the gap.
+    """Per kind: divergence on the student's own prefixes, on the teacher's, and the gap.
 
-    `teacher_samples` (from `sample_completions(teacher.model, ...)`) can be passed in when
-    the teacher is frozen, so its samples are drawn once for many evaluations."""
-    sampling = {
-        "prompt_field": prompt_field,
-        "max_new_tokens": max_new_tokens,
-        "vocab_size": vocab_size,
-        "temperature": temperature,
-        "seed": seed,
-    }
-    if teacher_samples is None:
-        teacher_samples = sample_completions(teacher.model, encoder, rows, **sampling)
-    own = sample_completions(student, encoder, rows, **sampling)
-    common = {"pad_id": encoder.tokenizer.pad_token_id, "vocab_size": vocab_size, "kinds": kinds}
-    on_student = mean_divergences(student, teacher, *own, **common)
+    Both sample sets are `(prompt ids, completion ids)` from `sample_completions` on the
+    same rows; the teacher's can be drawn once and reused while only the student changes."""
+    common = {"pad_id": pad_id, "vocab_size": vocab_size, "kinds": kinds, "batch_size": batch_size}
+    on_student = mean_divergences(student, teacher, *own_samples, **common)
     on_teacher = mean_divergences(student, teacher, *teacher_samples, **common)
     return {
         kind: {

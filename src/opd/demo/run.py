@@ -24,7 +24,7 @@ from opd.config import config_from_dict
 from opd.demo.build import build_models
 from opd.demo.report import write_outputs
 from opd.demo.task import exact_match, make_examples
-from opd.evaluate import mean_divergences, sample_completions, task_accuracy
+from opd.evaluate import exposure_bias, sample_completions, task_accuracy
 from opd.loop import train
 from opd.metrics import read_metrics
 from opd.models import load_causal_lm
@@ -107,25 +107,22 @@ class ExposureProbe:
                 run.teacher.model, self.encoder, self.rows, **sampling
             )
         own = sample_completions(run.student, self.encoder, self.rows, **sampling)
-        common = {
-            "pad_id": self.encoder.tokenizer.pad_token_id,
-            "vocab_size": run.vocab_size,
-            "kinds": (EXPOSURE_KIND, *EXPOSURE_ALSO),
-            "batch_size": len(self.rows),
-        }
-        on_student = mean_divergences(run.student, run.teacher, *own, **common)
-        on_teacher = mean_divergences(run.student, run.teacher, *self._teacher_samples, **common)
+        gaps = exposure_bias(
+            run.student,
+            run.teacher,
+            own,
+            self._teacher_samples,
+            pad_id=self.encoder.tokenizer.pad_token_id,
+            vocab_size=run.vocab_size,
+            kinds=(EXPOSURE_KIND, *EXPOSURE_ALSO),
+            batch_size=len(self.rows),
+        )
         tok = self.encoder.tokenizer
         texts = [tok.decode(c, skip_special_tokens=True) for c in own[1]]
         hits = sum(exact_match(t, r) for t, r in zip(texts, self.rows, strict=True))
-        record = {
-            "eval_sampled_accuracy": hits / len(self.rows),
-            "div_on_student": on_student[EXPOSURE_KIND],
-            "div_on_teacher": on_teacher[EXPOSURE_KIND],
-            "exposure_gap": on_student[EXPOSURE_KIND] - on_teacher[EXPOSURE_KIND],
-        }
+        record = {"eval_sampled_accuracy": hits / len(self.rows), **gaps[EXPOSURE_KIND]}
         for kind in EXPOSURE_ALSO:
-            record[f"exposure_gap_{kind}"] = on_student[kind] - on_teacher[kind]
+            record[f"exposure_gap_{kind}"] = gaps[kind]["exposure_gap"]
         return record
 
 
