@@ -364,7 +364,7 @@ def spawn(side: str, args, paths: dict) -> dict:
         json.dumps({k: str(v) for k, v in paths.items()}),
     ]
     for key in ("size", "device", "dtype", "teacher_dtype", "steps", "warmup", "threads", "seed"):
-        cmd += [f"--{key}", str(getattr(args, key))]
+        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.trl_defaults:
         cmd.append("--trl-defaults")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
