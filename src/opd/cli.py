@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo", help="offline KD vs on-policy distillation on a built-in task, on CPU"
     )
-    p.add_argument("--quick", action="store_true", help="a smaller run of about 2 minutes")
+    p.add_argument(
+        "--quick", action="store_true", help="a smaller smoke-test run of about 1 minute"
+    )
     p.add_argument(
         "--out", default="opd-demo", help="output directory (report.md, results.json, curves.png)"
     )

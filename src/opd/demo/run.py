@@ -1,13 +1,13 @@
 """`opd demo`: offline KD vs on-policy distillation on one task, measured side by side.
 
-    opd demo --quick              # ~2 minutes on 2 CPU cores
-    opd demo --out demo-out       # the full comparison, <= 10 minutes
+    opd demo --quick              # ~1 minute on 2 CPU cores (smoke test)
+    opd demo --out demo-out       # the full comparison, ~5.5 minutes cold
 
 Builds (or reuses from the cache directory) a tokenizer, a competent teacher and a much
 smaller student on the running-sum task (`opd.demo.task`), then distils the same starting
-student with five methods for the same number of student updates, and reports for each:
-greedy and sampled accuracy, the exposure-bias gap, tokens generated and scored, and wall
-time per phase. Writes `report.md`, `results.json` and `curves.png` to the output dir.
+student with six methods (the five the comparison needs and one control) for the same
+number of student updates, and reports for each: greedy and sampled accuracy, the
+exposure-bias gap, tokens generated and scored, and wall time per phase. Writes `report.md`, `results.json` and `curves.png` to the output dir.
 """
 
 from __future__ import annotations
