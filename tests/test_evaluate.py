@@ -9,7 +9,13 @@ import torch
 from opd.batch import assemble
 from opd.config import DataConfig
 from opd.data import Encoder
-from opd.evaluate import exposure_bias, mean_divergences, sample_completions, task_accuracy
+from opd.evaluate import (
+    exposure_bias,
+    mean_divergences,
+    sample_completions,
+    task_accuracy,
+    teacher_logits,
+)
 from opd.models import completion_logits, load_causal_lm, load_tokenizer
 from opd.teachers.local import LocalTeacher
 
@@ -83,3 +89,19 @@ def test_task_accuracy_counts_metric_hits_and_is_nan_without_rows(setup):
     never = task_accuracy(student, encoder, rows, lambda text, row: False, **sampling)
     assert (always, never) == (1.0, 0.0)
     assert math.isnan(task_accuracy(student, encoder, [], lambda t, r: True, **sampling))
+
+
+def test_precomputed_teacher_logits_give_the_same_divergences(setup):
+    student, teacher, encoder, rows, sampling = setup
+    samples = sample_completions(teacher.model, encoder, rows, **sampling, seed=3)
+    common = {
+        "pad_id": encoder.tokenizer.pad_token_id,
+        "vocab_size": sampling["vocab_size"],
+        "kinds": ("jsd", "tvd"),
+        "beta": 0.5,
+        "batch_size": 4,
+    }
+    fresh = mean_divergences(student, teacher, *samples, **common)
+    logits = teacher_logits(teacher, *samples, pad_id=common["pad_id"], batch_size=4)
+    assert len(logits) == 3
+    assert mean_divergences(student, teacher, *samples, **common, precomputed=logits) == fresh

@@ -73,6 +73,22 @@ def task_accuracy(model, encoder, rows, metric, **kw) -> float:
     return sum(metric(t, r) for t, r in zip(texts, rows, strict=True)) / len(rows)
 
 
+def _chunks(prompts, completions, pad_id: int, batch_size: int, device):
+    for start in range(0, len(prompts), batch_size):
+        end = start + batch_size
+        yield assemble(prompts[start:end], completions[start:end], pad_id=pad_id).to(device)
+
+
+@torch.no_grad()
+def teacher_logits(
+    teacher, prompts, completions, *, pad_id: int, batch_size: int = 64
+) -> list[torch.Tensor]:
+    """The teacher's completion logits, one tensor per chunk of `mean_divergences`. A frozen
+    teacher's logits on a fixed sample set can be computed once and passed back in."""
+    chunks = _chunks(prompts, completions, pad_id, batch_size, teacher.device)
+    return [teacher.score(batch, "logits").logits for batch in chunks]
+
+
 @torch.no_grad()
 def mean_divergences(
     student,
@@ -85,19 +101,23 @@ def mean_divergences(
     kinds: Sequence[str] = ("reverse_kl",),
     beta: float | None = None,
     batch_size: int = 64,
+    precomputed: list[torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Mean per-token divergence of the student from `teacher` (an `opd.teachers` teacher)
-    on these sequences, one figure per kind, over all completion tokens."""
+    on these sequences, one figure per kind, over all completion tokens. `precomputed`:
+    the teacher's logits from `teacher_logits` on the same sequences and `batch_size`."""
     device = next(student.parameters()).device
     totals, count = dict.fromkeys(kinds, 0.0), 0
     was_training = student.training
     student.eval()
     try:
-        for start in range(0, len(prompts), batch_size):
-            end = start + batch_size
-            batch = assemble(prompts[start:end], completions[start:end], pad_id=pad_id).to(device)
+        chunks = _chunks(prompts, completions, pad_id, batch_size, device)
+        for i, batch in enumerate(chunks):
             s_logits = completion_logits(student, batch, vocab_size)
-            t_logits = teacher.score(batch, "logits").logits.to(device)
+            if precomputed is None:
+                t_logits = teacher.score(batch, "logits").logits.to(device)
+            else:
+                t_logits = precomputed[i].to(device)
             mask = batch.loss_mask()
             for kind in kinds:
                 values = token_divergence(s_logits, t_logits, kind, beta=beta)
@@ -118,14 +138,18 @@ def exposure_bias(
     vocab_size: int,
     kinds: Sequence[str] = ("reverse_kl",),
     batch_size: int = 64,
+    teacher_logits_on_teacher_samples: list[torch.Tensor] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per kind: divergence on the student's own prefixes, on the teacher's, and the gap.
 
     Both sample sets are `(prompt ids, completion ids)` from `sample_completions` on the
-    same rows; the teacher's can be drawn once and reused while only the student changes."""
+    same rows. While only the student changes, the teacher's samples and its logits on them
+    (`teacher_logits`) can be computed once and passed in."""
     common = {"pad_id": pad_id, "vocab_size": vocab_size, "kinds": kinds, "batch_size": batch_size}
     on_student = mean_divergences(student, teacher, *own_samples, **common)
-    on_teacher = mean_divergences(student, teacher, *teacher_samples, **common)
+    on_teacher = mean_divergences(
+        student, teacher, *teacher_samples, **common, precomputed=teacher_logits_on_teacher_samples
+    )
     return {
         kind: {
             "div_on_student": on_student[kind],

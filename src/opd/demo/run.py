@@ -24,7 +24,7 @@ from opd.config import config_from_dict
 from opd.demo.build import build_models
 from opd.demo.report import write_outputs
 from opd.demo.task import exact_match, make_examples
-from opd.evaluate import exposure_bias, sample_completions, task_accuracy
+from opd.evaluate import exposure_bias, sample_completions, task_accuracy, teacher_logits
 from opd.loop import train
 from opd.metrics import read_metrics
 from opd.models import load_causal_lm
@@ -99,12 +99,20 @@ class ExposureProbe:
             "batch_size": len(rows),
         }
         self._teacher_samples = None
+        self._teacher_logits = None
 
     def __call__(self, run) -> dict:
         sampling = {**self.sampling, "vocab_size": run.vocab_size}
         if self._teacher_samples is None:
             self._teacher_samples = sample_completions(
                 run.teacher.model, self.encoder, self.rows, **sampling
+            )
+            # The teacher checkpoint is the same for every method: score its samples once.
+            self._teacher_logits = teacher_logits(
+                run.teacher,
+                *self._teacher_samples,
+                pad_id=self.encoder.tokenizer.pad_token_id,
+                batch_size=len(self.rows),
             )
         own = sample_completions(run.student, self.encoder, self.rows, **sampling)
         gaps = exposure_bias(
@@ -116,6 +124,7 @@ class ExposureProbe:
             vocab_size=run.vocab_size,
             kinds=(EXPOSURE_KIND, *EXPOSURE_ALSO),
             batch_size=len(self.rows),
+            teacher_logits_on_teacher_samples=self._teacher_logits,
         )
         tok = self.encoder.tokenizer
         texts = [tok.decode(c, skip_special_tokens=True) for c in own[1]]
