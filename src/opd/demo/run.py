@@ -1,7 +1,7 @@
 """`opd demo`: offline KD vs on-policy distillation on one task, measured side by side.
 
     opd demo --quick              # ~1 minute on 2 CPU cores (smoke test)
-    opd demo --out demo-out       # the full comparison, ~5.5 minutes cold
+    opd demo --out demo-out       # the full comparison, under 5 minutes cold
 
 Builds (or reuses from the cache directory) a tokenizer, a competent teacher and a much
 smaller student on the running-sum task (`opd.demo.task`), then distils the same starting
