@@ -244,25 +244,24 @@ def check(args, paths: dict, out: Path) -> dict:
     run = build_run(config)
     student = run.student
     prompts = [run.encoder.prompt_ids(r["prompt"]) for r in run.train_rows]
-    gen = torch.Generator(device=run.device).manual_seed(args.seed)
+    sampling = {
+        "max_new_tokens": MAX_NEW,
+        "eos_id": run.tokenizer.eos_token_id,
+        "pad_id": run.tokenizer.pad_token_id,
+        "vocab_size": run.vocab_size,
+    }
     rollout = sample(
         student,
         prompts,
-        max_new_tokens=MAX_NEW,
-        eos_id=run.tokenizer.eos_token_id,
-        pad_id=run.tokenizer.pad_token_id,
-        vocab_size=run.vocab_size,
-        generator=gen,
+        **sampling,
+        generator=torch.Generator(device=run.device).manual_seed(args.seed),
     )
     # The loop samples with the fast path; from the same generator state it must give the
     # same tokens as `sample` (always on CPU in float32; bf16 rounding may flip a few).
     fast = sample_fast(
         student,
         prompts,
-        max_new_tokens=MAX_NEW,
-        eos_id=run.tokenizer.eos_token_id,
-        pad_id=run.tokenizer.pad_token_id,
-        vocab_size=run.vocab_size,
+        **sampling,
         generator=torch.Generator(device=run.device).manual_seed(args.seed),
     )
     same_rows = sum(a == b for a, b in zip(rollout.completions, fast.completions, strict=True))

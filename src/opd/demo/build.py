@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -86,6 +86,16 @@ class BuildConfig:
         # than after a fixed count: the teacher once it is competent, the student once it
         # has just got through the change (right format, frequent slips) and still has
         # most of the way to go. Batch 16 reached the phase change in as few steps as 32.
+        student = ModelSpec(
+            hidden=48,
+            layers=2,
+            heads=4,
+            steps=1200,
+            lr=3e-3,
+            target_accuracy=0.25,
+            min_steps=300,
+            check_every=50,
+        )
         # Quick: a smaller teacher, the same student. A 32-wide student never got through
         # the change in 1,000 steps (dev accuracy 0-14%), and every method then broke it.
         if quick:
@@ -99,17 +109,8 @@ class BuildConfig:
                 min_steps=400,
                 check_every=50,
             )
-            student = ModelSpec(
-                hidden=48,
-                layers=2,
-                heads=4,
-                steps=1000,
-                lr=3e-3,
-                target_accuracy=0.25,
-                min_steps=300,
-                check_every=50,
-            )
-            return cls(teacher=teacher, student=student, num_dev=64, num_eval=128)
+            quick_student = replace(student, steps=1000)
+            return cls(teacher=teacher, student=quick_student, num_dev=64, num_eval=128)
         teacher = ModelSpec(
             hidden=128,
             layers=3,
@@ -119,16 +120,6 @@ class BuildConfig:
             target_accuracy=0.98,
             min_steps=500,
             check_every=100,
-        )
-        student = ModelSpec(
-            hidden=48,
-            layers=2,
-            heads=4,
-            steps=1200,
-            lr=3e-3,
-            target_accuracy=0.25,
-            min_steps=300,
-            check_every=50,
         )
         return cls(teacher=teacher, student=student, num_dev=128, num_eval=256)
 
