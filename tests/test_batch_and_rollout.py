@@ -1,10 +1,11 @@
 """Sequence layout, masks token by token, and the KV-cached sampler."""
 
+import numpy as np
 import torch
 
 from opd.batch import assemble
 from opd.models import completion_logits, load_causal_lm, load_tokenizer, token_logprobs
-from opd.rollout import process_logits, sample
+from opd.rollout import draw_tokens, process_logits, sample
 
 
 def test_assemble_layout_token_by_token():
@@ -132,3 +133,39 @@ def test_top_k_and_top_p_restrict_support():
     lp = process_logits(logits, 1.0, 0, 0.7)  # p = .64, .24, ...: the first two reach .7
     assert torch.isfinite(lp[0, :2]).all() and torch.isinf(lp[0, 2:]).all()
     torch.testing.assert_close(lp.exp().sum(), torch.tensor(1.0))
+
+
+def _reference_draw(probs: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Inverse CDF in float64, row by row: the first token whose cumulative mass exceeds u."""
+    cdf = np.cumsum(probs.astype(np.float64), axis=-1)
+    return np.array([np.searchsorted(c, x * c[-1], side="right") for c, x in zip(cdf, u)])
+
+
+def test_draw_tokens_is_the_inverse_cdf_with_and_without_blocks():
+    gen = torch.Generator().manual_seed(0)
+    V = 1000  # 3 full blocks of 300 and a remainder of 100 when block=300
+    probs = torch.softmax(3 * torch.randn(512, V, generator=gen), -1)
+    probs[:, 7] = 0.0  # zero-probability tokens inside a block and at a block's end
+    probs[:, 299] = 0.0
+    u = torch.rand(512, generator=gen, dtype=torch.float64)
+    ref = _reference_draw(probs.numpy(), u.numpy())
+    for block in (300, 64, 1000, 4096):
+        assert draw_tokens(probs, u, block=block).tolist() == ref.tolist(), block
+
+
+def test_draw_tokens_never_draws_a_zero_probability_token_at_the_edges():
+    probs = torch.tensor([[0.0, 0.5, 0.5, 0.0]] * 4 + [[0.0] * 3 + [1.0]])
+    u = torch.tensor([0.0, 0.5, 1.0 - 2**-53, 0.25, 1.0 - 2**-53], dtype=torch.float64)
+    for block in (2, 3, 4096):
+        assert draw_tokens(probs, u, block=block).tolist() == [1, 2, 2, 1, 3]
+
+
+def test_draw_tokens_follows_the_distribution():
+    gen = torch.Generator().manual_seed(1)
+    p = torch.softmax(torch.tensor([2.0, 1.0, 0.0, -1.0, -3.0] * 100), -1)  # V = 500
+    n = 200_000
+    u = torch.rand(n, generator=gen, dtype=torch.float64)
+    counts = torch.bincount(draw_tokens(p.expand(n, -1), u, block=64), minlength=500).double()
+    expected = n * p.double()
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 600  # 499 degrees of freedom: mean 499, sd 32

@@ -2,9 +2,8 @@
 
 `sample_fast` returns what `sample` returns for the same generator state: identical tokens
 (greedy and sampled) and the same log q. It draws its randomness the way `sample` does:
-`torch.multinomial(p, 1)` is `argmax(p / E)` with `E ~ Exp(1)` drawn for every row of the
-batch (PyTorch's one-sample path), so the fast path draws the same `[B, V]` noise each step
-and uses the rows it still decodes. What it saves per token:
+one uniform per row of the batch each step (`opd.rollout.draw_tokens`), of which it uses
+the rows it still decodes. What it saves per token:
 
 * no `DynamicCache` growth (`torch.cat` per layer per token) and no attention-mask `cat`:
   keys/values go into a preallocated grid, a boolean row marks valid cells;
@@ -24,7 +23,7 @@ import logging
 import torch
 
 from opd.lean import GraphedStep, LeanDecoder, lean_supported
-from opd.rollout import Rollout, left_pad, process_logits, sample
+from opd.rollout import Rollout, draw_tokens, draw_uniforms, left_pad, process_logits, sample
 
 log = logging.getLogger("opd")
 
@@ -110,11 +109,9 @@ def _decode(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, tempe
                 logp = torch.log_softmax(logits.float(), dim=-1)
             else:
                 logp = process_logits(logits, temperature, top_k, top_p)
-            # torch.multinomial(p, 1) is argmax(p / E), E ~ Exp(1) drawn for all B rows.
-            noise = torch.empty((B, logp.shape[-1]), device=device).exponential_(
-                1, generator=generator
-            )
-            token = (logp.exp() / (noise if rows is None else noise[rows])).argmax(-1)
+            # `sample` draws B uniforms a step: so do we, and use the rows still decoding.
+            uniform = draw_uniforms(B, generator, device)
+            token = draw_tokens(logp.exp(), uniform if rows is None else uniform[rows])
             token_logq = logp.gather(-1, token.unsqueeze(-1)).squeeze(-1)
         live = ~(done if rows is None else done[rows])
         token = token.masked_fill(~live, pad_id)
