@@ -71,9 +71,10 @@ def count_flops(student, teacher, prompt_lens: list[int], completion_lens: list[
     total = [p + c for p, c in zip(prompt_lens, completion_lens, strict=True)]
     fed = [t - 1 for t in total]  # a row's last token predicts nothing
     supervised = sum(completion_lens)
-    # Teacher: every fed token through the model, the head on supervised positions.
+    # Teacher: every fed token through the model (its head is charged to the update below,
+    # where opd's fused loss and TRL's loss both compute it).
     teacher_f = _linear_flops(te, sum(fed), supervised) + _attention_flops(te, fed)
-    teacher_f += 2 * supervised * te["H"] * te["V"]
+    teacher_head = 2 * supervised * te["H"] * te["V"]
     # Student update: the same forward with gradients (backward = 2 products per forward one).
     student_fwd = _linear_flops(st, sum(fed), supervised) + _attention_flops(st, fed)
     student_fwd += 2 * supervised * st["H"] * st["V"]
@@ -88,7 +89,7 @@ def count_flops(student, teacher, prompt_lens: list[int], completion_lens: list[
     return {
         "generate": prefill + decode,
         "teacher_score": teacher_f,
-        "update": 3 * student_fwd,
+        "update": 3 * student_fwd + teacher_head,
         "tokens": sum(total),
         "completion_tokens": supervised,
     }
