@@ -1,6 +1,7 @@
 """Sequence layout, masks token by token, and the KV-cached sampler."""
 
 import numpy as np
+import pytest
 import torch
 
 from opd.batch import assemble
@@ -169,3 +170,11 @@ def test_draw_tokens_follows_the_distribution():
     expected = n * p.double()
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 600  # 499 degrees of freedom: mean 499, sd 32
+
+
+def test_draw_tokens_refuses_a_row_without_finite_mass():
+    probs = torch.tensor([[0.5, 0.5, 0.0], [float("nan"), 0.5, 0.5], [0.0, 0.0, 0.0]])
+    u = torch.full((3,), 0.5, dtype=torch.float64)
+    for block in (2, 4096):
+        with pytest.raises(ValueError, match=r"rows \[1, 2\]"):
+            draw_tokens(probs, u, block=block)

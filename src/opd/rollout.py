@@ -71,8 +71,19 @@ def draw_tokens(probs_BV: torch.Tensor, uniform_B: torch.Tensor, block: int = 20
         x = torch.minimum(x.clamp(min=0), torch.nextafter(cdf[:, -1:], zero))
         return torch.searchsorted(cdf, x, right=True)
 
+    def check(total: torch.Tensor) -> None:
+        # torch.multinomial refuses such rows too; a silent draw would return any index.
+        bad = ~(torch.isfinite(total) & (total > 0))
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten().tolist()
+            raise ValueError(
+                f"cannot sample: the distribution of batch rows {rows[:8]} has non-finite "
+                f"or zero total mass {total[rows[:8]].tolist()} (non-finite logits?)"
+            )
+
     if block >= V:  # one level: the whole row is one block
         cdf = probs_BV.double().cumsum(-1)
+        check(cdf[:, -1])
         return locate(cdf, u * cdf[:, -1:]).squeeze(-1)
     full = V // block * block
     mass = probs_BV[:, :full].reshape(B, -1, block).sum(-1)
@@ -80,6 +91,7 @@ def draw_tokens(probs_BV: torch.Tensor, uniform_B: torch.Tensor, block: int = 20
         mass = torch.cat([mass, probs_BV[:, full:].sum(-1, keepdim=True)], dim=-1)
     mass = mass.double()
     cum = mass.cumsum(-1)
+    check(cum[:, -1])
     x = u * cum[:, -1:]
     chosen = locate(cum, x)
     start = chosen * block
