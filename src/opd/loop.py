@@ -136,7 +136,13 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
             teacher_scored += batch.num_target_tokens()
             with timer.phase("update"), autocast:
                 loss, div_sum = fused_batch_loss(
-                    run.student, run.teacher, hidden_t, batch, config.loss, num_tokens, run.vocab_size
+                    run.student,
+                    run.teacher,
+                    hidden_t,
+                    batch,
+                    config.loss,
+                    num_tokens,
+                    run.vocab_size,
                 )
                 loss.backward()
             loss_total += float(loss.detach())
@@ -171,25 +177,28 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
     by_source = {
         s: sum(b.size for b in batches if b.source == s) for s in ("dataset", "teacher", "student")
     }
-    return aggregate_step(world, {
-        "loss": loss_total,
-        "divergence": div_total / max(num_tokens, 1),
-        "grad_norm": grad_norm,
-        "skipped": not finite,
-        "tokens": num_tokens,
-        "student_tokens_generated": sum(
-            b.num_target_tokens() for b in batches if b.source == "student"
-        ),
-        "teacher_tokens_generated": sum(
-            b.num_target_tokens() for b in batches if b.source == "teacher"
-        ),
-        "teacher_tokens_scored": teacher_scored,
-        "sequences_from_student": by_source["student"],
-        "sequences_from_teacher": by_source["teacher"],
-        "sequences_from_dataset": by_source["dataset"],
-        "lr": run.scheduler.get_last_lr()[0],
-        **(rl.record() if rl is not None else {}),
-    })
+    return aggregate_step(
+        world,
+        {
+            "loss": loss_total,
+            "divergence": div_total / max(num_tokens, 1),
+            "grad_norm": grad_norm,
+            "skipped": not finite,
+            "tokens": num_tokens,
+            "student_tokens_generated": sum(
+                b.num_target_tokens() for b in batches if b.source == "student"
+            ),
+            "teacher_tokens_generated": sum(
+                b.num_target_tokens() for b in batches if b.source == "teacher"
+            ),
+            "teacher_tokens_scored": teacher_scored,
+            "sequences_from_student": by_source["student"],
+            "sequences_from_teacher": by_source["teacher"],
+            "sequences_from_dataset": by_source["dataset"],
+            "lr": run.scheduler.get_last_lr()[0],
+            **(rl.record() if rl is not None else {}),
+        },
+    )
 
 
 def evaluate_now(run: RunSetup, metric) -> dict:
@@ -273,7 +282,9 @@ def train(config: TrainConfig, run: RunSetup | None = None, extra_eval=None) -> 
     metric_fn = resolve_metric(config.eval_metric, config.data.answer_field)
     timer, record = PhaseTimer(), {}
     if config.eval_every and start_step == 0:
-        metrics.write({"step": 0, **evaluate_now(run, metric_fn), **(extra_eval(run) if extra_eval else {})})
+        metrics.write(
+            {"step": 0, **evaluate_now(run, metric_fn), **(extra_eval(run) if extra_eval else {})}
+        )
     bar = tqdm(
         range(start_step, config.steps),
         desc="opd train",

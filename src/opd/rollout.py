@@ -57,7 +57,8 @@ def draw_tokens(probs_BV: torch.Tensor, uniform_B: torch.Tensor, block: int = 20
     forward. This needs one uniform per row and two float64 prefix sums: over blocks of
     `block` probabilities, then within the chosen block (0.3 ms and 0.5 ms there). Float64
     keeps every token's interval its own width (a float32 cumsum over 152k entries would
-    round the tail's intervals by ~1e-7 each); a zero-probability token is never drawn,
+    round the tail's intervals by ~1e-7 each; the block masses themselves are float32 sums,
+    off by ~1e-7 of a block's mass, not per token); a zero-probability token is never drawn,
     whatever the rounding, because the point is kept strictly below the chosen interval's
     end. A function of `uniform_B` alone, so the fast sampler and `sample` agree token for
     token when they feed it the same uniforms.
