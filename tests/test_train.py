@@ -142,7 +142,9 @@ def test_non_finite_steps_are_skipped_then_stop(base_config, monkeypatch):
         return loss * float("nan"), div
 
     monkeypatch.setattr(train_mod, "batch_loss", poisoned)
-    cfg = config_from_dict(base_config(preset="supervised_kd", steps=6, max_bad_steps=2, loss__fused=False))
+    cfg = config_from_dict(
+        base_config(preset="supervised_kd", steps=6, max_bad_steps=2, loss__fused=False)
+    )
     before = _weights(Path(cfg.student.path))
     with pytest.raises(RuntimeError, match="2 consecutive non-finite steps"):
         train(cfg)
