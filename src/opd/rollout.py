@@ -107,6 +107,30 @@ def draw_uniforms(batch: int, generator: torch.Generator | None, device) -> torc
     return torch.rand(batch, generator=generator, device=device, dtype=torch.float64)
 
 
+def mark_stop_strings(done, tokens, t: int, rows, stop: tuple[str, ...], tokenizer) -> None:
+    """Mark done each row in `rows` whose text up to column `t` now ends in a stop string.
+
+    Only the last `len(longest stop)` tokens are decoded: every token is at least a
+    character, so a stop string that just appeared lies within them."""
+    longest = max(len(s) for s in stop)
+    for i in rows:
+        if not done[i]:
+            tail = tokenizer.decode(tokens[i, max(0, t + 1 - longest) : t + 1].tolist())
+            if any(s in tail for s in stop):
+                done[i] = True
+
+
+def to_rollout(tokens, logq, lengths, done) -> Rollout:
+    """Per-row lists from the `[B, max_new_tokens]` buffers, cut at each row's length."""
+    n = lengths.tolist()
+    rows_tokens, rows_logq = tokens.tolist(), logq.tolist()
+    return Rollout(
+        completions=[rows_tokens[i][: n[i]] for i in range(len(n))],
+        logprobs=[rows_logq[i][: n[i]] for i in range(len(n))],
+        finished=done.tolist(),
+    )
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -150,7 +174,6 @@ def sample(
     done = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     next_pos = positions[:, -1] + 1
-    longest_stop = max((len(s) for s in stop), default=0)
     for t in range(max_new_tokens):
         logits = out.logits[:, -1, :vocab_size]
         if temperature == 0.0:
@@ -166,13 +189,7 @@ def sample(
         lengths += (~done).long()
         done |= token == eos_id
         if stop:
-            for i in range(B):
-                if not done[i]:
-                    tail = tokenizer.decode(
-                        tokens[i, max(0, t + 1 - longest_stop) : t + 1].tolist()
-                    )
-                    if any(s in tail for s in stop):
-                        done[i] = True
+            mark_stop_strings(done, tokens, t, range(B), stop, tokenizer)
         finished = bool(done.all())
         if all_finished is not None:
             finished = all_finished(finished)
@@ -188,10 +205,4 @@ def sample(
         )
         next_pos = next_pos + 1
     model.train(was_training)
-    n = lengths.tolist()
-    rows_tokens, rows_logq = tokens.tolist(), logq.tolist()
-    return Rollout(
-        completions=[rows_tokens[i][: n[i]] for i in range(B)],
-        logprobs=[rows_logq[i][: n[i]] for i in range(B)],
-        finished=done.tolist(),
-    )
+    return to_rollout(tokens, logq, lengths, done)

@@ -23,7 +23,16 @@ import logging
 import torch
 
 from opd.lean import GraphedStep, LeanDecoder, lean_supported
-from opd.rollout import Rollout, draw_tokens, draw_uniforms, left_pad, process_logits, sample
+from opd.rollout import (
+    Rollout,
+    draw_tokens,
+    draw_uniforms,
+    left_pad,
+    mark_stop_strings,
+    process_logits,
+    sample,
+    to_rollout,
+)
 
 log = logging.getLogger("opd")
 
@@ -98,7 +107,6 @@ def _decode(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, tempe
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     rows = None  # batch row of each cache row once finished rows have left; None: all rows
     next_pos = mask.sum(-1)  # position of the first new token: the prompt length
-    longest_stop = max((len(s) for s in stop), default=0)
     plain = top_k == 0 and top_p == 1.0
     for t in range(max_new_tokens):
         if temperature == 0.0:
@@ -126,13 +134,8 @@ def _decode(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, tempe
             lengths[rows] += live
             done[rows] |= ended
         if stop:
-            for i in range(B) if rows is None else rows.tolist():
-                if not done[i]:
-                    tail = tokenizer.decode(
-                        tokens[i, max(0, t + 1 - longest_stop) : t + 1].tolist()
-                    )
-                    if any(s in tail for s in stop):
-                        done[i] = True
+            live_rows = range(B) if rows is None else rows.tolist()
+            mark_stop_strings(done, tokens, t, live_rows, stop, tokenizer)
         if t == max_new_tokens - 1:
             break
         still = ~(done if rows is None else done[rows])
@@ -146,13 +149,7 @@ def _decode(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, tempe
             token, next_pos = token[keep], next_pos[keep]
         logits = step(token, next_pos, P + t)
         next_pos = next_pos + 1
-    n = lengths.tolist()
-    rows_tokens, rows_logq = tokens.tolist(), logq.tolist()
-    return Rollout(
-        completions=[rows_tokens[i][: n[i]] for i in range(B)],
-        logprobs=[rows_logq[i][: n[i]] for i in range(B)],
-        finished=done.tolist(),
-    )
+    return to_rollout(tokens, logq, lengths, done)
 
 
 # A graph replays whatever it captured; the first replay in a process is checked against
