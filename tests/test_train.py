@@ -239,6 +239,13 @@ def test_cli_train_with_overrides(base_config, tmp_path, capsys):
     assert "unknown config key loss.nope" in capsys.readouterr().err
 
 
+def test_bf16_on_cpu_says_it_trains_in_float32(base_config, caplog):
+    cfg = config_from_dict(base_config(steps=1, bf16=True))
+    with caplog.at_level("WARNING", logger="opd"):
+        train(cfg)
+    assert "autocast on CUDA only" in caplog.text
+
+
 def test_tensorboard_mirror(base_config):
     pytest.importorskip("tensorboard")
     cfg = config_from_dict(base_config(preset="supervised_kd", steps=2, tensorboard=True))

@@ -254,6 +254,12 @@ def train(config: TrainConfig, run: RunSetup | None = None, extra_eval=None) -> 
     for sampled accuracy and the exposure-bias gap.
     """
     run = run or build_run(config)
+    if config.bf16 and run.device.type != "cuda":
+        # CPU autocast to bf16 is emulated, and slow, on CPUs without bf16 instructions; a
+        # bf16 teacher on CPU is `teacher.dtype: bfloat16`.
+        log.warning(
+            "bf16: true applies autocast on CUDA only; training in float32 on %s", run.device
+        )
     start_step, bad_steps = 0, 0
     totals = {
         "student_tokens_generated": 0,
