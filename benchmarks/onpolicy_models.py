@@ -1,14 +1,17 @@
-"""Models, tokenizer and prompts shared by `onpolicy_vs_trl.py` and `onpolicy_profile.py`.
+"""Models, prompts and opd's side shared by `onpolicy_vs_trl.py`, `onpolicy_profile.py` and
+`onpolicy_floor.py`.
 
 Random-initialised teacher/student pairs written with `save_pretrained` under a work
 directory (reused when present), a character tokenizer whose length equals the models'
 vocabulary (so that every LM-head row is a real token and both libraries use all of
-them), and 32 prompts of equal length.
+them), and 32 prompts of equal length; opd's training config for them (`opd_config`) and
+its per-phase step timing (`time_steps`).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 SIZES = {
@@ -110,3 +113,48 @@ def build(workdir: Path, size: str, dtype: str, device: str = "cpu") -> dict:
             a, b = (37 * i + 11) % 100, (53 * i + 29) % 100
             f.write(json.dumps({"prompt": f"what is {a:02d}+{b:02d}?"}) + "\n")
     return paths
+
+
+def opd_config(paths: dict, output_dir, *, steps: int, dtype: str = "float32",
+               teacher_dtype: str | None = None, device: str = "cpu", seed: int = 0):  # fmt: skip
+    """opd's side of the comparison: preset `minillm_like` (student samples, full-vocabulary
+    reverse KL), batch 32, up to 48 new tokens at temperature 1, AdamW lr 1e-6 with
+    clipping at 1.0 as TRL, nothing saved."""
+    from opd.config import config_from_dict
+
+    return config_from_dict(
+        {
+            "preset": "minillm_like",
+            "student": {"path": str(paths["student"]), "dtype": dtype},
+            "teacher": {"path": str(paths["teacher"]), "dtype": teacher_dtype or dtype},
+            "data": {"train": str(paths["prompts"]), "chat_template": "off"},
+            "sampling": {"max_new_tokens": MAX_NEW, "temperature": 1.0},
+            "optim": {"lr": 1e-6},
+            "batch_size": BATCH,
+            "micro_batch_size": BATCH,
+            "steps": steps,
+            "save_every": 0,
+            "log_every": 1000,
+            "device": device,
+            "output_dir": str(output_dir),
+            "seed": seed,
+        }
+    )
+
+
+def time_steps(run, steps: int, clock=time.perf_counter) -> dict[str, list[float]]:
+    """Run opd's `train_step` `steps` times; per phase (opd's own phase timer) and for the
+    whole step ("total", by `clock`), the seconds of every step after the first, which
+    warms the allocator and the kernels."""
+    from opd.loop import train_step
+    from opd.metrics import PhaseTimer
+
+    timer, phases = PhaseTimer(), {}
+    for step in range(steps):
+        start = clock()
+        train_step(run, step, timer)
+        record = {**timer.pop(), "total": clock() - start}
+        if step:
+            for key, value in record.items():
+                phases.setdefault(key, []).append(value)
+    return phases

@@ -30,42 +30,17 @@ import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from onpolicy_models import BATCH, MAX_NEW, build
+from onpolicy_models import BATCH, MAX_NEW, build, opd_config, time_steps
 
 
 def profile_ours(paths: dict, steps: int) -> dict:
     import opd.metrics
 
     opd.metrics.time = types.SimpleNamespace(perf_counter=time.process_time)  # CPU time
-    from opd.config import config_from_dict
-    from opd.loop import train_step
-    from opd.metrics import PhaseTimer
     from opd.setup import build_run
 
-    config = config_from_dict(
-        {
-            "preset": "minillm_like",
-            "student": {"path": str(paths["student"])},
-            "teacher": {"path": str(paths["teacher"])},
-            "data": {"train": str(paths["prompts"]), "chat_template": "off"},
-            "sampling": {"max_new_tokens": MAX_NEW},
-            "optim": {"lr": 1e-6},
-            "batch_size": BATCH,
-            "micro_batch_size": BATCH,
-            "steps": steps,
-            "device": "cpu",
-            "output_dir": tempfile.mkdtemp(),
-        }
-    )
-    run = build_run(config)
-    timer, phases = PhaseTimer(), {}
-    for step in range(steps):
-        start = time.process_time()
-        train_step(run, step, timer)
-        record = {**timer.pop(), "total": time.process_time() - start}
-        for key, value in record.items():
-            if step:
-                phases.setdefault(key, []).append(value)
+    run = build_run(opd_config(paths, tempfile.mkdtemp(), steps=steps))
+    phases = time_steps(run, steps, clock=time.process_time)
     return {k: statistics.median(v) for k, v in phases.items()}
 
 

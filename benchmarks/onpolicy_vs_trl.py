@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from onpolicy_models import BATCH, MAX_NEW, SIZES, build
+from onpolicy_models import BATCH, MAX_NEW, SIZES, build, opd_config
 
 
 def _status_kb(key: str) -> int:
@@ -61,25 +61,15 @@ def _status_kb(key: str) -> int:
 
 def run_ours(args, paths: dict, out: Path) -> dict:
     import opd.loop
-    from opd.config import config_from_dict
 
-    config = config_from_dict(
-        {
-            "preset": "minillm_like",
-            "student": {"path": str(paths["student"]), "dtype": args.dtype},
-            "teacher": {"path": str(paths["teacher"]), "dtype": args.teacher_dtype},
-            "data": {"train": str(paths["prompts"]), "chat_template": "off"},
-            "sampling": {"max_new_tokens": MAX_NEW, "temperature": 1.0},
-            "optim": {"lr": 1e-6},  # and gradient clipping at 1.0, as TRL
-            "batch_size": BATCH,
-            "micro_batch_size": BATCH,
-            "steps": args.warmup + args.steps,
-            "save_every": 0,
-            "log_every": 1000,
-            "device": args.device,
-            "output_dir": str(out),
-            "seed": args.seed,
-        }
+    config = opd_config(
+        paths,
+        out,
+        steps=args.warmup + args.steps,
+        dtype=args.dtype,
+        teacher_dtype=args.teacher_dtype,
+        device=args.device,
+        seed=args.seed,
     )
     ends, cpu, tokens = [], [], []
     inner = opd.loop.train_step
@@ -223,7 +213,6 @@ def check(args, paths: dict, out: Path) -> dict:
     from trl import DistillationConfig, DistillationTrainer
 
     from opd.batch import assemble
-    from opd.config import config_from_dict
     from opd.fused_objective import fused_batch_loss, teacher_hidden
     from opd.models import completion_logits
     from opd.objectives import batch_loss
@@ -231,15 +220,13 @@ def check(args, paths: dict, out: Path) -> dict:
     from opd.rollout_fast import sample_fast
     from opd.setup import build_run
 
-    config = config_from_dict(
-        {
-            "preset": "minillm_like",
-            "student": {"path": str(paths["student"]), "dtype": args.dtype},
-            "teacher": {"path": str(paths["teacher"]), "dtype": args.teacher_dtype},
-            "data": {"train": str(paths["prompts"]), "chat_template": "off"},
-            "device": args.device,
-            "output_dir": str(out / "ours"),
-        }
+    config = opd_config(
+        paths,
+        out / "ours",
+        steps=1,
+        dtype=args.dtype,
+        teacher_dtype=args.teacher_dtype,
+        device=args.device,
     )
     run = build_run(config)
     student = run.student
