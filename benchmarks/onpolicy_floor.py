@@ -12,7 +12,7 @@ gradients (forward + backward = 3x the forward's products), and the heads. This 
 1. samples one batch exactly as the loop does (same models, prompts, seed, step 0) and
    counts, on its real tokens, the multiply-adds each phase cannot avoid: linear layers
    (a row's last token fed to nobody, the last layer's attention output and MLP only on
-   supervised positions, as `opd.lean` already does), causal attention, the LM heads;
+   supervised positions, as `opd.modeling.lean` already does), causal attention, the LM heads;
 2. measures this machine's matmul rate at each phase's own shapes (`[tokens, hidden]` times
    the layer's widest weight; `[batch, hidden]` for decoding), best of several, at the
    benchmark's thread count and in the teacher's dtype;
@@ -123,9 +123,9 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     paths = build(Path(args.workdir) / args.size, args.size, "float32")
 
-    from opd.loop import make_micro_batch
     from opd.metrics import PhaseTimer
-    from opd.setup import build_run
+    from opd.run_setup import build_run
+    from opd.sources import make_micro_batch
 
     config = opd_config(
         paths, tempfile.mkdtemp(), steps=args.steps + 1, teacher_dtype=args.teacher_dtype
@@ -148,7 +148,7 @@ def main(argv=None) -> None:
     # floor does not charge, so the counter must read the floor plus exactly that.
     from torch.utils.flop_counter import FlopCounterMode
 
-    from opd.fused_objective import teacher_hidden
+    from opd.objectives.fused import teacher_hidden
 
     with FlopCounterMode(display=False) as counter:
         teacher_hidden(run.teacher, batch)

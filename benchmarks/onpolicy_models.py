@@ -73,7 +73,7 @@ def build(workdir: Path, size: str, dtype: str, device: str = "cpu") -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from opd.tiny import build_char_tokenizer, tiny_causal_lm
+    from opd.demo.tiny import build_char_tokenizer, tiny_causal_lm
 
     spec = SIZES[size]
     paths = {"teacher": workdir / "teacher", "student": workdir / "student"}

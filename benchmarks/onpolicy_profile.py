@@ -37,7 +37,7 @@ def profile_ours(paths: dict, steps: int) -> dict:
     import opd.metrics
 
     opd.metrics.time = types.SimpleNamespace(perf_counter=time.process_time)  # CPU time
-    from opd.setup import build_run
+    from opd.run_setup import build_run
 
     run = build_run(opd_config(paths, tempfile.mkdtemp(), steps=steps))
     phases = time_steps(run, steps, clock=time.process_time)

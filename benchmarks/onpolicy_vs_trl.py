@@ -204,7 +204,7 @@ def check(args, paths: dict, out: Path) -> dict:
     """Both losses, and their gradients, on one batch: same weights, same sampled sequences.
 
     opd's loss is computed the way its loop computes it (the fused head + divergence on the
-    packed forward) and, for reference, on full logits (`objectives.batch_loss`); TRL's by
+    packed forward) and, for reference, on full logits (`objectives.plain.batch_loss`); TRL's by
     its own `DistillationTrainer._compute_loss` on that batch.
     """
     import torch
@@ -213,12 +213,12 @@ def check(args, paths: dict, out: Path) -> dict:
     from trl import DistillationConfig, DistillationTrainer
 
     from opd.batch import assemble
-    from opd.fused_objective import fused_batch_loss, teacher_hidden
-    from opd.models import completion_logits
-    from opd.objectives import batch_loss
-    from opd.rollout import sample
-    from opd.rollout_fast import sample_fast
-    from opd.setup import build_run
+    from opd.modeling.hf import completion_logits
+    from opd.objectives.fused import fused_batch_loss, teacher_hidden
+    from opd.objectives.plain import batch_loss
+    from opd.run_setup import build_run
+    from opd.sampling.fast import sample_fast
+    from opd.sampling.reference import sample
 
     config = opd_config(
         paths,

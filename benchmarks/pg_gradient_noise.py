@@ -18,8 +18,8 @@ import torch
 from opd.batch import assemble
 from opd.demo.task import make_examples
 from opd.losses import distill_advantages, masked_sum, policy_gradient_loss, token_divergence
-from opd.models import completion_logits, load_causal_lm, load_tokenizer, token_logprobs
-from opd.rollout import sample
+from opd.modeling.hf import completion_logits, load_causal_lm, load_tokenizer, token_logprobs
+from opd.sampling.reference import sample
 
 
 def flat_grad(model, loss: torch.Tensor) -> torch.Tensor:

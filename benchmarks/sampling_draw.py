@@ -1,4 +1,4 @@
-"""One sampling draw per decode step: `torch.multinomial` against `opd.rollout.draw_tokens`.
+"""One sampling draw per decode step: `torch.multinomial` against `opd.sampling.draw.draw_tokens`.
 
     python benchmarks/sampling_draw.py                  # B = 32, V = 49, 32,000, 151,936
     python benchmarks/sampling_draw.py --batch 8 --vocab 151936 --threads 1
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from opd.rollout import draw_tokens
+from opd.sampling.draw import draw_tokens
 
 
 def best_ms(fn, repeats: int = 10) -> float:

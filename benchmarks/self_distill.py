@@ -41,7 +41,7 @@ from opd.demo.task import exact_match, make_examples
 from opd.evaluate import task_accuracy
 from opd.loop import train
 from opd.metrics import read_metrics
-from opd.models import completion_logits, load_causal_lm, load_tokenizer, token_logprobs
+from opd.modeling.hf import completion_logits, load_causal_lm, load_tokenizer, token_logprobs
 from opd.teachers.self_teacher import render_privileged
 
 # The reference solution, then the question again: the teacher sees the worked answer

@@ -28,16 +28,16 @@ from pathlib import Path
 import torch
 
 from opd.batch import assemble
+from opd.cache.generate import CacheSpec, build_cache
 from opd.checkpoint import latest_checkpoint
 from opd.config import DataConfig, config_from_dict
 from opd.data import Encoder
 from opd.demo.build import build_models, greedy_accuracy
 from opd.demo.task import make_examples
-from opd.generate import CacheSpec, build_cache
 from opd.loop import train
 from opd.losses import token_divergence
 from opd.metrics import read_metrics
-from opd.models import completion_logits, load_causal_lm, load_tokenizer
+from opd.modeling.hf import completion_logits, load_causal_lm, load_tokenizer
 
 
 @torch.no_grad()

@@ -6,9 +6,9 @@ import random
 
 import torch
 
-from opd.models import load_causal_lm, load_tokenizer
-from opd.protocol import Limits
-from opd.serve import BackgroundServer, ServeSettings, TeacherService, create_app
+from opd.modeling.hf import load_causal_lm, load_tokenizer
+from opd.serve.app import BackgroundServer, ServeSettings, TeacherService, create_app
+from opd.serve.protocol import Limits
 
 TOKEN = "s3cret-token"
 LIMITS = Limits(

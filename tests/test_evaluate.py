@@ -16,7 +16,7 @@ from opd.evaluate import (
     task_accuracy,
     teacher_logits,
 )
-from opd.models import completion_logits, load_causal_lm, load_tokenizer
+from opd.modeling.hf import completion_logits, load_causal_lm, load_tokenizer
 from opd.teachers.local import LocalTeacher
 
 

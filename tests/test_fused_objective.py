@@ -9,11 +9,11 @@ from safetensors.torch import load_file
 from opd.batch import assemble
 from opd.checkpoint import latest_checkpoint
 from opd.config import LossConfig, config_from_dict
-from opd.fused_objective import fused_applies, fused_batch_loss, teacher_hidden
 from opd.loop import train
-from opd.models import completion_logits, load_causal_lm, load_tokenizer
-from opd.objectives import batch_loss
-from opd.setup import build_run
+from opd.modeling.hf import completion_logits, load_causal_lm, load_tokenizer
+from opd.objectives.fused import fused_applies, fused_batch_loss, teacher_hidden
+from opd.objectives.plain import batch_loss
+from opd.run_setup import build_run
 from opd.teachers.local import LocalTeacher
 
 

@@ -1,14 +1,14 @@
-"""The lean forward (opd.lean) equals the Hugging Face forward, values and gradients."""
+"""The lean forward (opd.modeling.lean) equals the Hugging Face forward, values and gradients."""
 
 import pytest
 import torch
 
 from opd.batch import assemble
-from opd.fused_objective import supervised_hidden
-from opd.lean import LeanDecoder, lean_supported, packed_supervised_hidden
-from opd.models import completion_hidden
-from opd.rollout import left_pad
-from opd.tiny import build_char_tokenizer, tiny_causal_lm
+from opd.demo.tiny import build_char_tokenizer, tiny_causal_lm
+from opd.modeling.hf import completion_hidden
+from opd.modeling.lean import LeanDecoder, lean_supported, packed_supervised_hidden
+from opd.objectives.fused import supervised_hidden
+from opd.sampling.reference import left_pad
 
 TOK = build_char_tokenizer("0123456789+=")
 FAMILIES = {"llama": {}, "qwen2": {}, "qwen3": {"heads": 4, "kv_heads": 1}}

@@ -14,19 +14,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import opd.generate as generate_mod
-import opd.setup as setup_mod
+import opd.cache.generate as generate_mod
+import opd.run_setup as setup_mod
 from opd.batch import assemble
-from opd.cache import CacheError, CacheReader, read_manifest
+from opd.cache.format import CacheError, CacheReader, read_manifest
+from opd.cache.generate import CacheSpec, build_cache
+from opd.cache.inspect import cache_report, inspect_cache
 from opd.cli import main as cli_main
 from opd.config import config_from_dict
-from opd.generate import CacheSpec, build_cache
-from opd.inspect_cache import cache_report, inspect_cache
+from opd.demo.tiny import build_char_tokenizer, save_tiny_pair, tiny_causal_lm
 from opd.loop import train
 from opd.metrics import read_metrics
-from opd.models import load_tokenizer
+from opd.modeling.hf import load_tokenizer
 from opd.teachers.cached import CachedTeacher
-from opd.tiny import build_char_tokenizer, save_tiny_pair, tiny_causal_lm
 
 torch.set_num_threads(2)
 N_PROMPTS = 10
@@ -172,8 +172,8 @@ def test_stored_ids_are_used_and_align_with_teacher(models, pairs, tmp_path, mon
     run = setup_mod.build_run(cfg)
     for r in run.train_rows:  # make the text useless: only the ids can give the right batch
         r["completion"] = "#"
-    from opd.loop import make_micro_batch
     from opd.metrics import PhaseTimer
+    from opd.sources import make_micro_batch
 
     batch = make_micro_batch(run, 0, 0, PhaseTimer())
     scores = run.teacher.score(batch, "topk", 8)

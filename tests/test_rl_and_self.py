@@ -11,12 +11,12 @@ from opd.config import LossConfig, config_from_dict
 from opd.data import Encoder
 from opd.loop import train
 from opd.metrics import read_metrics
-from opd.models import completion_logits, load_causal_lm, load_tokenizer, token_logprobs
-from opd.objectives import batch_loss
+from opd.modeling.hf import completion_logits, load_causal_lm, load_tokenizer, token_logprobs
+from opd.objectives.plain import batch_loss
+from opd.objectives.rl import group_advantages, mixed_batch_loss, reward_pg_loss, sequence_rewards
 from opd.rewards import resolve_reward
-from opd.rl import group_advantages, mixed_batch_loss, reward_pg_loss, sequence_rewards
-from opd.rollout import sample
-from opd.setup import build_run
+from opd.run_setup import build_run
+from opd.sampling.reference import sample
 from opd.teachers.local import LocalTeacher
 from opd.teachers.self_teacher import SelfTeacher, render_privileged
 

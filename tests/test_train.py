@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from tests.conftest import save_model_with_tokenizer
 from transformers import AutoModelForCausalLM
 
-import opd.loop as train_mod
+import opd.objectives.plain as plain_mod
 from opd.batch import assemble
 from opd.checkpoint import latest_checkpoint
 from opd.config import config_from_dict
@@ -17,7 +17,7 @@ from opd.data import Encoder, load_rows
 from opd.loop import train
 from opd.losses import token_divergence
 from opd.metrics import read_metrics
-from opd.models import completion_logits, load_causal_lm, load_tokenizer
+from opd.modeling.hf import completion_logits, load_causal_lm, load_tokenizer
 
 PRESETS = ["seqkd", "supervised_kd", "gkd", "on_policy", "minillm_like"]
 
@@ -135,13 +135,13 @@ def test_killed_save_leaves_previous_checkpoint_loadable(base_config, monkeypatc
 
 
 def test_non_finite_steps_are_skipped_then_stop(base_config, monkeypatch):
-    real = train_mod.batch_loss
+    real = plain_mod.batch_loss
 
     def poisoned(logits, *a, **kw):
         loss, div = real(logits, *a, **kw)
         return loss * float("nan"), div
 
-    monkeypatch.setattr(train_mod, "batch_loss", poisoned)
+    monkeypatch.setattr(plain_mod, "batch_loss", poisoned)
     cfg = config_from_dict(
         base_config(preset="supervised_kd", steps=6, max_bad_steps=2, loss__fused=False)
     )

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from opd.losses import KINDS, check_kind
+from opd.presets import PRESETS
 
 
 def _one_of(key: str, value, allowed) -> None:
@@ -85,7 +86,7 @@ class TeacherConfig:
     self_weights: str = "frozen"  # self: frozen (start) | ema | live (current, no gradient)
     ema_decay: float = 0.99  # self_weights=ema: theta_bar <- d*theta_bar + (1-d)*theta per step
     # local, multi-process runs: shard the teacher's weights over the ranks (FSDP2) instead of
-    # one full eval-mode copy per rank (opd.distributed)
+    # one full eval-mode copy per rank (opd.parallel)
     shard: bool = False
 
     def __post_init__(self):
@@ -129,8 +130,10 @@ class SamplingConfig:
     max_new_tokens: int = 128
     n: int = 1  # samples per prompt
     stop: list[str] = field(default_factory=list)
+    engine: str = "lean"  # hf (reference sampler) | lean (static-cache fast sampler)
 
     def __post_init__(self):
+        _one_of("sampling.engine", self.engine, ("hf", "lean"))
         _in_range("sampling.temperature", self.temperature, 0.0)
         _in_range("sampling.top_p", self.top_p, 0.0, 1.0, lo_open=True)
         _in_range("sampling.top_k", self.top_k, 0)
@@ -299,42 +302,6 @@ class TrainConfig:
     @property
     def accumulation(self) -> int:
         return self.batch_size // self.micro_batch_size
-
-
-PRESETS: dict[str, dict] = {
-    # Kim & Rush 2016: cross-entropy on teacher-generated text.
-    "seqkd": {"loss": {"objective": "ce"}, "source": {"lmbda": 0.0, "off_policy": "teacher"}},
-    # Hinton et al. / supervised KD: forward KL on fixed prefixes.
-    "supervised_kd": {
-        "loss": {"objective": "kd", "divergence": "forward_kl", "estimator": "full"},
-        "source": {"lmbda": 0.0, "off_policy": "dataset"},
-    },
-    # Agarwal et al. 2024: lambda-mixed sources with generalized JSD(beta).
-    "gkd": {
-        "loss": {"objective": "kd", "divergence": "jsd", "beta": 0.5, "estimator": "full"},
-        "source": {"lmbda": 0.5, "off_policy": "dataset"},
-    },
-    # Thinking Machines 2025: student samples, per-token reverse-KL advantage.
-    "on_policy": {"loss": {"objective": "pg"}, "source": {"lmbda": 1.0}},
-    # Gu et al. 2024 (MiniLLM), without its PPO machinery: full-vocabulary reverse KL on student samples.
-    "minillm_like": {
-        "loss": {"objective": "kd", "divergence": "reverse_kl", "estimator": "full"},
-        "source": {"lmbda": 1.0},
-    },
-    # Self-distillation with privileged context: the student's own model, with the reference in
-    # its prompt (teacher.privileged_template), scores the student's samples. OPSD (Zhao et al.
-    # 2026) uses full-vocabulary JSD; SDFT (Shenfeld et al. 2026) a per-token KL.
-    "opsd": {
-        "teacher": {"kind": "self"},
-        "loss": {"objective": "kd", "divergence": "jsd", "beta": 0.5, "estimator": "full"},
-        "source": {"lmbda": 1.0},
-    },
-    "sdft": {
-        "teacher": {"kind": "self"},
-        "loss": {"objective": "kd", "divergence": "reverse_kl", "estimator": "full"},
-        "source": {"lmbda": 1.0},
-    },
-}
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

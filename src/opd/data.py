@@ -17,7 +17,7 @@ def load_rows(path: str | Path) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"dataset {path} does not exist")
     if path.is_dir() and (path / "manifest.json").is_file():
-        from opd.cache import load_cache_rows  # an `opd generate`/`opd score` cache
+        from opd.cache.format import load_cache_rows  # an `opd generate`/`opd score` cache
 
         return load_cache_rows(path)
     if path.is_dir():

@@ -15,8 +15,8 @@ import torch
 from opd.batch import assemble
 from opd.data import Encoder
 from opd.losses import masked_sum, token_divergence
-from opd.models import completion_logits
-from opd.rollout_fast import sample_fast
+from opd.modeling.hf import completion_logits
+from opd.sampling.fast import sample_fast
 
 
 def sample_completions(
@@ -38,7 +38,7 @@ def sample_completions(
     prompts_all, completions = [], []
     for start in range(0, len(rows), batch_size):
         prompts = [encoder.prompt_ids(r[prompt_field]) for r in rows[start : start + batch_size]]
-        out = sample_fast(  # the same tokens as `opd.rollout.sample`, faster (issue 10)
+        out = sample_fast(  # the same tokens as `opd.sampling.reference.sample`, faster (issue 10)
             model,
             prompts,
             max_new_tokens=max_new_tokens,

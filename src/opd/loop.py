@@ -19,164 +19,46 @@ import math
 import time
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from opd.batch import SequenceBatch, assemble
 from opd.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from opd.config import TrainConfig, config_to_dict
-from opd.distributed import NullMetricsLog, aggregate_step
 from opd.evaluate import task_accuracy
-from opd.fused_objective import fused_batch_loss, teacher_hidden
 from opd.metrics import MetricsLog, PhaseTimer
-from opd.models import completion_logits
-from opd.objectives import batch_loss, teacher_need
+from opd.objectives import for_step
+from opd.parallel import NullMetricsLog, aggregate_step
 from opd.rewards import resolve_metric
-from opd.rl import RewardStep
-from opd.rollout_fast import sample_fast
-from opd.setup import RunSetup, build_run
+from opd.run_setup import RunSetup, build_run
+from opd.sources import make_micro_batches, source_counts
 
 log = logging.getLogger("opd")
 
 
-def step_seed(seed: int, step: int, micro: int, rank: int = 0) -> int:
-    # rank: each process of a multi-process run samples its own completions (opd.distributed)
-    return (seed * 1_000_003 + step * 1_009 + micro + rank * 2**40) % (2**63 - 1)
-
-
-def choose_source(config: TrainConfig, step: int, micro: int) -> str:
-    u = np.random.default_rng([config.seed, step, micro, 7]).random()
-    return "student" if u < config.source.lmbda else config.source.off_policy
-
-
-def make_micro_batch(run: RunSetup, step: int, micro: int, timer: PhaseTimer) -> SequenceBatch:
-    config, enc, world = run.config, run.encoder, run.world
-    # Global micro-batch `micro` holds micro_batch_size * W prompts; rank r takes slice r.
-    start = (step * world.accumulation(config) + micro) * world.size + world.rank
-    start *= config.micro_batch_size
-    rows = [run.train_rows[i] for i in run.order.take(start, config.micro_batch_size)]
-    source = choose_source(config, step, micro)
-    pad = run.tokenizer.pad_token_id
-    if source == "dataset":
-        with timer.phase("data"):
-            # Rows from an opd teacher cache carry the exact tokens the teacher scored
-            # (re-tokenizing decoded text need not give them back).
-            prompts = [
-                r["prompt_ids"]
-                if "prompt_ids" in r
-                else enc.prompt_ids(r[config.data.prompt_field])
-                for r in rows
-            ]
-            completions = [
-                r["completion_ids"][: config.data.max_completion_tokens]
-                if "completion_ids" in r
-                else enc.completion_ids(r[config.data.completion_field])
-                for r in rows
-            ]
-            return assemble(prompts, completions, pad_id=pad, source="dataset", rows=rows)
-    s = config.sampling
-    rows = [r for r in rows for _ in range(s.n)]
-    prompts = [enc.prompt_ids(r[config.data.prompt_field]) for r in rows]
-    model = world.sampling_model(run.student if source == "student" else run.teacher.model)
-    gen = torch.Generator(device=run.device)
-    gen.manual_seed(step_seed(config.seed, step, micro, world.rank))
-    with timer.phase("generate" if source == "student" else "teacher_generate"):
-        out = sample_fast(  # = rollout.sample, on a static KV cache (issue 10)
-            model,
-            prompts,
-            max_new_tokens=s.max_new_tokens,
-            eos_id=run.tokenizer.eos_token_id,
-            pad_id=pad,
-            vocab_size=run.vocab_size,
-            temperature=s.temperature,
-            top_k=s.top_k,
-            top_p=s.top_p,
-            stop=tuple(s.stop),
-            tokenizer=run.tokenizer,
-            generator=gen,
-            all_finished=world.lockstep(model),
-        )
-    return assemble(
-        prompts,
-        out.completions,
-        pad_id=pad,
-        source=source,
-        completion_logprobs=out.logprobs,
-        rows=rows,
-    )
-
-
 def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
-    config = run.config
+    """One optimizer step: make micro-batches -> teacher scores -> loss -> step."""
     world = run.world
-    batches = [make_micro_batch(run, step, m, timer) for m in range(world.accumulation(config))]
+    batches = make_micro_batches(run, step, timer)
     # Summed over ranks before any backward: every rank divides by the step's global count.
     num_tokens = world.sum(sum(b.num_target_tokens() for b in batches))
-    need, topk = teacher_need(config.loss)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if config.bf16 and run.device.type == "cuda"
-        else nullcontext()
-    )
+    objectives = for_step(run)
     loss_total, div_total, teacher_scored = 0.0, 0.0, 0
-    # RL + on-policy distillation (opd.rl): student batches mix in a reward term.
-    rl = RewardStep(run.reward_fn, run.tokenizer, config) if run.reward_fn is not None else None
     run.student.train()
     for i, batch in enumerate(batches):
         batch = batch.to(run.device)
-        scores = None
-        rewarded = rl is not None and batch.source == "student"
-        if rewarded:
-            with timer.phase("reward"):
-                rewards = rl.rewards_for(batch)
-        if run.fused and not rewarded:  # same loss without [tokens, vocab] logits
-            with timer.phase("teacher_score"):
-                hidden_t = teacher_hidden(run.teacher, batch)
-            teacher_scored += batch.num_target_tokens()
-            with timer.phase("update"), autocast:
-                loss, div_sum = fused_batch_loss(
-                    run.student,
-                    run.teacher,
-                    hidden_t,
-                    batch,
-                    config.loss,
-                    num_tokens,
-                    run.vocab_size,
-                )
-                loss.backward()
-            loss_total += float(loss.detach())
-            div_total += div_sum
-            continue
-        if need is not None and (not rewarded or rl.calls_teacher):
-            with timer.phase("teacher_score"):
-                scores = run.teacher.score(batch, need, topk)
-            teacher_scored += scores.tokens_scored
+        objective = objectives.for_batch(batch)
+        with timer.phase("teacher_score"):
+            scored = objective.score(batch)
+        teacher_scored += scored.tokens_scored
         last = i == len(batches) - 1
-        with timer.phase("update"), autocast, world.grad_sync(run.student, last):
-            logits = completion_logits(run.student, batch, run.vocab_size)
-            if rewarded:
-                loss, div_sum = rl.batch_loss(logits, batch, scores, num_tokens, rewards)
-            else:
-                loss, div_sum = batch_loss(logits, batch, scores, config.loss, num_tokens)
+        with timer.phase("update"), _autocast(run), world.grad_sync(run.student, last):
+            loss, div_sum = objective.loss(batch, scored, num_tokens)
             world.backward(loss)
         loss_total += float(loss.detach())
         div_total += div_sum
     loss_total, div_total = world.sum_all([loss_total, div_total])
     with timer.phase("update"):
-        params = [p for p in run.student.parameters() if p.requires_grad]
-        max_norm = config.optim.max_grad_norm or float("inf")
-        grad_norm = world.clip_grad_norm(run.student, params, max_norm)
-        finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
-        if finite:
-            run.optimizer.step()
-            run.scheduler.step()
-            if hasattr(run.teacher, "after_optimizer_step"):
-                run.teacher.after_optimizer_step()  # self teacher, EMA weights
-        run.optimizer.zero_grad(set_to_none=True)
-    by_source = {
-        s: sum(b.size for b in batches if b.source == s) for s in ("dataset", "teacher", "student")
-    }
+        grad_norm, finite = optimizer_step(run, loss_total)
     return aggregate_step(
         world,
         {
@@ -185,20 +67,33 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
             "grad_norm": grad_norm,
             "skipped": not finite,
             "tokens": num_tokens,
-            "student_tokens_generated": sum(
-                b.num_target_tokens() for b in batches if b.source == "student"
-            ),
-            "teacher_tokens_generated": sum(
-                b.num_target_tokens() for b in batches if b.source == "teacher"
-            ),
+            **source_counts(batches),
             "teacher_tokens_scored": teacher_scored,
-            "sequences_from_student": by_source["student"],
-            "sequences_from_teacher": by_source["teacher"],
-            "sequences_from_dataset": by_source["dataset"],
             "lr": run.scheduler.get_last_lr()[0],
-            **(rl.record() if rl is not None else {}),
+            **objectives.record(),
         },
     )
+
+
+def _autocast(run: RunSetup):
+    if run.config.bf16 and run.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def optimizer_step(run: RunSetup, loss_total: float) -> tuple[float, bool]:
+    """Clip, then step only when the loss and gradient are finite; `(grad_norm, finite)`."""
+    params = [p for p in run.student.parameters() if p.requires_grad]
+    max_norm = run.config.optim.max_grad_norm or float("inf")
+    grad_norm = run.world.clip_grad_norm(run.student, params, max_norm)
+    finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
+    if finite:
+        run.optimizer.step()
+        run.scheduler.step()
+        if hasattr(run.teacher, "after_optimizer_step"):
+            run.teacher.after_optimizer_step()  # self teacher, EMA weights
+    run.optimizer.zero_grad(set_to_none=True)
+    return grad_norm, finite
 
 
 def evaluate_now(run: RunSetup, metric) -> dict:

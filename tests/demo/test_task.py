@@ -27,7 +27,7 @@ from opd.demo.task import (
     render,
     split_of,
 )
-from opd.tiny import build_char_tokenizer, tiny_causal_lm
+from opd.demo.tiny import build_char_tokenizer, tiny_causal_lm
 
 
 @pytest.fixture(autouse=True)

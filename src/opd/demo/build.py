@@ -30,7 +30,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from opd.demo.task import DEFAULT_SPEC, TaskSpec, accuracy, make_examples
-from opd.tiny import build_char_tokenizer, tiny_causal_lm
+from opd.demo.tiny import build_char_tokenizer, tiny_causal_lm
 
 # Bump when the task, the training recipe or the file layout changes meaning, so that old
 # caches are rebuilt instead of silently reused.

@@ -27,8 +27,8 @@ from opd.demo.task import exact_match, make_examples
 from opd.evaluate import exposure_bias, sample_completions, task_accuracy, teacher_logits
 from opd.loop import train
 from opd.metrics import read_metrics
-from opd.models import load_causal_lm
-from opd.setup import build_run
+from opd.modeling.hf import load_causal_lm
+from opd.run_setup import build_run
 
 # The exposure gap is measured in total variation, which none of the methods minimizes: KL(T||S)
 # would favour the forward-KL methods and KL(S||T) the reverse-KL ones (both are recorded too).

@@ -17,7 +17,7 @@ in a few hundred steps. Without them the model has to count steps to find the te
 position; in our runs that took several times longer to learn (65% vs 94% accuracy
 after 600 vs 400 steps of batch 32).
 
-Only characters of `opd.tiny.DEFAULT_CHARS` are used. The train, dev and eval splits are
+Only characters of `opd.demo.tiny.DEFAULT_CHARS` are used. The train, dev and eval splits are
 disjoint by construction, not only by seed: a prompt belongs to exactly one split (by a
 stable hash of its text), and each split's generator rejects prompts of the others.
 """
@@ -31,7 +31,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from opd.tiny import DEFAULT_CHARS
+from opd.demo.tiny import DEFAULT_CHARS
 
 SPLITS = ("train", "dev", "eval")
 ANSWER_MARK = "#"

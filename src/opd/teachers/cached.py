@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from opd.batch import SequenceBatch
-from opd.cache import CacheError, CacheReader
+from opd.cache.format import CacheError, CacheReader
 from opd.teachers.base import TeacherScores, check_need
 
 log = logging.getLogger("opd")
@@ -100,7 +100,7 @@ class CachedTeacher:
 
 def build_cached_teacher(config, tokenizer) -> CachedTeacher:
     """`teacher.kind: cached` from a run config: checks what a cache cannot serve, up front."""
-    from opd.cache import is_cache
+    from opd.cache.format import is_cache
 
     train = config.data.train
     cache_dir = config.teacher.cache_dir or (train if train and is_cache(train) else "")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from opd.batch import SequenceBatch
-from opd.models import completion_logits
+from opd.modeling.hf import completion_logits
 from opd.teachers.base import TeacherScores, scores_from_logits
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from opd.batch import SequenceBatch
-from opd.protocol import array_b64
+from opd.serve.protocol import array_b64
 from opd.teachers.base import TeacherScores, check_need
 from opd.teachers.errors import TeacherRequestError, TeacherUnavailable
 
@@ -307,8 +307,8 @@ def _error_message(resp: httpx.Response) -> str:
 
 def remote_teacher_from_config(config, tokenizer) -> RemoteTeacher:
     """The `teacher.kind: remote` of a run config, checked against the student's tokenizer."""
-    from opd.models import tokenizer_fingerprint
-    from opd.objectives import teacher_need
+    from opd.modeling.hf import tokenizer_fingerprint
+    from opd.objectives.plain import teacher_need
 
     t = config.teacher
     if not t.url:

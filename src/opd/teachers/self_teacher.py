@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from opd.batch import SequenceBatch, assemble
-from opd.models import completion_logits
+from opd.modeling.hf import completion_logits
 from opd.teachers.base import TeacherScores, check_need, scores_from_logits
 
 WEIGHTS = ("frozen", "ema", "live")
@@ -191,9 +191,9 @@ class SelfTeacher:
 
 
 def build_self_teacher(config, tokenizer, student, resume_from=None) -> SelfTeacher:
-    """The `teacher.kind=self` teacher of a run (called by `opd.setup.build_teacher`)."""
+    """The `teacher.kind=self` teacher of a run (called by `opd.teachers.registry.build_teacher`)."""
     from opd.data import Encoder
-    from opd.models import load_causal_lm, shared_vocab_size
+    from opd.modeling.hf import load_causal_lm, shared_vocab_size
 
     if student is None:
         raise ValueError("teacher.kind='self' needs the student model to build its teacher")

@@ -8,12 +8,12 @@ it load anything), and answers:
 
 * `GET /health`: `{"status": "ok"}`, no token needed (for load balancers);
 * `GET /opd/v1/info`: model name, `vocab_size`, `tokenizer_fingerprint`
-  (`opd.models.tokenizer_fingerprint`) and the request limits, so clients can refuse a
+  (`opd.modeling.hf.tokenizer_fingerprint`) and the request limits, so clients can refuse a
   teacher whose token ids mean something else;
 * `GET /v1/models`, `POST /v1/completions`: the vLLM-compatible scoring subset, and
-  `POST /opd/v1/score`: the compact form (both specified in `opd.protocol`).
+  `POST /opd/v1/score`: the compact form (both specified in `opd.serve.protocol`).
 
-Concurrent requests are batched into padded forwards (`opd.serve_batcher`). Secure by
+Concurrent requests are batched into padded forwards (`opd.serve.batcher`). Secure by
 default: it binds 127.0.0.1; a bearer token (read from the environment variable named by
 `--token-env`) is required on every endpoint but `/health` whenever one is set, and the
 server refuses to bind a non-loopback address without one. Oversized requests get 413,
@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from opd.protocol import (
+from opd.serve.batcher import Batcher
+from opd.serve.protocol import (
     Limits,
     RequestError,
     completion_response,
@@ -44,7 +45,6 @@ from opd.protocol import (
     parse_score,
     score_response,
 )
-from opd.serve_batcher import Batcher
 
 log = logging.getLogger("opd.serve")
 
@@ -86,7 +86,7 @@ class TeacherService:
     """The loaded teacher plus its batcher; what the HTTP layer talks to."""
 
     def __init__(self, model, tokenizer, *, name: str, limits: Limits, batch_wait_ms: float):
-        from opd.models import shared_vocab_size, tokenizer_fingerprint
+        from opd.modeling.hf import shared_vocab_size, tokenizer_fingerprint
 
         self.model = model.eval().requires_grad_(False)
         self.tokenizer, self.name, self.limits = tokenizer, name, limits
@@ -102,7 +102,7 @@ class TeacherService:
 
     @classmethod
     def load(cls, settings: ServeSettings) -> TeacherService:
-        from opd.models import load_causal_lm, load_tokenizer, resolve_device
+        from opd.modeling.hf import load_causal_lm, load_tokenizer, resolve_device
 
         tokenizer = load_tokenizer(settings.model)
         model = load_causal_lm(

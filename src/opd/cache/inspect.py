@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from opd.cache import CacheReader
+from opd.cache.format import CacheReader
 
 
 def _stats(values: np.ndarray) -> str:
@@ -147,8 +147,8 @@ def inspect_cache(root: str, *, samples: int = 3, tokenizer_path: str = "") -> s
     """The report as text; decodes with `tokenizer_path` or the teacher's tokenizer if present."""
     from pathlib import Path
 
-    from opd.cache import CacheError, read_manifest
-    from opd.models import load_tokenizer, tokenizer_fingerprint
+    from opd.cache.format import CacheError, read_manifest
+    from opd.modeling.hf import load_tokenizer, tokenizer_fingerprint
 
     manifest = read_manifest(root)
     path = tokenizer_path or manifest["teacher"]["path"]

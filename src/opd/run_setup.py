@@ -8,21 +8,20 @@ from pathlib import Path
 
 import torch
 
-from opd.cache import check_cache_tokenizer
+from opd.cache.format import check_cache_tokenizer
 from opd.checkpoint import latest_checkpoint
 from opd.config import TrainConfig
 from opd.data import Encoder, PromptOrder, load_rows, require_fields
-from opd.distributed import World, init_world
-from opd.fused_objective import fused_applies
-from opd.models import (
-    check_same_tokenizer,
+from opd.modeling.hf import (
     load_causal_lm,
     load_tokenizer,
     resolve_device,
     shared_vocab_size,
 )
+from opd.objectives.fused import fused_applies
+from opd.parallel import World, init_world
 from opd.rewards import resolve_reward
-from opd.teachers.local import LocalTeacher
+from opd.teachers.registry import build_teacher
 
 
 @dataclass
@@ -41,43 +40,8 @@ class RunSetup:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     resume_from: Path | None
     reward_fn: object | None = None  # reward.function resolved: fn(completion_text, row) -> float
-    fused: bool = False  # kd from hidden states (opd.fused_objective) instead of full logits
+    fused: bool = False  # kd from hidden states (opd.objectives.fused) instead of full logits
     world: World = field(default_factory=World)  # this process in a multi-process run
-
-
-def build_teacher(
-    config: TrainConfig, tokenizer, device: torch.device, student=None, resume_from=None
-):
-    """The teacher named by `teacher.kind`, or None when the objective never asks one.
-
-    `student` (and `resume_from`) are needed by `teacher.kind=self` only."""
-    kind = config.teacher.kind
-    if config.loss.objective == "ce" and (
-        config.source.lmbda == 1.0 or config.source.off_policy == "dataset"
-    ):
-        return None  # SFT on fixed text: no teacher is loaded at all
-    if config.reward.function and config.reward.distill_weight == 0 and config.source.lmbda == 1:
-        return None  # pure RL (GKD's alpha = 0) on student samples only: no teacher
-    if kind == "self":  # the student's own model with privileged context (OPSD/SDFT)
-        from opd.teachers.self_teacher import build_self_teacher
-
-        return build_self_teacher(config, tokenizer, student, resume_from)
-    if kind == "local":
-        if not config.teacher.path:
-            raise ValueError("teacher.path is required for teacher.kind='local'")
-        teacher_tok = load_tokenizer(config.teacher.path)
-        check_same_tokenizer(tokenizer, teacher_tok, config.teacher.path)
-        model = load_causal_lm(config.teacher.path, dtype=config.teacher.dtype, device=device)
-        return LocalTeacher(model, shared_vocab_size(tokenizer, model))
-    if kind == "remote":  # an `opd serve` or vLLM server; checks the tokenizer at connect
-        from opd.teachers.remote import remote_teacher_from_config
-
-        return remote_teacher_from_config(config, tokenizer)
-    if kind == "cached":  # offline log-probs: the teacher model is never loaded
-        from opd.teachers.cached import build_cached_teacher
-
-        return build_cached_teacher(config, tokenizer)
-    raise ValueError(f"teacher.kind={kind!r} is not available in this build of opd")
 
 
 def lr_lambda(config: TrainConfig):

@@ -285,7 +285,7 @@ def load_cache_rows(root: str | Path) -> list[dict]:
 
 
 def check_tokenizer(root: Path, manifest: dict, tokenizer, who: str = "the student") -> None:
-    from opd.models import tokenizer_fingerprint
+    from opd.modeling.hf import tokenizer_fingerprint
 
     theirs, mine = manifest["tokenizer"]["fingerprint"], tokenizer_fingerprint(tokenizer)
     if mine != theirs:

@@ -6,8 +6,8 @@ import os
 
 
 def _cmd_serve(args) -> int:
-    from opd.protocol import Limits
-    from opd.serve import ServeSettings, check_exposure, serve
+    from opd.serve.app import ServeSettings, check_exposure, serve
+    from opd.serve.protocol import Limits
 
     token = os.environ.get(args.token_env) or None
     check_exposure(args.host, token, args.token_env)  # before the (slow) model load

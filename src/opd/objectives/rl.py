@@ -30,8 +30,9 @@ import torch
 from opd.batch import SequenceBatch
 from opd.config import LossConfig
 from opd.losses import masked_sum, policy_gradient_loss
-from opd.models import token_logprobs
-from opd.objectives import per_token_loss
+from opd.modeling.hf import completion_logits, token_logprobs
+from opd.objectives import Scored
+from opd.objectives.plain import per_token_loss
 from opd.teachers.base import TeacherScores
 
 EPS = 1e-4  # as TRL's GRPO: keeps an all-equal group (std 0) at advantage 0
@@ -144,7 +145,7 @@ class RewardStep:
         num_tokens: int,
         rewards_B: torch.Tensor,
     ) -> tuple[torch.Tensor, float]:
-        """The micro-batch loss and divergence sum, like `opd.objectives.batch_loss`."""
+        """The micro-batch loss and divergence sum, like `opd.objectives.plain.batch_loss`."""
         cfg = self.config
         advantages = group_advantages(rewards_B, cfg.sampling.n, cfg.reward.normalize)
         out = mixed_batch_loss(
@@ -175,3 +176,24 @@ class RewardStep:
             "distill_term": self.distill_term,
             "distill_weight": self.config.reward.distill_weight,
         }
+
+
+class RewardObjective:
+    """A student micro-batch of RL + distillation: `(1-α)·PG(reward) + α·distill`."""
+
+    def __init__(self, run, distill):
+        self.step = RewardStep(run.reward_fn, run.tokenizer, run.config)
+        self.distill = distill  # a PlainObjective: the teacher call and the student logits
+
+    def score(self, batch: SequenceBatch) -> Scored:
+        rewards = self.step.rewards_for(batch)
+        scores = self.distill.score(batch) if self.step.calls_teacher else Scored(None)
+        return Scored((rewards, scores.value), scores.tokens_scored)
+
+    def loss(self, batch: SequenceBatch, scored: Scored, num_tokens: int):
+        rewards, scores = scored.value
+        logits = completion_logits(self.distill.student, batch, self.distill.vocab_size)
+        return self.step.batch_loss(logits, batch, scores, num_tokens, rewards)
+
+    def record(self) -> dict:
+        return self.step.record()

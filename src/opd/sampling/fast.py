@@ -1,18 +1,18 @@
-"""The fast sampler: `opd.rollout.sample` on a static KV cache, same tokens (issue 10).
+"""The fast sampler: `opd.sampling.reference.sample` on a static KV cache, same tokens (issue 10).
 
 `sample_fast` returns what `sample` returns for the same generator state: identical tokens
 (greedy and sampled) and the same log q. It draws its randomness the way `sample` does:
-one uniform per row of the batch each step (`opd.rollout.draw_tokens`), of which it uses
+one uniform per row of the batch each step (`opd.sampling.draw.draw_tokens`), of which it uses
 the rows it still decodes. What it saves per token:
 
 * no `DynamicCache` growth (`torch.cat` per layer per token) and no attention-mask `cat`:
   keys/values go into a preallocated grid, a boolean row marks valid cells;
 * no Hugging Face forward wrapper (mask building, output records): one embedding, the
-  layer loop and the head (`opd.lean.LeanDecoder`);
+  layer loop and the head (`opd.modeling.lean.LeanDecoder`);
 * rows that have finished leave the batch once they are a quarter of it, so the tail of a
   long generation runs on the rows still going.
 
-Models outside `opd.lean.lean_supported`, and callers that must step in lock-step across
+Models outside `opd.modeling.lean.lean_supported`, and callers that must step in lock-step across
 processes (`all_finished`, FSDP), get `sample` itself.
 """
 
@@ -22,17 +22,10 @@ import logging
 
 import torch
 
-from opd.lean import GraphedStep, LeanDecoder, lean_supported
-from opd.rollout import (
-    Rollout,
-    draw_tokens,
-    draw_uniforms,
-    left_pad,
-    mark_stop_strings,
-    process_logits,
-    sample,
-    to_rollout,
-)
+from opd.modeling.lean import GraphedStep, LeanDecoder, lean_supported
+from opd.sampling.draw import draw_tokens, draw_uniforms
+from opd.sampling.reference import Rollout, left_pad, process_logits, sample, to_rollout
+from opd.sampling.stops import mark_stop_strings
 
 log = logging.getLogger("opd")
 
@@ -56,7 +49,7 @@ def sample_fast(
     compact_at: float = 0.25,
     static: bool | None = None,
 ) -> Rollout:
-    """Same contract as `opd.rollout.sample`.
+    """Same contract as `opd.sampling.reference.sample`.
 
     `compact_at`: drop finished rows from the batch once they are at least this fraction
     of it. `static` (default: on CUDA): fixed shapes instead, every step over the whole

@@ -15,7 +15,7 @@ import json
 
 
 def _spec(args, mode: str):
-    from opd.generate import CacheSpec
+    from opd.cache.generate import CacheSpec
 
     return CacheSpec(
         mode=mode,
@@ -39,7 +39,7 @@ def _spec(args, mode: str):
 
 
 def _run(args, mode: str) -> int:
-    from opd.generate import build_cache
+    from opd.cache.generate import build_cache
 
     manifest = build_cache(
         args.teacher,
@@ -62,7 +62,7 @@ def _cmd_score(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    from opd.inspect_cache import inspect_cache
+    from opd.cache.inspect import inspect_cache
 
     print(inspect_cache(args.dir, samples=args.samples, tokenizer_path=args.tokenizer))
     return 0

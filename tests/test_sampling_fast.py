@@ -1,13 +1,13 @@
-"""The fast sampler returns exactly what `opd.rollout.sample` returns (issue 10)."""
+"""The fast sampler returns exactly what `opd.sampling.reference.sample` returns (issue 10)."""
 
 import pytest
 import torch
 
-from opd import lean
-from opd.models import load_causal_lm, load_tokenizer
-from opd.rollout import sample
-from opd.rollout_fast import sample_fast
-from opd.tiny import build_char_tokenizer, tiny_causal_lm
+from opd.demo.tiny import build_char_tokenizer, tiny_causal_lm
+from opd.modeling import lean
+from opd.modeling.hf import load_causal_lm, load_tokenizer
+from opd.sampling.fast import sample_fast
+from opd.sampling.reference import sample
 
 # A 15-token vocabulary: EOS is likely enough that rows stop at many different steps, so
 # the finished-row compaction runs mid-generation.

@@ -17,7 +17,8 @@ from opd.losses import (
     sparse_token_divergence,
     token_divergence,
 )
-from opd.models import token_logprobs
+from opd.modeling.hf import completion_logits, token_logprobs
+from opd.objectives import Scored
 from opd.teachers.base import TeacherScores
 
 
@@ -78,3 +79,26 @@ def batch_loss(
     value, divergence = per_token_loss(student_logits_BLV, batch, scores, loss)
     mask = batch.loss_mask().to(value.device)
     return masked_sum(value, mask) / max(num_tokens, 1), float(masked_sum(divergence, mask))
+
+
+class PlainObjective:
+    """`ce`, `kd` or `pg` from the student's full `[B, L, V]` logits: the reference path."""
+
+    def __init__(self, student, teacher, loss: LossConfig, vocab_size: int):
+        self.student, self.teacher, self.config, self.vocab_size = (
+            student,
+            teacher,
+            loss,
+            vocab_size,
+        )
+        self.need, self.topk = teacher_need(loss)
+
+    def score(self, batch: SequenceBatch) -> Scored:
+        if self.need is None:
+            return Scored(None)
+        scores = self.teacher.score(batch, self.need, self.topk)
+        return Scored(scores, scores.tokens_scored)
+
+    def loss(self, batch: SequenceBatch, scored: Scored, num_tokens: int):
+        logits = completion_logits(self.student, batch, self.vocab_size)
+        return batch_loss(logits, batch, scored.value, self.config, num_tokens)

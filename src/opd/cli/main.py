@@ -23,7 +23,7 @@ def _cmd_train(args) -> int:
 
     config = load_config(args.config, args.overrides)
     result = train(config)
-    if os.environ.get("RANK", "0") == "0":  # multi-process runs (opd.distributed): one line
+    if os.environ.get("RANK", "0") == "0":  # multi-process runs (opd.parallel): one line
         print({k: v for k, v in result.items() if k != "totals"})
     return 0
 
@@ -89,10 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=None)
     p.set_defaults(func=_cmd_demo)
-    from opd.cache_cli import add_cache_commands
+    from opd.cli.cache import add_cache_commands
 
     add_cache_commands(sub)  # generate, score, inspect: the offline teacher cache
-    from opd.serve_cli import add_serve_command
+    from opd.cli.serve import add_serve_command
 
     add_serve_command(sub)  # serve: the remote teacher server
     return parser

@@ -20,7 +20,7 @@ for the client):
   as vLLM does; `prompt_token_ids` and `token_ids: []` appear with `return_token_ids`.
   `GET /v1/models` lists the one served model. A real vLLM server refuses k above its
   `--max-logprobs` (default 20), and normalizes over its LM head's rows where opd uses the
-  tokenizer's (`opd.models.shared_vocab_size`); they differ only for padded heads.
+  tokenizer's (`opd.modeling.hf.shared_vocab_size`); they differ only for padded heads.
 * `POST /opd/v1/score`, our compact form: `{"sequences": [[ids]], "start": [s_i],
   "topk": k}` scores positions `s_i .. len_i-1` of each sequence (default `s_i` = 1) and
   answers `{"object": "opd.score", "model", "topk", "lengths": [n_i], "token_logprobs",

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from opd.batch import assemble
-from opd.models import completion_logits, load_causal_lm, load_tokenizer, token_logprobs
-from opd.rollout import draw_tokens, process_logits, sample
+from opd.modeling.hf import completion_logits, load_causal_lm, load_tokenizer, token_logprobs
+from opd.sampling.draw import draw_tokens
+from opd.sampling.reference import process_logits, sample
 
 
 def test_assemble_layout_token_by_token():

@@ -10,14 +10,14 @@ that cost, or the padding it computes on, dominates (issue 10):
   goes back to the grid, through one index. A row's last token predicts nothing and no
   later token attends to it, so it is not fed at all; in the last layer only the positions
   that predict a supervised token go past attention.
-* decoding (`LeanDecoder`, used by `opd.rollout_fast`): a preallocated KV cache, and per
+* decoding (`LeanDecoder`, used by `opd.sampling.fast`): a preallocated KV cache, and per
   token one embedding, about twenty kernels per layer and the head.
 
 Both use the model's own weights and submodules (norm weights and epsilons, projections,
 activation, rotary embedding), so RoPE variants and LoRA adapters apply unchanged: plain
 `nn.Linear` projections that share an input run as one matmul, anything else (a LoRA
 layer) through its own module. Equality with the Hugging Face forward is tested
-(`tests/test_lean.py`, `tests/test_rollout_fast.py`); other models take the plain path.
+(`tests/test_lean.py`, `tests/test_sampling_fast.py`); other models take the plain path.
 """
 
 from __future__ import annotations

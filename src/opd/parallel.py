@@ -155,7 +155,7 @@ class World:
         return model if is_sharded(model) else self.unwrap(model)
 
     def lockstep(self, model):
-        """`all_finished` for `opd.rollout.sample` when `model` is sharded, else None."""
+        """`all_finished` for `opd.sampling.reference.sample` when `model` is sharded, else None."""
         return self.all_finished if self.distributed and is_sharded(model) else None
 
     def grad_sync(self, model, last: bool):

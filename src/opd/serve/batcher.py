@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from opd.protocol import RequestError, ScoreWork
+from opd.serve.protocol import RequestError, ScoreWork
 
 ROWS_PER_SOFTMAX = 2048  # bounds the float32 [rows, V] copy made for log_softmax
 

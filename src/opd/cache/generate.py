@@ -3,7 +3,7 @@
     opd generate --teacher T --prompts prompts.jsonl --out cache/ --topk 64 --n 4
     opd score    --teacher T --prompts pairs.jsonl   --out cache/ --topk 64
 
-`generate` samples teacher completions for every prompt (`opd.rollout.sample`, KV-cached)
+`generate` samples teacher completions for every prompt (`opd.sampling.reference.sample`, KV-cached)
 and then scores them; `score` scores existing prompt/completion pairs (supervised KD on
 ground truth). Scoring is one forward pass over prompt+completion (`completion_logits`),
 so the stored log-probs are at temperature 1 whatever the sampling temperature was; the
@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from opd.batch import assemble
-from opd.cache import (
+from opd.cache.format import (
     FORMAT,
     LOGPROB_DTYPES,
     VERSION,
@@ -47,7 +47,7 @@ from opd.cache import (
 from opd.config import DataConfig
 from opd.data import Encoder, load_rows, require_fields
 from opd.losses.sparse import fold_student_to_buckets
-from opd.models import (
+from opd.modeling.hf import (
     completion_logits,
     load_causal_lm,
     load_tokenizer,
@@ -55,7 +55,7 @@ from opd.models import (
     shared_vocab_size,
     tokenizer_fingerprint,
 )
-from opd.rollout import sample
+from opd.sampling.reference import sample
 
 log = logging.getLogger("opd")
 

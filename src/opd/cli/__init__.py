@@ -1,0 +1,5 @@
+"""The `opd` command line: demo, train, generate, score, inspect, serve."""
+
+from opd.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,30 @@
+"""Sampling completions from a causal LM: one `sample()` over engines.
+
+Engines (`sampling.engine`):
+  `hf`    the reference sampler (`reference`): the model's own Hugging Face forward with a
+          `DynamicCache`, one token per step;
+  `lean`  the fast sampler (`fast`): the same tokens and log q on a static KV cache through
+          `opd.modeling.lean`, for the architectures it supports (others get `hf`).
+Both draw tokens with `draw.draw_tokens` and stop on EOS or a stop string (`stops`), and
+record log q of each sampled token under the distribution actually sampled from.
+"""
+
+from __future__ import annotations
+
+from opd.sampling.fast import sample_fast
+from opd.sampling.reference import Rollout
+from opd.sampling.reference import sample as sample_hf
+
+ENGINES = ("hf", "lean")
+
+
+def sample(model, prompts: list[list[int]], *, engine: str = "lean", **kwargs) -> Rollout:
+    """Sample one completion per prompt with `engine` (keywords of `reference.sample`)."""
+    if engine == "hf":
+        return sample_hf(model, prompts, **kwargs)
+    if engine == "lean":
+        return sample_fast(model, prompts, **kwargs)
+    raise ValueError(f"sampling.engine={engine!r} is not one of {ENGINES}")
+
+
+__all__ = ["ENGINES", "Rollout", "sample"]
