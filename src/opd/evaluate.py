@@ -158,3 +158,48 @@ def exposure_bias(
         }
         for kind in kinds
     }
+
+
+@torch.no_grad()
+def divergence_by_position(
+    student,
+    teacher,
+    prompts: Sequence[list[int]],
+    completions: Sequence[list[int]],
+    *,
+    pad_id: int,
+    vocab_size: int,
+    kinds: Sequence[str] = ("reverse_kl",),
+    batch_size: int = 64,
+    precomputed: list[torch.Tensor] | None = None,
+) -> dict[str, list[float]]:
+    """Mean per-token divergence at each completion position j (0-based), over the
+    sequences that have a token there; `"count"` holds how many that is per position.
+
+    The per-position view of `mean_divergences` (same arguments): why exposure bias grows
+    with length shows as the gap between own and teacher prefixes widening with j."""
+    device = next(student.parameters()).device
+    width = max((len(c) for c in completions), default=0)
+    sums = {kind: torch.zeros(width, dtype=torch.float64) for kind in kinds}
+    counts = torch.zeros(width, dtype=torch.float64)
+    was_training = student.training
+    student.eval()
+    try:
+        chunks = _chunks(prompts, completions, pad_id, batch_size, device)
+        for i, batch in enumerate(chunks):
+            s_logits = completion_logits(student, batch, vocab_size)
+            if precomputed is None:
+                t_logits = teacher.score(batch, "logits").logits.to(device)
+            else:
+                t_logits = precomputed[i].to(device)
+            mask = batch.loss_mask()
+            n = mask.shape[1]
+            counts[:n] += mask.sum(0).double().cpu()
+            for kind in kinds:
+                values = token_divergence(s_logits, t_logits, kind) * mask
+                sums[kind][:n] += values.sum(0).double().cpu()
+    finally:
+        student.train(was_training)
+    out = {kind: (s / counts.clamp(min=1)).tolist() for kind, s in sums.items()}
+    out["count"] = [int(c) for c in counts.tolist()]
+    return out

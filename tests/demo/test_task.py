@@ -1,33 +1,36 @@
-"""The demo task (generator, answer parsing, rewards) and the cached teacher/student build."""
+"""The demo task (generator, corrections, parsing), its pre-training and the cached build."""
 
 import json
-import re
+import random
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opd.demo import build
-from opd.demo.build import (
-    BuildConfig,
-    ModelSpec,
-    build_models,
+from opd.demo.build import BuildConfig, ModelSpec, build_models
+from opd.demo.pretrain import (
     collate_right_padded,
+    encode_example,
     greedy_generate,
     pretrain_causal_lm,
 )
 from opd.demo.task import (
     TaskSpec,
     accuracy,
-    check_charset,
+    attempts,
+    corrupt,
     exact_match,
     extract_answer,
     make_examples,
     max_completion_chars,
     render,
+    running_sums,
+    slipped_prefix,
     split_of,
+    step_correct,
 )
-from opd.demo.tiny import build_char_tokenizer, tiny_causal_lm
+from opd.demo.tiny import DEFAULT_CHARS, build_char_tokenizer, tiny_causal_lm
 
 
 @pytest.fixture(autouse=True)
@@ -53,63 +56,101 @@ def test_splits_are_disjoint_even_across_seeds():
     evals = {e["prompt"] for s in (0, 1) for e in make_examples(300, seed=s, split="eval")}
     assert not train & evals and not train & dev and not dev & evals
     assert all(split_of(p) == "eval" for p in evals)
-    assert all(split_of(p) == "dev" for p in dev)
     with pytest.raises(ValueError, match="split"):
         make_examples(1, seed=0, split="test")
 
 
-def test_scratchpad_is_a_correct_running_sum_of_the_prompt():
-    for ex in make_examples(300, seed=0, split="train"):
-        terms = [int(t[1:]) for t in ex["prompt"].removeprefix("sum:").strip().split(",")]
-        assert 6 <= len(terms) <= 8
-        steps = ex["completion"].split("#")[0].split(";")
-        total = terms[0]
-        for i, step in enumerate(steps, start=1):
-            m = re.fullmatch(r"([a-z]):(\d+)\+(\d+)=(\d+)", step)
-            assert m, step
-            assert ord(m[1]) - ord("a") == i and int(m[2]) == total and int(m[3]) == terms[i]
-            total += terms[i]
-            assert int(m[4]) == total
-        assert ex["answer"] == str(sum(terms)) == str(total)
-        assert 30 <= len(ex["completion"]) <= max_completion_chars() <= 80
-    check_charset(make_examples(300, seed=0, split="eval"))
+def test_fixed_length_sets_never_repeat_and_stop_when_the_split_runs_out():
+    long = make_examples(96, 0, "eval", steps=12)
+    assert len(long) == 96 and len({e["prompt"] for e in long}) == 96
+    assert all(len(e["values"]) == 12 for e in long)
+    short = make_examples(96, 0, "eval", steps=2)  # 100 problems, 1 in 16 held out
+    assert 2 < len(short) < 20 and len({e["prompt"] for e in short}) == len(short)
+    small = make_examples(96, 0, "eval", TaskSpec(max_term=3), steps=12)
+    assert max(v for e in small for v in e["values"]) == 3
+
+
+def test_solution_is_the_running_count_of_odd_terms_mod_10():
+    ex = render([3, 8, 4, 9])
+    assert ex["prompt"] == "ODD:a3b8c4d9\n"
+    assert ex["completion"] == "a1b1c1d2#2" and ex["answer"] == "2"
+    assert running_sums([9] * 11) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    for ex in make_examples(200, seed=0, split="train"):
+        assert 2 <= len(ex["values"]) <= 16
+        assert all(step_correct(ex["completion"], ex))
+        assert len(ex["completion"]) <= max_completion_chars()
+        assert set(ex["prompt"] + ex["completion"]) <= set(DEFAULT_CHARS)
+
+
+def test_corruption_writes_a_wrong_step_then_its_correction():
+    rng = random.Random(0)
+    for ex in make_examples(100, seed=1, split="train"):
+        text, wrong_at = corrupt(ex, rng)
+        truth = running_sums(ex["values"])
+        assert 1 <= len(wrong_at) <= 2
+        steps = attempts(text)
+        for offset in wrong_at:
+            label, digit = text[offset - 1], int(text[offset])
+            step = ord(label) - ord("a")
+            assert digit != truth[step]
+            # the very next step is the same label with the right value
+            assert text[offset + 1] == label and int(text[offset + 2]) == truth[step]
+        assert all(step_correct(text, ex)) and exact_match(text, ex) == 1.0
+        assert len(steps) == len(ex["values"]) + len(wrong_at)
+
+
+def test_step_correct_counts_a_correction_and_carries_a_slip_forward():
+    ex = render([3, 7, 4, 9])  # a1 b2 c2 d3
+    assert step_correct("a1b2c7c2d3#3", ex) == [True] * 4
+    carried = "a1b2c7d8#8"  # slip at c, carried forward
+    assert step_correct(carried, ex) == [True, True, False, False]
+    assert exact_match(carried, ex) == 0.0
+    assert step_correct("a1b2", ex) == [True, True, False, False]
+    assert step_correct("a1x2", ex) == [True, False, False, False]
+    assert attempts("a1b2c7c2d3#3") == [(0, 1), (1, 2), (2, 7), (2, 2), (3, 3)]
+    assert slipped_prefix(ex, 2, 7) == "a1b2c7"
+    with pytest.raises(ValueError, match="right value"):
+        slipped_prefix(ex, 2, 2)
 
 
 def test_extract_answer_and_rewards():
     ex = render([3, 7, 4])
-    assert ex["completion"] == "b:3+7=10;c:10+4=14#14"
-    assert extract_answer(ex["completion"]) == "14"
-    assert extract_answer(ex["completion"] + "<eos><pad>") == "14"
-    # An early mistake carried to the end: well-formed, wrong answer.
-    wrong = "b:3+7=11;c:11+4=15#15"
-    assert extract_answer(wrong) == "15"
-    assert exact_match(wrong, ex) == 0.0
-    assert exact_match(ex["completion"], ex) == 1.0
-    # Truncated before the answer, or an answer that is not a number.
-    assert extract_answer("b:3+7=10;c:10+4=1") is None
-    assert extract_answer("b:3+7=10;c:10+4=14#") is None
-    assert extract_answer("b:3+7=10#x") is None
+    assert extract_answer(ex["completion"]) == "2"
+    assert extract_answer(ex["completion"] + "<eos><pad>") == "2"
+    assert extract_answer("a1b2c2") is None and extract_answer("a1#x") is None
     assert exact_match("", ex) == 0.0
-    assert accuracy([ex["completion"], wrong], [ex, ex]) == 0.5
+    assert accuracy([ex["completion"], "a1b1c1#1"], [ex, ex]) == 0.5
     with pytest.raises(ValueError):
-        accuracy([wrong], [ex, ex])
+        accuracy(["a"], [ex, ex])
 
 
 def test_task_spec_validates():
-    with pytest.raises(ValueError, match="min_terms"):
-        TaskSpec(min_terms=5, max_terms=4)
-    ex = make_examples(20, seed=0, split="train", spec=TaskSpec(min_terms=3, max_terms=3))
-    assert all(e["prompt"].count(",") == 2 for e in ex)
+    with pytest.raises(ValueError, match="min_steps"):
+        TaskSpec(min_steps=5, max_steps=4)
+    with pytest.raises(ValueError, match="max_term"):
+        TaskSpec(max_term=10)
+
+
+def test_corrupted_digits_are_context_not_targets():
+    tok = build_char_tokenizer()
+    ex = render([3, 7, 4, 9])
+    prompt, comp, mask = encode_example(tok, ex, random.Random(2))
+    text = tok.decode(comp[:-1])
+    wrong = [i for i, keep in enumerate(mask) if not keep]
+    assert wrong and all(text[i + 1] == text[i - 1] for i in wrong)  # label repeated next
+    _, clean_comp, clean_mask = encode_example(tok, ex)
+    assert all(clean_mask) and tok.decode(clean_comp[:-1]) == ex["completion"]
+    _, _, loss = collate_right_padded([(prompt, comp, mask)], pad_id=0)
+    assert loss[0, len(prompt) + wrong[0]].item() is False
+    assert int(loss.sum()) == len(comp) - len(wrong)
 
 
 def test_collate_masks_exactly_completion_and_eos():
-    ids, attn, loss = collate_right_padded([([5, 6], [7, 1]), ([5], [8, 9, 1])], pad_id=0)
+    pairs = [([5, 6], [7, 1], [True, True]), ([5], [8, 9, 1], [True, False, True])]
+    ids, attn, loss = collate_right_padded(pairs, pad_id=0)
     assert ids.tolist() == [[5, 6, 7, 1], [5, 8, 9, 1]]
     assert attn.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
-    assert loss.tolist() == [[False, False, True, True], [False, True, True, True]]
-    ids, attn, loss = collate_right_padded([([5], [1]), ([5, 6], [7, 8, 1])], pad_id=0)
-    assert ids[0].tolist() == [5, 1, 0, 0, 0] and attn[0].tolist() == [1, 1, 0, 0, 0]
-    assert loss[0].tolist() == [False, True, False, False, False]
+    assert loss.tolist() == [[False, False, True, True], [False, True, False, True]]
 
 
 def _tiny_model(tok, seed=0):
@@ -123,7 +164,14 @@ def test_pretrain_lowers_completion_loss():
     tok = build_char_tokenizer()
     model = _tiny_model(tok)
     losses = pretrain_causal_lm(
-        model, tok, make_examples(64, 0, "train"), steps=20, batch_size=8, lr=1e-2, seed=0
+        model,
+        tok,
+        make_examples(64, 0, "train"),
+        steps=20,
+        batch_size=8,
+        lr=1e-2,
+        seed=0,
+        corrupt_prob=0.5,
     )
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
 
@@ -147,7 +195,7 @@ def test_pretrain_stops_when_asked():
 def test_left_padded_batch_generation_matches_one_by_one():
     tok = build_char_tokenizer()
     model = _tiny_model(tok, seed=1)
-    prompts = ["sum:a1,b2\n", "sum:a1,b2,c3,d4,e5\n", "sum:a9,b9,c9\n"]
+    prompts = ["ODD:a1b2\n", "ODD:a1b2c3d4e5\n", "ODD:a9b9c9\n"]
     batched = greedy_generate(model, tok, prompts, max_new_tokens=12)
     single = [greedy_generate(model, tok, [p], max_new_tokens=12)[0] for p in prompts]
     assert batched == single
@@ -167,7 +215,7 @@ def _tiny_config(**kw) -> BuildConfig:
         target_accuracy=0.0,
         check_every=1,
     )
-    base = {"num_train": 32, "num_dev": 2, "num_eval": 4, "max_new_tokens": 4}
+    base = {"num_train": 32, "num_dev": 2, "num_eval": 4, "task": TaskSpec(max_steps=3)}
     return BuildConfig(teacher=spec, student=student, **{**base, **kw})
 
 
@@ -211,12 +259,12 @@ def test_corrupt_cache_is_rebuilt(tmp_path):
     AutoModelForCausalLM.from_pretrained(again["student_dir"])
 
 
-def test_presets_are_distinct_and_student_is_much_smaller():
+def test_presets_share_one_build_and_student_is_much_smaller():
     quick, full = BuildConfig.preset(True), BuildConfig.preset(False)
-    assert build.config_hash(quick, 0) != build.config_hash(full, 0)
+    assert build.config_hash(quick, 0) == build.config_hash(full, 0)  # one cache entry
     assert build.config_hash(full, 0) != build.config_hash(full, 1)
-    for cfg in (quick, full):
-        tok = build_char_tokenizer()
-        t = build._new_model(tok, cfg.teacher, 0)
-        s = build._new_model(tok, cfg.student, 0)
-        assert build.count_params(t) >= 3.5 * build.count_params(s)
+    tok = build_char_tokenizer()
+    t = build._new_model(tok, full.teacher, 0)
+    s = build._new_model(tok, full.student, 0)
+    assert build.count_params(t) >= 3.5 * build.count_params(s)
+    assert full.teacher.corrupt_prob > 0 and full.student.corrupt_prob == 0

@@ -71,10 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="offline KD vs on-policy distillation on a built-in task, on CPU"
     )
     p.add_argument(
-        "--quick", action="store_true", help="a smaller smoke-test run of about 1 minute"
+        "--quick", action="store_true", help="the same comparison, smaller: about 2 minutes"
     )
     p.add_argument(
-        "--out", default="opd-demo", help="output directory (report.md, results.json, curves.png)"
+        "--out", default="runs/demo", help="output directory (report.md, results.json, plots)"
     )
     p.add_argument(
         "--cache-dir",

@@ -1,13 +1,14 @@
-"""`opd demo`: offline KD vs on-policy distillation on one task, measured side by side.
+"""`opd demo`: offline KD vs on-policy distillation, as a test of the exposure-bias claim.
 
-    opd demo --quick              # ~1 minute on 2 CPU cores (smoke test)
-    opd demo --out demo-out       # the full comparison, under 5 minutes cold
+    opd demo --quick              # about 2 minutes on 2 CPU cores, cold
+    opd demo                      # the full comparison, under 10 minutes cold
 
-Builds (or reuses from the cache directory) a tokenizer, a competent teacher and a much
-smaller student on the running-sum task (`opd.demo.task`), then distils the same starting
-student with six methods (the five the comparison needs and one control) for the same
-number of student updates, and reports for each: greedy and sampled accuracy, the
-exposure-bias gap, tokens generated and scored, and wall time per phase. Writes `report.md`, `results.json` and `curves.png` to the output dir.
+Phases (each with its progress bar): build (or reuse) a tokenizer, a teacher that corrects
+slips and a weak student (`opd.demo.build`); write the offline data once with
+`opd generate` (the teacher's completions and top-k log-probs, `opd.cache`); measure
+teacher and student before distillation; distil the same starting student with each
+method through `opd.train` for the same number of updates; measure every result
+(`opd.demo.probes`); write `report.md`, `results.json` and plots to the output dir.
 """
 
 from __future__ import annotations
@@ -15,143 +16,203 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
+from tqdm.auto import tqdm
 
-from opd.config import config_from_dict
+from opd.cache.format import read_manifest
+from opd.cache.generate import CacheSpec, build_cache
+from opd.config import DataConfig, config_from_dict
+from opd.data import Encoder
+from opd.demo import probes
 from opd.demo.build import build_models
+from opd.demo.quiet import quiet_transformers
 from opd.demo.report import write_outputs
-from opd.demo.task import exact_match, make_examples
-from opd.evaluate import exposure_bias, sample_completions, task_accuracy, teacher_logits
+from opd.demo.task import TaskSpec, make_examples, max_completion_chars
+from opd.evaluate import divergence_by_position, sample_completions, teacher_logits
 from opd.loop import train
 from opd.metrics import read_metrics
-from opd.modeling.hf import load_causal_lm
+from opd.modeling.hf import load_causal_lm, load_tokenizer
 from opd.run_setup import build_run
+from opd.teachers.local import LocalTeacher
 
-# The exposure gap is measured in total variation, which none of the methods minimizes: KL(T||S)
-# would favour the forward-KL methods and KL(S||T) the reverse-KL ones (both are recorded too).
-EXPOSURE_KIND = "tvd"
-EXPOSURE_ALSO = ("forward_kl", "reverse_kl")
+EXPOSURE_KINDS = ("tvd", "reverse_kl", "forward_kl")
 
-# Each method is a preset plus the overrides that make it what the issue names. All use
-# the same student, teacher, prompts, optimizer and number of updates.
+# Each method is a preset plus what makes it the method named. The three offline ones
+# read the same stored teacher data (written once); the two on-policy ones sample the
+# student and call the live teacher. `offline_rkl` is the control that tells the two
+# mechanisms apart: the mode-seeking divergence of `on_policy_rkl` on teacher prefixes.
 METHODS: dict[str, dict] = {
-    "seqkd": {"preset": "seqkd"},  # CE on live teacher samples
+    "seqkd": {"preset": "seqkd", "source": {"off_policy": "dataset"}},
+    # The store holds the teacher's full distribution (top-k with k = the vocabulary).
     "supervised_kd": {
         "preset": "supervised_kd",
-        "source": {"off_policy": "teacher"},
-    },  # fwd KL, teacher prefixes
-    "on_policy": {"preset": "on_policy"},  # sampled-token reverse-KL advantage
-    "gkd_on_policy": {
-        "preset": "gkd",
-        "source": {"lmbda": 1.0},
-    },  # full-vocab JSD(0.5), student prefixes
-    "gkd_mixed": {
-        "preset": "gkd",
-        "source": {"lmbda": 0.5, "off_policy": "teacher"},
-    },  # lambda = 0.5
-    # Not one of the five the comparison needs: full-vocabulary reverse KL on the same student
-    # prefixes as `on_policy`. It separates the data (student prefixes) from the estimator
-    # (one sampled token vs the whole distribution) when on_policy lags behind.
-    "on_policy_full_rkl": {"preset": "minillm_like"},
+        "teacher": {"kind": "cached"},
+        "loss": {"estimator": "topk"},
+    },
+    "offline_rkl": {
+        "preset": "supervised_kd",
+        "teacher": {"kind": "cached"},
+        "loss": {"estimator": "topk", "divergence": "reverse_kl"},
+    },
+    "on_policy_rkl": {"preset": "minillm_like"},
+    "on_policy": {"preset": "on_policy"},
 }
+OFFLINE = ("seqkd", "supervised_kd", "offline_rkl")
 
 
 @dataclass(frozen=True)
 class DemoSettings:
     steps: int
-    eval_every: int
-    eval_size: int
     batch_size: int
     lr: float
-    warmup_steps: int = 0
-    max_new_tokens: int = 72
+    eval_every: int
+    lengths: tuple[int, ...]
+    per_length: int  # held-out problems per length
+    samples: int  # sampled completions per problem
+    curve_size: int  # problems in each evaluation during training
+    warmup_steps: int = 5
 
     @classmethod
     def preset(cls, quick: bool) -> DemoSettings:
-        # One learning rate for every method, with a short warm-up: without it a fresh AdamW's
-        # first steps (sign-like, of size lr) knocked the pretrained student down before any
-        # method could act. 3e-4 is the middle of the grid {1e-4, 3e-4, 1e-3} measured in the
-        # README: at 1e-4 no method moved much in 100 updates, at 1e-3 the sampled-token
-        # on_policy run fell apart while the others did not.
         if quick:
-            return cls(steps=16, eval_every=8, eval_size=48, batch_size=16, lr=3e-4, warmup_steps=2)
-        return cls(steps=150, eval_every=25, eval_size=256, batch_size=32, lr=3e-4, warmup_steps=10)
+            return cls(
+                steps=40,
+                batch_size=32,
+                lr=1e-3,
+                eval_every=20,
+                lengths=(4, 10, 16),
+                per_length=64,
+                samples=2,
+                curve_size=64,
+            )
+        return cls(
+            steps=250,
+            batch_size=32,
+            lr=1e-3,
+            eval_every=25,
+            lengths=(4, 8, 12, 16),
+            per_length=96,
+            samples=4,
+            curve_size=128,
+        )
 
 
-class ExposureProbe:
-    """Sampled accuracy and divergence on student vs teacher prefixes, at each eval point.
+class CurveProbe:
+    """During training: sampled answer accuracy on a fixed mixed-length set."""
 
-    The teacher's samples are drawn once (fixed seed) and reused for every method and every
-    evaluation, since the teacher never changes.
-    """
-
-    def __init__(self, encoder, rows: list[dict], max_new_tokens: int, seed: int):
-        self.rows, self.encoder = rows, encoder
-        # One batch of all rows (not chunks), so every evaluation draws the same noise.
-        self.sampling = {
-            "prompt_field": "prompt",
-            "max_new_tokens": max_new_tokens,
-            "temperature": 1.0,
-            "seed": seed,
-            "batch_size": len(rows),
-        }
-        self._teacher_samples = None
-        self._teacher_logits = None
+    def __init__(self, rows: list[dict], max_new_tokens: int, seed: int):
+        self.rows, self.max_new_tokens, self.seed = rows, max_new_tokens, seed
 
     def __call__(self, run) -> dict:
-        sampling = {**self.sampling, "vocab_size": run.vocab_size}
-        if self._teacher_samples is None:
-            self._teacher_samples = sample_completions(
-                run.teacher.model, self.encoder, self.rows, **sampling
-            )
-            # The teacher checkpoint is the same for every method: score its samples once.
-            self._teacher_logits = teacher_logits(
-                run.teacher,
-                *self._teacher_samples,
-                pad_id=self.encoder.tokenizer.pad_token_id,
-                batch_size=len(self.rows),
-            )
-        own = sample_completions(run.student, self.encoder, self.rows, **sampling)
-        gaps = exposure_bias(
+        _, _, texts = probes.generate(
             run.student,
-            run.teacher,
-            own,
-            self._teacher_samples,
-            pad_id=self.encoder.tokenizer.pad_token_id,
-            vocab_size=run.vocab_size,
-            kinds=(EXPOSURE_KIND, *EXPOSURE_ALSO),
-            batch_size=len(self.rows),
-            teacher_logits_on_teacher_samples=self._teacher_logits,
+            run.encoder,
+            self.rows,
+            samples=1,
+            temperature=1.0,
+            seed=self.seed,
+            max_new_tokens=self.max_new_tokens,
         )
-        tok = self.encoder.tokenizer
-        texts = [tok.decode(c, skip_special_tokens=True) for c in own[1]]
-        hits = sum(exact_match(t, r) for t, r in zip(texts, self.rows, strict=True))
-        record = {"eval_sampled_accuracy": hits / len(self.rows), **gaps[EXPOSURE_KIND]}
-        for kind in EXPOSURE_ALSO:
-            record[f"exposure_gap_{kind}"] = gaps[kind]["exposure_gap"]
-        return record
+        hits = probes.score_texts(texts, self.rows, 1)["answer"]
+        return {"eval_sampled_accuracy": sum(hits) / len(hits)}
+
+
+def measure(model, encoder, teacher, eval_sets, settings, seed, max_new_tokens, teacher_ref=None):
+    """All final figures of one model (`teacher`: a LocalTeacher for the exposure gap)."""
+    tok = encoder.tokenizer
+    out: dict = {"by_length": {}}
+    all_rows = [r for rows in eval_sets.values() for r in rows]
+    for n, rows in eval_sets.items():
+        kw = {"seed": seed + n, "max_new_tokens": max_new_tokens}
+        p, c, texts = probes.generate(
+            model, encoder, rows, samples=settings.samples, temperature=1.0, **kw
+        )
+        sampled = probes.score_texts(texts, rows, settings.samples)
+        _, _, greedy_texts = probes.generate(model, encoder, rows, samples=1, temperature=0.0, **kw)
+        greedy = probes.score_texts(greedy_texts, rows, 1)
+        repeated = [r for r in rows for _ in range(settings.samples)]
+        out["by_length"][n] = {
+            "sampled_accuracy": probes.summarize(sampled["answer"], seed),
+            "sampled_all_steps": probes.summarize(sampled["all_steps"], seed),
+            "greedy_accuracy": probes.summarize(greedy["answer"], seed),
+            "own_slips": probes.slip_chain(texts, repeated),
+            "per_problem": sampled["answer"],
+        }
+        if n == max(eval_sets):
+            own = (p, c)
+    forced = probes.forced_slips(model, tok, all_rows, seed)
+    out["forced"] = {k: probes.summarize(v, seed) for k, v in forced.items()}
+    lengths = [len(r["values"]) for r in all_rows]
+    out["forced_by_length"] = {
+        n: {
+            k: float(sum(v for v, m in zip(vals, lengths) if m == n) / lengths.count(n))
+            for k, vals in forced.items()
+        }
+        for n in eval_sets
+    }
+    for temp in (1.0, 0.0):
+        key = "from_corrupted_sampled" if temp else "from_corrupted_greedy"
+        scores = probes.from_corrupted_prefix(
+            model, encoder, all_rows, seed=seed, temperature=temp, max_new_tokens=max_new_tokens
+        )
+        out[key] = probes.summarize(scores, seed)
+    if teacher is not None and teacher_ref is not None:
+        out["exposure"] = exposure_by_step(model, teacher, own, teacher_ref, tok.pad_token_id)
+    return out
+
+
+def exposure_by_step(model, teacher, own, teacher_ref, pad_id) -> dict:
+    """Mean divergence per step (summed over the step's two tokens) on the model's own
+    samples and on the teacher's, and the gap, for the longest problems."""
+    vocab = model.config.vocab_size
+    common = {"pad_id": pad_id, "vocab_size": vocab, "kinds": EXPOSURE_KINDS, "batch_size": 512}
+    on_own = divergence_by_position(model, teacher, *own, **common)
+    on_teacher = divergence_by_position(
+        model, teacher, *teacher_ref["samples"], **common, precomputed=teacher_ref["logits"]
+    )
+    out = {}
+    for kind in EXPOSURE_KINDS:
+        steps = min(len(on_own[kind]), len(on_teacher[kind])) // 2
+        own_s = [on_own[kind][2 * j] + on_own[kind][2 * j + 1] for j in range(steps)]
+        ref_s = [on_teacher[kind][2 * j] + on_teacher[kind][2 * j + 1] for j in range(steps)]
+        out[kind] = {
+            "on_own": own_s,
+            "on_teacher": ref_s,
+            "gap": [a - b for a, b in zip(own_s, ref_s, strict=True)],
+        }
+    return out
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def reference_accuracy(
-    model_dir: str, encoder, rows, vocab_size: int, max_new_tokens: int, seed: int
-) -> dict:
-    model = load_causal_lm(model_dir)
-    kw = {
-        "prompt_field": "prompt",
-        "max_new_tokens": max_new_tokens,
-        "vocab_size": vocab_size,
-        "seed": seed,
-    }
+def write_offline_data(models, data_dir: Path, settings, spec, seed, max_new_tokens, vocab) -> dict:
+    """`opd generate` once: the teacher's completions and top-k (= all) log-probs."""
+    n = settings.steps * settings.batch_size
+    prompts = [{"prompt": r["prompt"]} for r in make_examples(n, seed, "train", spec)]
+    _write_jsonl(data_dir / "prompts.jsonl", prompts)
+    cache = data_dir / "teacher_cache"
+    if cache.exists():
+        shutil.rmtree(cache)
+    spec = CacheSpec(max_new_tokens=max_new_tokens, topk=vocab, seed=seed, shard_size=n)
+    t0 = time.perf_counter()
+    with quiet_transformers():
+        manifest = build_cache(
+            str(models["teacher_dir"]), data_dir / "prompts.jsonl", cache, spec, batch_size=512
+        )
+    seconds = time.perf_counter() - t0
+    tokens = sum(s["completion_tokens"] for s in read_manifest(cache)["shards"])
     return {
-        "greedy_accuracy": task_accuracy(model, encoder, rows, exact_match, temperature=0.0, **kw),
-        "sampled_accuracy": task_accuracy(model, encoder, rows, exact_match, temperature=1.0, **kw),
+        "cache": str(cache),
+        "prompts": str(data_dir / "prompts.jsonl"),
+        "rows": n,
+        "teacher_tokens_generated": tokens,
+        "teacher_tokens_scored": tokens,
+        "seconds": seconds,
+        "complete": manifest["complete"],
     }
 
 
@@ -165,114 +226,148 @@ def run_demo(
     settings: DemoSettings | None = None,
     log=print,
 ) -> dict:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "opd" / "demo"
     settings = settings or DemoSettings.preset(quick)
     log(
-        f"[opd demo] building or loading teacher and student in {cache_dir} (quick={quick}, seed={seed})"
+        f"[opd demo] phase 1/5: teacher and student (cache {cache_dir}, quick={quick}, seed={seed})"
     )
     t0 = time.perf_counter()
     models = build_models(cache_dir, quick=quick, seed=seed)
     build_seconds = time.perf_counter() - t0
+    task_spec = models["meta"]["config"]["task"]
+    max_new = max_completion_chars(TaskSpec(**task_spec)) + 1
     data_dir = out / "data"
     data_dir.mkdir(exist_ok=True)
-    n_train = settings.steps * settings.batch_size
-    _write_jsonl(data_dir / "train.jsonl", make_examples(n_train, seed, "train"))
-    eval_rows = make_examples(settings.eval_size, seed, "eval")
-    _write_jsonl(data_dir / "eval.jsonl", eval_rows)
+    tokenizer = load_tokenizer(str(models["tokenizer_dir"]))
+    vocab = len(tokenizer)
+    log("[opd demo] phase 2/5: offline data, written once by the teacher (opd generate)")
+    offline = write_offline_data(
+        models, data_dir, settings, TaskSpec(**task_spec), seed, max_new, vocab
+    )
 
+    spec = TaskSpec(**task_spec)
+    eval_sets = probes.make_eval_sets(spec, settings.lengths, settings.per_length, seed)
+    per = settings.curve_size // len(settings.lengths)
+    curve_sets = probes.make_eval_sets(spec, settings.lengths, per, seed + 1)
+    curve_rows = [r for rows in curve_sets.values() for r in rows]  # every length
     common = {
         "student": {"path": str(models["student_dir"])},
         "teacher": {"path": str(models["teacher_dir"])},
-        "data": {"train": str(data_dir / "train.jsonl"), "eval": str(data_dir / "eval.jsonl")},
-        "sampling": {"temperature": 1.0, "max_new_tokens": settings.max_new_tokens},
-        "optim": {"lr": settings.lr, "warmup_steps": settings.warmup_steps, "max_grad_norm": 1.0},
+        "sampling": {"temperature": 1.0, "max_new_tokens": max_new},
+        "optim": {"lr": settings.lr, "warmup_steps": settings.warmup_steps},
+        "loss": {"estimator": "full", "topk": vocab},
         "steps": settings.steps,
         "batch_size": settings.batch_size,
         "micro_batch_size": settings.batch_size,
         "eval_every": settings.eval_every,
-        "eval_size": settings.eval_size,
-        "eval_metric": "opd.demo.task:exact_match",
         "seed": seed,
     }
     results: dict = {
-        "settings": settings.__dict__,
+        "settings": asdict(settings),
         "seed": seed,
         "quick": quick,
-        "methods": {},
+        "task": task_spec,
         "build": {"seconds": build_seconds, **models["meta"]},
+        "offline_data": offline,
+        "methods": {},
     }
-    probe = None
-    for name in methods or list(METHODS):
+
+    log("[opd demo] phase 3/5: teacher and student before distillation")
+    with quiet_transformers():
+        teacher_model = load_causal_lm(str(models["teacher_dir"]))
+        student0 = load_causal_lm(str(models["student_dir"]))
+    teacher = LocalTeacher(teacher_model, vocab)
+    encoder = Encoder(tokenizer, DataConfig())  # what every run's encoder is here
+    longest = eval_sets[max(eval_sets)]
+    ref_samples = sample_completions(
+        teacher_model,
+        encoder,
+        [r for r in longest for _ in range(settings.samples)],
+        prompt_field="prompt",
+        max_new_tokens=max_new,
+        vocab_size=vocab,
+        temperature=1.0,
+        seed=seed + 7,
+        batch_size=512,
+    )
+    teacher_ref = {
+        "samples": ref_samples,
+        "logits": teacher_logits(
+            teacher, *ref_samples, pad_id=tokenizer.pad_token_id, batch_size=512
+        ),
+    }
+    bar = tqdm(total=2, desc="measure before", disable=None, dynamic_ncols=True)
+    results["references"] = {}
+    for name, model in (("teacher", teacher_model), ("student_before", student0)):
+        ref = teacher_ref if name == "student_before" else None
+        results["references"][name] = measure(
+            model, encoder, teacher, eval_sets, settings, seed, max_new, ref
+        )
+        bar.update(1)
+    bar.close()
+
+    names = methods or list(METHODS)
+    log(f"[opd demo] phase 4/5: distil with {len(names)} methods, {settings.steps} updates each")
+    for i, name in enumerate(names, 1):
         run_dir = out / "runs" / name
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        config = config_from_dict({**common, **METHODS[name], "output_dir": str(run_dir)})
-        run = build_run(config)
-        if probe is None:
-            probe = ExposureProbe(run.encoder, eval_rows, settings.max_new_tokens, seed)
-            refs = {
-                "teacher": reference_accuracy(
-                    str(models["teacher_dir"]),
-                    run.encoder,
-                    eval_rows,
-                    run.vocab_size,
-                    settings.max_new_tokens,
-                    seed,
-                ),
-                "student_untrained": reference_accuracy(
-                    str(models["student_dir"]),
-                    run.encoder,
-                    eval_rows,
-                    run.vocab_size,
-                    settings.max_new_tokens,
-                    seed,
-                ),
-            }
-            results["references"] = refs
-            log(
-                f"[opd demo] teacher greedy acc {refs['teacher']['greedy_accuracy']:.3f}, untrained student "
-                f"{refs['student_untrained']['greedy_accuracy']:.3f}"
-            )
+        data = offline["cache"] if name in OFFLINE else offline["prompts"]
+        config = config_from_dict(
+            _merge(common, METHODS[name], {"data": {"train": data}, "output_dir": str(run_dir)})
+        )
+        log(f"[opd demo] method {i}/{len(names)}: {name}")
         t_method = time.perf_counter()
-        final = train(config, run=run, extra_eval=probe)
-        curve = [r for r in read_metrics(run_dir) if "eval_accuracy" in r]
-        last = curve[-1]
-        results["methods"][name] = {
-            "config": METHODS[name],
-            "greedy_accuracy": last["eval_accuracy"],
-            "sampled_accuracy": last["eval_sampled_accuracy"],
-            "div_on_student": last["div_on_student"],
-            "div_on_teacher": last["div_on_teacher"],
-            "exposure_gap": last["exposure_gap"],
-            **{f"exposure_gap_{k}": last[f"exposure_gap_{k}"] for k in EXPOSURE_ALSO},
-            "student_updates": settings.steps,
-            "student_tokens_generated": final["totals"]["student_tokens_generated"],
-            "teacher_tokens_generated": final["totals"]["teacher_tokens_generated"],
-            "teacher_tokens_scored": final["totals"]["teacher_tokens_scored"],
-            "seconds": {k.removeprefix("time_"): v for k, v in final["totals"]["seconds"].items()},
-            "wall_seconds": time.perf_counter() - t_method,
-            "curve": [
+        with quiet_transformers():  # checkpoint saves inside train() draw bars too
+            run = build_run(config)
+            final = train(config, run=run, extra_eval=CurveProbe(curve_rows, max_new, seed))
+        train_seconds = time.perf_counter() - t_method
+        result = measure(
+            run.student, run.encoder, teacher, eval_sets, settings, seed, max_new, teacher_ref
+        )
+        curve = [r for r in read_metrics(run_dir) if "eval_sampled_accuracy" in r]
+        result.update(
+            config=METHODS[name],
+            offline=name in OFFLINE,
+            student_updates=settings.steps,
+            totals=final["totals"],
+            train_seconds=train_seconds,
+            measure_seconds=time.perf_counter() - t_method - train_seconds,
+            curve=[
                 {
-                    k: r[k]
-                    for k in ("step", "eval_accuracy", "eval_sampled_accuracy", "exposure_gap")
+                    "step": r["step"],
+                    "sampled_accuracy": r["eval_sampled_accuracy"],
+                    "teacher_tokens": r.get("total_teacher_tokens_scored", 0)
+                    + r.get("total_teacher_tokens_generated", 0),
                 }
                 for r in curve
             ],
-        }
-        m = results["methods"][name]
-        log(
-            f"[opd demo] {name:14s} greedy {m['greedy_accuracy']:.3f} sampled {m['sampled_accuracy']:.3f} "
-            f"gap {m['exposure_gap']:+.4f} ({m['wall_seconds']:.0f}s)"
         )
+        results["methods"][name] = result
+        top = result["by_length"][max(eval_sets)]["sampled_accuracy"]
+        log(
+            f"[opd demo] {name}: sampled accuracy at {max(eval_sets)} steps {top['mean']:.3f} "
+            f"[{top['ci95'][0]:.3f}, {top['ci95'][1]:.3f}] ({train_seconds:.0f}s training)"
+        )
+    log("[opd demo] phase 5/5: report")
     results["total_seconds"] = time.perf_counter() - t_start
-    table = write_outputs(out, results)
-    log(table)
+    write_outputs(out, results)
     log(
-        f"[opd demo] wrote {out / 'report.md'}, {out / 'results.json'}, {out / 'curves.png'} "
+        f"[opd demo] wrote {out / 'report.md'}, {out / 'results.json'} and plots "
         f"in {results['total_seconds']:.0f}s"
     )
     return results
+
+
+def _merge(*parts: dict) -> dict:
+    out: dict = {}
+    for part in parts:
+        for key, value in part.items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = _merge(out[key], value)
+            else:
+                out[key] = value
+    return out
