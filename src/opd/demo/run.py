@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from opd.cache.format import read_manifest
@@ -216,7 +217,19 @@ def write_offline_data(models, data_dir: Path, settings, spec, seed, max_new_tok
     }
 
 
-def run_demo(
+def run_demo(*args, **kwargs) -> dict:
+    """`_run_demo` on one CPU thread: models this small gain nothing from a second one,
+    and on a busy machine two OpenMP threads waiting for each other ran the model build
+    several times slower (2.5 CPU-minutes and not done, against 1 minute on one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_demo(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(
     out_dir: str | Path,
     *,
     quick: bool = False,
