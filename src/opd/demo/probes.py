@@ -121,7 +121,8 @@ def forced_slips(model, tokenizer, rows: Sequence[dict], seed: int) -> dict:
 
     clean_error:     1 - p(right value | clean prefix up to the step's label)
     fix_after_slip:  p(label again, then the right value | the step written wrong)
-    carry_on:        p(next step's label, no correction | the step written wrong)
+    carry_on:        p(the next label, i.e. no correction written | the step written wrong);
+                     the model may still write the next value right (recomputing)
     Per problem, so that a bootstrap over problems applies."""
     rng = random.Random(seed)
     model.eval()

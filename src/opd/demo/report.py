@@ -64,7 +64,7 @@ def situation_table(results: dict) -> list[str]:
         "same, greedy",
         "per-step error, clean prefix",
         "p(correction) after a forced slip",
-        "p(carry on) after a forced slip",
+        "p(no correction written) after a forced slip",
     ]
     return _table(header, rows)
 
