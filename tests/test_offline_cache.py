@@ -23,6 +23,7 @@ from opd.cache.inspect import cache_report, inspect_cache
 from opd.cli import main as cli_main
 from opd.config import config_from_dict
 from opd.demo.tiny import build_char_tokenizer, save_tiny_pair, tiny_causal_lm
+from opd.data import load_run_data
 from opd.loop import train
 from opd.metrics import read_metrics
 from opd.modeling.hf import load_tokenizer
@@ -348,17 +349,21 @@ def test_missing_columns_and_bad_settings_are_named(models, pairs, tmp_path):
     cache = tmp_path / "cache"
     build_cache(str(teacher), prompts_only, cache, small_spec(prompt_field="question"))
     cfg = train_config(student, cache, tmp_path / "run", loss__objective="ce")
-    with pytest.raises(ValueError, match="'prompt'"):  # the cache keeps the source's columns
-        setup_mod.build_run(cfg)
-    for over, match in (
+    # Cache rows carry their token ids: no text column is needed to train on them.
+    rows = load_run_data(cfg, load_tokenizer(str(student))).train_rows
+    assert all(r["prompt_ids"] and r["completion_ids"] for r in rows)
+    for over, match in (  # refused by the config itself, before anything loads
         ({"loss__estimator": "full"}, "loss.estimator=topk"),
-        ({"loss__topk": 16}, "top-8"),
         ({"source__lmbda": 0.5}, "source.lmbda=0"),
         ({"loss__kd_temperature": 2.0}, "temperature"),
     ):
-        cfg = train_config(student, cache, tmp_path / "run2", data__prompt_field="question", **over)
         with pytest.raises(ValueError, match=match):
-            setup_mod.build_teacher(cfg, load_tokenizer(str(student)), torch.device("cpu"))
+            train_config(student, cache, tmp_path / "run2", data__prompt_field="question", **over)
+    cfg = train_config(
+        student, cache, tmp_path / "run2", data__prompt_field="question", loss__topk=16
+    )
+    with pytest.raises(ValueError, match="top-8"):
+        setup_mod.build_teacher(cfg, load_tokenizer(str(student)), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float16", 5e-4)])

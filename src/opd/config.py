@@ -44,6 +44,23 @@ def _check_template(key: str, template: str) -> None:
         raise ValueError(f"{key}={template!r}: use named fields such as {{prompt}} or {{answer}}")
 
 
+METRICS = ("exact_match", "boxed", "regex")  # built in (opd.rewards); else "module:function"
+
+
+def _check_metric(key: str, name: str, pattern: str, pattern_key: str) -> None:
+    if name not in METRICS and ":" not in name:
+        raise ValueError(
+            f"{key}={name!r}: use one of {', '.join(METRICS)} or a callable 'module:function'"
+        )
+    if name == "regex":
+        if not pattern:
+            raise ValueError(f"{key}='regex' needs {pattern_key} (a regular expression)")
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{pattern_key}={pattern!r} is not a regex: {err}") from None
+
+
 @dataclass
 class ModelConfig:
     path: str = ""
@@ -106,6 +123,8 @@ class TeacherConfig:
 class DataConfig:
     train: str = ""  # JSONL, Parquet, or a `datasets` directory
     eval: str = ""
+    split: str = "train"  # data.train as a `datasets` DatasetDict directory: this split
+    eval_split: str = "test"  # data.eval as a DatasetDict directory: this split
     prompt_field: str = "prompt"
     completion_field: str = "completion"
     answer_field: str = "answer"
@@ -131,6 +150,9 @@ class SamplingConfig:
     n: int = 1  # samples per prompt
     stop: list[str] = field(default_factory=list)
     engine: str = "lean"  # hf (reference sampler) | lean (static-cache fast sampler)
+    # Token ids that end a completion, besides those of the student's generation_config,
+    # its tokenizer's EOS and the token its chat template ends a turn with (all are used).
+    eos_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         _one_of("sampling.engine", self.engine, ("hf", "lean"))
@@ -139,6 +161,11 @@ class SamplingConfig:
         _in_range("sampling.top_k", self.top_k, 0)
         _in_range("sampling.max_new_tokens", self.max_new_tokens, 1)
         _in_range("sampling.n", self.n, 1)
+        for i, token_id in enumerate(self.eos_token_ids):
+            if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+                raise ValueError(
+                    f"sampling.eos_token_ids[{i}]={token_id!r} must be a token id (int >= 0)"
+                )
 
 
 @dataclass
@@ -189,7 +216,8 @@ class RewardConfig:
     i.e. maximize (1-a)*E[r] - a*E[D] with a = distill_weight (GKD's alpha; not loss.skew_alpha).
     """
 
-    function: str = ""  # '' (off) | exact_match | regex | 'module:function' fn(text, row) -> float
+    # '' (off) | exact_match | boxed | regex | 'module:function' fn(text, row) -> float
+    function: str = ""
     pattern: str = ""  # regex: the answer is the last match's first group (or whole match)
     distill_weight: float = 0.5  # GKD's alpha: 1 = pure on-policy distillation, 0 = pure RL
     normalize: str = "group"  # group: (r - mean)/(std + eps) over the sampling.n samples | none
@@ -197,13 +225,8 @@ class RewardConfig:
     def __post_init__(self):
         _in_range("reward.distill_weight", self.distill_weight, 0.0, 1.0)
         _one_of("reward.normalize", self.normalize, ("group", "none"))
-        if self.function == "regex":
-            if not self.pattern:
-                raise ValueError("reward.function='regex' needs reward.pattern")
-            try:
-                re.compile(self.pattern)
-            except re.error as err:
-                raise ValueError(f"reward.pattern={self.pattern!r} is not a regex: {err}") from None
+        if self.function:
+            _check_metric("reward.function", self.function, self.pattern, "reward.pattern")
 
 
 @dataclass
@@ -242,7 +265,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_every: int = 0
     eval_size: int = 64
-    eval_metric: str = "exact_match"  # or a Python callable as "module:function"
+    # exact_match | boxed | regex (with eval_pattern) | a Python callable "module:function"
+    eval_metric: str = "exact_match"
+    eval_pattern: str = ""  # eval_metric=regex: the answer is the last match's first group
     log_every: int = 1
     device: str = "auto"
     bf16: bool = False  # autocast on CUDA
@@ -281,6 +306,8 @@ class TrainConfig:
             )
         if self.reward.function:
             self._check_reward()
+        _check_metric("eval_metric", self.eval_metric, self.eval_pattern, "eval_pattern")
+        check_combinations(self)
 
     def _check_reward(self) -> None:
         if self.source.lmbda == 0.0:
@@ -302,6 +329,80 @@ class TrainConfig:
     @property
     def accumulation(self) -> int:
         return self.batch_size // self.micro_batch_size
+
+
+def check_combinations(config: TrainConfig) -> None:
+    """Refuse settings that run but compute nothing the config names, saying what to set."""
+    loss, lmbda, kind = config.loss, config.source.lmbda, config.teacher.kind
+    pure_rl = bool(config.reward.function) and config.reward.distill_weight == 0.0
+    if loss.objective == "pg" and lmbda < 1.0:
+        raise ValueError(
+            f"loss.objective=pg with source.lmbda={lmbda}: pg is the reverse KL estimated on "
+            "the student's own samples; on dataset or teacher sequences its gradient estimates "
+            "nothing named (on teacher samples it weighs by an unclipped p_S/p_T). Set "
+            "source.lmbda=1, or loss.objective=kd to mix sources (GKD)"
+        )
+    if loss.objective == "ce" and lmbda > 0.0 and not pure_rl:
+        raise ValueError(
+            f"loss.objective=ce with source.lmbda={lmbda}: cross-entropy on the student's own "
+            "samples involves no teacher. Use loss.objective=kd (or pg) for on-policy "
+            "distillation, or source.lmbda=0 for SeqKD/SFT on dataset or teacher text"
+        )
+    if loss.objective == "pg" and loss.kd_temperature != 1.0:
+        raise ValueError(
+            f"loss.kd_temperature={loss.kd_temperature} has no effect under loss.objective=pg "
+            "(the sampled token is scored at temperature 1): remove it, or use "
+            "loss.objective=kd; the rollout temperature is sampling.temperature"
+        )
+    if loss.objective == "pg" and loss.divergence not in ("forward_kl", "reverse_kl"):
+        raise ValueError(
+            f"loss.divergence={loss.divergence!r} has no effect under loss.objective=pg, which "
+            "always estimates the reverse KL from the sampled token: remove it, or use "
+            f"loss.objective=kd with loss.divergence={loss.divergence}"
+        )
+    tempered_topk = loss.objective == "kd" and loss.estimator == "topk" and loss.kd_temperature != 1
+    if tempered_topk and kind in ("remote", "cached"):
+        raise ValueError(
+            f"loss.kd_temperature={loss.kd_temperature} with loss.estimator=topk and "
+            f"teacher.kind={kind}: that teacher's top-k log-probs are at temperature 1 and "
+            "cannot be re-tempered without its full distribution. Use loss.kd_temperature=1 "
+            "or a local/self teacher"
+        )
+    if kind == "cached" and (lmbda > 0.0 or config.source.off_policy == "teacher"):
+        raise ValueError(
+            "teacher.kind=cached scores only the completions it stored: set source.lmbda=0 and "
+            "source.off_policy=dataset (with data.train the cache directory)"
+        )
+    if kind == "cached" and loss.objective == "kd" and loss.estimator == "full":
+        raise ValueError(
+            "teacher.kind=cached stores top-k log-probs, not full logits: set loss.estimator=topk"
+        )
+
+
+# The choice that makes a preset what it is: a user setting that contradicts it would run
+# a different method under the preset's name (sdft over a local teacher is minillm_like).
+PRESET_DEFINES: dict[str, tuple[tuple[str, str], ...]] = {
+    "seqkd": (("loss", "objective"),),
+    "supervised_kd": (("loss", "objective"), ("source", "lmbda")),
+    "gkd": (("loss", "objective"),),
+    "on_policy": (("loss", "objective"), ("source", "lmbda")),
+    "minillm_like": (("loss", "objective"), ("source", "lmbda")),
+    "opsd": (("teacher", "kind"), ("source", "lmbda")),
+    "sdft": (("teacher", "kind"), ("source", "lmbda")),
+}
+
+
+def check_preset_conflicts(preset: str, user: dict) -> None:
+    """`user`: the config as written (YAML + overrides), before the preset fills it in."""
+    for section, key in PRESET_DEFINES.get(preset, ()):
+        mine = PRESETS[preset][section][key]
+        theirs = (user.get(section) or {}).get(key, mine)
+        if theirs != mine:
+            raise ValueError(
+                f"preset={preset} sets {section}.{key}={mine}, but the config sets "
+                f"{section}.{key}={theirs}: that would run another method under the name "
+                f"{preset}. Remove one of the two (or choose the preset that matches)"
+            )
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -379,6 +480,7 @@ def config_from_dict(data: dict, overrides: list[str] = ()) -> TrainConfig:
             raise ValueError(
                 f"preset={preset!r} is not allowed; choose one of: {', '.join(PRESETS)}"
             )
+        check_preset_conflicts(preset, data)
         data = _deep_merge(PRESETS[preset], data)
     return _build(TrainConfig, data)
 

@@ -1,18 +1,31 @@
-"""Prompt/completion datasets: loading, chat templates, tokenization, deterministic order."""
+"""Datasets: loading rows from files, checking every row before a model loads, order.
+
+A row is a prompt/completion pair (`{"prompt": str, "completion": str}`, optionally an
+answer and other columns) or a conversation (`{"messages": [{"role", "content"}, ...]}`
+with `data.prompt_field=messages`, TRL's conversational format). Turning rows into token
+ids is `opd.encoding`.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import string
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from opd.config import DataConfig
+from opd.config import TrainConfig
+from opd.encoding import ROLES, Encoder
+
+log = logging.getLogger("opd")
 
 
-def load_rows(path: str | Path) -> list[dict]:
-    """Rows from a JSONL/JSON file, a Parquet file, a `datasets.save_to_disk` directory,
-    or an opd teacher cache directory (rows then carry their stored token ids)."""
+def load_rows(path: str | Path, split: str = "train") -> list[dict]:
+    """Rows from a JSONL/JSON file, a Parquet file, a `datasets.save_to_disk` directory
+    (a `DatasetDict` one gives its `split`), or an opd teacher cache directory (rows then
+    carry their stored token ids)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"dataset {path} does not exist")
@@ -21,23 +34,20 @@ def load_rows(path: str | Path) -> list[dict]:
 
         return load_cache_rows(path)
     if path.is_dir():
-        try:
-            from datasets import load_from_disk
-        except ImportError as err:  # pragma: no cover - depends on extras
-            raise ImportError("reading a datasets directory needs `pip install opd[data]`") from err
-        return [dict(r) for r in load_from_disk(str(path))]
+        return _load_datasets_dir(path, split)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
     if path.suffix == ".json":
-        data = json.loads(path.read_text())
+        data = json.loads(_utf8(path.read_bytes(), path))
         if not isinstance(data, list):
             raise ValueError(f"{path}: a .json dataset must be a list of objects")
         return data
     rows = []
-    with path.open() as fh:
-        for lineno, line in enumerate(fh, 1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            line = _utf8(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -50,7 +60,110 @@ def load_rows(path: str | Path) -> list[dict]:
     return rows
 
 
+def _utf8(raw: bytes, path: Path, lineno: int | None = None) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if lineno is None:  # a whole file: say which line the bad byte is on
+            lineno = raw[: err.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}:{lineno}: not UTF-8 (byte 0x{raw[err.start]:02x}); re-encode the file "
+            "as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
+def _load_datasets_dir(path: Path, split: str) -> list[dict]:
+    try:
+        from datasets import Dataset, DatasetDict, load_from_disk
+    except ImportError as err:  # pragma: no cover - depends on extras
+        raise ImportError("reading a datasets directory needs `pip install opd[data]`") from err
+    loaded = load_from_disk(str(path))
+    if isinstance(loaded, DatasetDict):
+        if split not in loaded:
+            raise ValueError(
+                f"{path} is a DatasetDict without split {split!r}; its splits: "
+                f"{', '.join(loaded)} (choose one with data.split / data.eval_split)"
+            )
+        loaded = loaded[split]
+    if not isinstance(loaded, Dataset):
+        raise ValueError(f"{path}: expected a datasets Dataset or DatasetDict directory")
+    return loaded.to_list()
+
+
+@dataclass
+class RowSpec:
+    """What every row of one file must hold (checked by `check_rows`)."""
+
+    prompt_field: str = "prompt"
+    completion_field: str | None = None  # None: completions are not used
+    answer_field: str | None = None  # None: no metric or reward reads an answer
+    extra_fields: tuple[str, ...] = ()  # e.g. the self teacher's privileged-context columns
+
+
+def check_rows(rows: list[dict], spec: RowSpec, where: str) -> None:
+    """Raise a ValueError naming `where`, the row and the column of the first bad row."""
+    for i, row in enumerate(rows):
+        problem = row_problem(row, spec)
+        if problem:
+            raise ValueError(f"{where}: row {i}: {problem}")
+
+
+def row_problem(row: dict, spec: RowSpec) -> str | None:
+    """What is wrong with one row, or None."""
+    if not isinstance(row, dict):
+        return f"expected an object with columns, got {type(row).__name__}"
+    cols = f"(columns: {sorted(row)})"
+    if "prompt_ids" in row and "completion_ids" in row:
+        return None  # an opd cache row: token ids, already checked by the cache reader
+    prompt = row.get(spec.prompt_field)
+    if spec.prompt_field not in row:
+        return f"no column {spec.prompt_field!r} {cols}"
+    if isinstance(prompt, list):
+        problem = _messages_problem(prompt, spec.prompt_field)
+        if problem:
+            return problem
+    elif not isinstance(prompt, str) or not prompt:
+        return f"column {spec.prompt_field!r} must be a non-empty string or a list of messages, got {prompt!r}"
+    if spec.completion_field is not None and not _ends_with_assistant(prompt):
+        c = row.get(spec.completion_field)
+        if spec.completion_field not in row:
+            return f"no column {spec.completion_field!r} and the conversation does not end with an assistant turn {cols}"
+        if isinstance(c, list):  # TRL's conversational completion: [{"role": "assistant", ...}]
+            if len(c) != 1 or _messages_problem(c, spec.completion_field):
+                return f"column {spec.completion_field!r} must be a string or one assistant message, got {c!r}"
+            if c[0]["role"] != "assistant":
+                return f"column {spec.completion_field!r} holds a {c[0]['role']!r} message, not an assistant one"
+        elif not isinstance(c, str):
+            return f"column {spec.completion_field!r} must be a string, got {c!r}"
+    if spec.answer_field is not None:
+        a = row.get(spec.answer_field)
+        if spec.answer_field not in row:
+            return f"no column {spec.answer_field!r} (the metric/reward compares to it) {cols}"
+        if isinstance(a, bool) or not isinstance(a, str | int | float):
+            return f"column {spec.answer_field!r} must be a string or number, got {a!r}"
+    for name in spec.extra_fields:
+        if name not in row or row[name] is None:
+            return f"no value in column {name!r} {cols}"
+    return None
+
+
+def _messages_problem(messages: list, field: str) -> str | None:
+    if not messages:
+        return f"column {field!r} is an empty list of messages"
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            return f"column {field!r} message {j} needs a 'role' in {ROLES}, got {m!r}"
+        if not isinstance(m.get("content"), str):
+            return f"column {field!r} message {j} needs string 'content', got {m.get('content')!r}"
+    return None
+
+
+def _ends_with_assistant(prompt) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and prompt[-1].get("role") == "assistant"
+
+
 def require_fields(rows: list[dict], fields: list[str], where: str) -> None:
+    """Only presence (for callers that read arbitrary columns)."""
     for i, row in enumerate(rows):
         missing = [f for f in fields if f not in row]
         if missing:
@@ -59,39 +172,59 @@ def require_fields(rows: list[dict], fields: list[str], where: str) -> None:
             )
 
 
-class Encoder:
-    """Turns prompt and completion text into token ids the way the student will see them."""
+@dataclass
+class RunData:
+    encoder: Encoder
+    train_rows: list[dict]  # each with `prompt_ids` (and `completion_ids` when used)
+    eval_rows: list[dict]  # each with `prompt_ids`
 
-    def __init__(self, tokenizer, config: DataConfig):
-        self.tokenizer = tokenizer
-        self.config = config
-        has_template = getattr(tokenizer, "chat_template", None) is not None
-        if config.chat_template == "on" and not has_template:
-            raise ValueError("data.chat_template='on' but the tokenizer has no chat template")
-        self.use_chat = config.chat_template == "on" or (
-            config.chat_template == "auto" and has_template
-        )
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        if self.use_chat:
-            messages = [{"role": "user", "content": prompt}]
-            if self.config.system_prompt:
-                messages.insert(0, {"role": "system", "content": self.config.system_prompt})
-            text = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False
-            )
-            ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        else:
-            ids = self.tokenizer(self.config.system_prompt + prompt).input_ids
-        # Keep the end of an over-long prompt: that is where the question and the
-        # generation prompt are.
-        return ids[-self.config.max_prompt_tokens :]
+def load_run_data(config: TrainConfig, tokenizer) -> RunData:
+    """Load, check and encode the train and eval rows: every row is checked (fields, types,
+    lengths) and cut/dropped rows are counted and logged, before any model loads."""
+    from opd.cache import check_cache_tokenizer
+    from opd.rewards import metric_reads_answer
 
-    def completion_ids(self, completion: str) -> list[int]:
-        """Completion text + EOS (supervised: the student must learn to stop)."""
-        ids = self.tokenizer(completion, add_special_tokens=False).input_ids
-        ids = ids[: self.config.max_completion_tokens - 1]
-        return [*ids, self.tokenizer.eos_token_id]
+    d = config.data
+    if not d.train:
+        raise ValueError("data.train is required: it provides the prompts (and completions)")
+    encoder = Encoder(tokenizer, d)
+    check_cache_tokenizer(d.train, tokenizer)  # no-op unless it is an opd cache
+    with_completion = config.source.lmbda < 1.0 and config.source.off_policy == "dataset"
+    rewarded = bool(config.reward.function) and metric_reads_answer(config.reward.function)
+    extra, privileged = (), None
+    if config.teacher.kind == "self":
+        from opd.teachers.self_teacher import privileged_prompt
+
+        template = config.teacher.privileged_template
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f}
+        extra = tuple(sorted(fields - {"prompt"}))
+        privileged = lambda row: privileged_prompt(template, row, encoder)  # noqa: E731
+    spec = RowSpec(
+        d.prompt_field,
+        d.completion_field if with_completion else None,
+        d.answer_field if rewarded else None,
+        extra,
+    )
+    rows = load_rows(d.train, d.split)
+    check_rows(rows, spec, d.train)
+    train_rows, report = encoder.encode_rows(
+        rows, with_completion=with_completion, where=d.train, extra_prompt=privileged
+    )
+    _log_report(report, d.train, d)
+    eval_rows = []
+    if d.eval:
+        rows = load_rows(d.eval, d.eval_split)[: config.eval_size]
+        answer = d.answer_field if metric_reads_answer(config.eval_metric) else None
+        check_rows(rows, RowSpec(d.prompt_field, None, answer), d.eval)
+        eval_rows, report = encoder.encode_rows(rows, with_completion=False, where=d.eval)
+        _log_report(report, d.eval, d)
+    return RunData(encoder, train_rows, eval_rows)
+
+
+def _log_report(report, where: str, config) -> None:
+    changed = report.prompts_cut or report.dropped or report.completions_cut
+    (log.warning if changed else log.info)("%s", report.describe(where, config))
 
 
 class PromptOrder:

@@ -24,20 +24,27 @@ def sample_completions(
     encoder: Encoder,
     rows: list[dict],
     *,
-    prompt_field: str,
     max_new_tokens: int,
+    prompt_field: str | None = None,
     vocab_size: int,
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 64,
     all_finished=None,
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """(prompt ids, completion ids) for every row, sampled in chunks from one seeded generator."""
+    """(prompt ids, completion ids) for every row, sampled in chunks from one seeded generator.
+
+    Prompts: each row's `prompt_ids` (rows encoded by `opd.data.load_run_data`) or its prompt
+    encoded; `prompt_field` names another column to encode instead."""
     tok = encoder.tokenizer
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     prompts_all, completions = [], []
     for start in range(0, len(rows), batch_size):
-        prompts = [encoder.prompt_ids(r[prompt_field]) for r in rows[start : start + batch_size]]
+        chunk = rows[start : start + batch_size]
+        if prompt_field is None:
+            prompts = [encoder.row_prompt_ids(r) for r in chunk]
+        else:
+            prompts = [encoder.prompt_ids(r[prompt_field]) for r in chunk]
         out = sample_fast(  # the same tokens as `opd.sampling.reference.sample`, faster (issue 10)
             model,
             prompts,

@@ -104,7 +104,6 @@ def evaluate_now(run: RunSetup, metric) -> dict:
         run.encoder,
         run.eval_rows,
         metric,
-        prompt_field=run.config.data.prompt_field,
         max_new_tokens=run.config.sampling.max_new_tokens,
         vocab_size=run.vocab_size,
         seed=run.config.seed,
@@ -180,7 +179,9 @@ def train(config: TrainConfig, run: RunSetup | None = None, extra_eval=None) -> 
         if run.world.is_main
         else NullMetricsLog()
     )
-    metric_fn = resolve_metric(config.eval_metric, config.data.answer_field)
+    metric_fn = resolve_metric(
+        config.eval_metric, config.data.answer_field, pattern=config.eval_pattern
+    )
     timer, record = PhaseTimer(), {}
     if config.eval_every and start_step == 0:
         metrics.write(

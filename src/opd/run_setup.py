@@ -8,10 +8,9 @@ from pathlib import Path
 
 import torch
 
-from opd.cache.format import check_cache_tokenizer
 from opd.checkpoint import latest_checkpoint
 from opd.config import TrainConfig
-from opd.data import Encoder, PromptOrder, load_rows, require_fields
+from opd.data import Encoder, PromptOrder, load_run_data
 from opd.modeling.hf import (
     load_causal_lm,
     load_tokenizer,
@@ -105,22 +104,12 @@ def build_run(config: TrainConfig) -> RunSetup:
             config.reward.function, config.reward.pattern, config.data.answer_field
         )
     tokenizer = load_tokenizer(config.student.path)
+    data = load_run_data(config, tokenizer)  # every row checked and encoded: before the models
+    encoder, train_rows, eval_rows = data.encoder, data.train_rows, data.eval_rows
+    order = PromptOrder(len(train_rows), config.seed)
     student = build_student(config, device, resume_from)
     teacher = build_teacher(config, tokenizer, device, student=student, resume_from=resume_from)
     vocab_size = shared_vocab_size(tokenizer, student)
-    encoder = Encoder(tokenizer, config.data)
-    train_rows, order = [], None
-    if config.data.train:
-        check_cache_tokenizer(config.data.train, tokenizer)  # no-op unless it is an opd cache
-        train_rows = load_rows(config.data.train)
-        fields = [config.data.prompt_field]
-        if config.source.lmbda < 1.0 and config.source.off_policy == "dataset":
-            fields.append(config.data.completion_field)
-        require_fields(train_rows, fields, config.data.train)
-        order = PromptOrder(len(train_rows), config.seed)
-    else:
-        raise ValueError("data.train is required: it provides the prompts (and completions)")
-    eval_rows = load_rows(config.data.eval)[: config.eval_size] if config.data.eval else []
     # The fused path calls the decoder and head directly, outside the DDP/FSDP forward.
     fused = not world.distributed and config.loss.fused
     fused = fused and fused_applies(config.loss, student, teacher)

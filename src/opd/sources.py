@@ -39,25 +39,14 @@ def make_micro_batch(run: RunSetup, step: int, micro: int, timer: PhaseTimer) ->
     source = choose_source(config, step, micro)
     pad = run.tokenizer.pad_token_id
     if source == "dataset":
-        with timer.phase("data"):
-            # Rows from an opd teacher cache carry the exact tokens the teacher scored
-            # (re-tokenizing decoded text need not give them back).
-            prompts = [
-                r["prompt_ids"]
-                if "prompt_ids" in r
-                else enc.prompt_ids(r[config.data.prompt_field])
-                for r in rows
-            ]
-            completions = [
-                r["completion_ids"][: config.data.max_completion_tokens]
-                if "completion_ids" in r
-                else enc.completion_ids(r[config.data.completion_field])
-                for r in rows
-            ]
-            return assemble(prompts, completions, pad_id=pad, source="dataset", rows=rows)
+        # Rows were encoded at start (opd.data.load_run_data); rows from an opd teacher cache
+        # carry the exact tokens the teacher scored.
+        prompts = [r["prompt_ids"] for r in rows]
+        completions = [r["completion_ids"] for r in rows]
+        return assemble(prompts, completions, pad_id=pad, source="dataset", rows=rows)
     s = config.sampling
     rows = [r for r in rows for _ in range(s.n)]
-    prompts = [enc.prompt_ids(r[config.data.prompt_field]) for r in rows]
+    prompts = [enc.row_prompt_ids(r) for r in rows]
     model = world.sampling_model(run.student if source == "student" else run.teacher.model)
     gen = torch.Generator(device=run.device)
     gen.manual_seed(step_seed(config.seed, step, micro, world.rank))

@@ -38,13 +38,31 @@ WEIGHTS = ("frozen", "ema", "live")
 
 def render_privileged(template: str, row: dict, prompt_field: str = "prompt") -> str:
     """The teacher's prompt text: `{prompt}` is the row's prompt, other fields its columns."""
-    fields = {**row, "prompt": row[prompt_field]}
+    return _format(template, {**row, "prompt": row[prompt_field]})
+
+
+def privileged_prompt(template: str, row: dict, encoder):
+    """The teacher's prompt for a row, as `encoder.prompt_ids` takes it: the template's text;
+    for a conversation, the conversation with its last user turn's text put through the
+    template (`{prompt}` is that text), so system prompt and earlier turns stay."""
+    prompt = encoder.row_prompt(row)
+    if not isinstance(prompt, list):
+        return _format(template, {**row, "prompt": prompt})
+    last_user = max((i for i, m in enumerate(prompt) if m["role"] == "user"), default=None)
+    if last_user is None:
+        raise ValueError("teacher.kind=self needs a user turn in each conversation")
+    turns = [dict(m) for m in prompt]
+    turns[last_user]["content"] = _format(template, {**row, "prompt": prompt[last_user]["content"]})
+    return turns
+
+
+def _format(template: str, fields: dict) -> str:
     try:
         return template.format_map(fields)
     except KeyError as err:
         raise ValueError(
             f"teacher.privileged_template needs column {err.args[0]!r} in every row "
-            f"(this row has: {sorted(row)})"
+            f"(this row has: {sorted(k for k in fields if k != 'prompt')})"
         ) from None
 
 
@@ -114,8 +132,7 @@ class SelfTeacher:
 
     def teacher_prompts(self, rows: list[dict]) -> list[list[int]]:
         return [
-            self.encoder.prompt_ids(render_privileged(self.template, r, self.prompt_field))
-            for r in rows
+            self.encoder.prompt_ids(privileged_prompt(self.template, r, self.encoder)) for r in rows
         ]
 
     def teacher_batch(self, batch: SequenceBatch) -> SequenceBatch:
