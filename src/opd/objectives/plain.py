@@ -96,7 +96,7 @@ class PlainObjective:
     def score(self, batch: SequenceBatch) -> Scored:
         if self.need is None:
             return Scored(None)
-        scores = self.teacher.score(batch, self.need, self.topk)
+        scores = self.teacher.score(batch, self.need, self.topk, self.config.kd_temperature)
         return Scored(scores, scores.tokens_scored)
 
     def loss(self, batch: SequenceBatch, scored: Scored, num_tokens: int):

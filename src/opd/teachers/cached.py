@@ -44,8 +44,15 @@ class CachedTeacher:
         self.topk = self.reader.topk
         self.temperature = float(self.reader.manifest["logprob_temperature"])
 
-    def score(self, batch: SequenceBatch, need: str, topk: int = 0) -> TeacherScores:
+    def score(
+        self, batch: SequenceBatch, need: str, topk: int = 0, temperature: float = 1.0
+    ) -> TeacherScores:
         check_need(need, topk)
+        if need == "topk" and temperature != self.temperature:
+            raise CacheError(
+                f"loss.kd_temperature={temperature} but cache {self.reader.root} holds "
+                f"log-probs at temperature {self.temperature}"
+            )
         if need == "logits":
             raise CacheError(
                 "the cached teacher stores top-k log-probs, not full logits: use "

@@ -19,6 +19,8 @@ class LocalTeacher:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def score(self, batch: SequenceBatch, need: str, topk: int = 0) -> TeacherScores:
+    def score(
+        self, batch: SequenceBatch, need: str, topk: int = 0, temperature: float = 1.0
+    ) -> TeacherScores:
         logits = completion_logits(self.model, batch.to(self.device), self.vocab_size)
-        return scores_from_logits(logits, batch, need, topk)
+        return scores_from_logits(logits, batch, need, topk, temperature)

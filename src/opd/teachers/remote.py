@@ -36,7 +36,7 @@ import torch
 
 from opd.batch import SequenceBatch
 from opd.serve.protocol import array_b64
-from opd.teachers.base import TeacherScores, check_need
+from opd.teachers.base import TeacherScores, check_need, check_untempered
 from opd.teachers.errors import TeacherRequestError, TeacherUnavailable
 
 log = logging.getLogger("opd")
@@ -207,7 +207,11 @@ class RemoteTeacher:
     async def score_async(self, batch: SequenceBatch, need: str, topk: int = 0) -> TeacherScores:
         return await asyncio.wrap_future(self.submit(batch, need, topk))
 
-    def score(self, batch: SequenceBatch, need: str, topk: int = 0) -> TeacherScores:
+    def score(
+        self, batch: SequenceBatch, need: str, topk: int = 0, temperature: float = 1.0
+    ) -> TeacherScores:
+        if need == "topk":
+            check_untempered("remote", temperature)
         return self.submit(batch, need, topk).result()
 
     async def _score(self, rows, shape, k: int, device, n_tokens: int) -> TeacherScores:

@@ -175,7 +175,9 @@ class SelfTeacher:
             self.model.train(was_training)
 
     @torch.no_grad()
-    def score(self, batch: SequenceBatch, need: str, topk: int = 0) -> TeacherScores:
+    def score(
+        self, batch: SequenceBatch, need: str, topk: int = 0, temperature: float = 1.0
+    ) -> TeacherScores:
         check_need(need, topk)
         teacher_batch = self.teacher_batch(batch).to(self.device)
         with self._teacher_weights():
@@ -185,7 +187,7 @@ class SelfTeacher:
         missing = batch.completion_width - logits.shape[1]
         if missing > 0:
             logits = F.pad(logits, (0, 0, 0, missing))
-        return scores_from_logits(logits, batch, need, topk)
+        return scores_from_logits(logits, batch, need, topk, temperature)
 
     def checkpoint_state(self) -> dict:
         """What a resumed run needs to continue exactly: the EMA weights."""
