@@ -1,6 +1,7 @@
 """End-to-end runs of the loop on tiny real models: presets, sources, resume, faults."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from opd.loop import train
 from opd.losses import token_divergence
 from opd.metrics import read_metrics
 from opd.modeling.hf import completion_logits, load_causal_lm, load_tokenizer
+from opd.run_setup import build_run
 
 PRESETS = ["seqkd", "supervised_kd", "gkd", "on_policy", "minillm_like"]
 
@@ -163,7 +165,7 @@ def test_teacher_with_padded_embeddings_is_accepted(base_config, tiny_pair, tmp_
     padded = save_model_with_tokenizer(tmp_path / "padded", vocab_size=128, hidden=40)
     cfg = config_from_dict(base_config(preset="gkd", teacher__path=str(padded), steps=2))
     result = train(cfg)
-    assert result["loss"] == result["loss"]  # finite (not NaN)
+    assert math.isfinite(result["loss"]) and result["loss"] > 0
 
 
 def test_lora_trains_adapters_and_leaves_base_untouched(base_config, tiny_pair):
@@ -172,16 +174,24 @@ def test_lora_trains_adapters_and_leaves_base_untouched(base_config, tiny_pair):
     cfg = config_from_dict(
         base_config(preset="supervised_kd", steps=3, lora__enabled=True, lora__r=4)
     )
-    train(cfg)
-    assert torch.equal(
-        before["model.layers.0.self_attn.q_proj.weight"],
-        _weights(student)["model.layers.0.self_attn.q_proj.weight"],
-    )
+    run = build_run(cfg)
+    train(cfg, run)
+    trained = {k: v for k, v in run.student.state_dict().items()}
+    # The base weights the trained model runs on are the student's, unchanged ...
+    base_q = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
+    assert torch.equal(trained[base_q], before["model.layers.0.self_attn.q_proj.weight"])
+    # ... training moved the adapters (lora_B starts at zero) ...
+    lora_b = [v for k, v in trained.items() if "lora_B" in k]
+    assert lora_b and any(float(v.abs().max()) > 0 for v in lora_b)
+    # ... and the saved adapter over the original base is the trained model.
     ckpt = latest_checkpoint(cfg.output_dir)
     assert (ckpt / "adapter_model.safetensors").exists()
     from peft import AutoPeftModelForCausalLM
 
-    assert AutoPeftModelForCausalLM.from_pretrained(ckpt) is not None
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(ckpt)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    run.student.eval()
+    torch.testing.assert_close(reloaded(ids).logits, run.student(ids).logits)
 
 
 def test_eval_metric_and_jsonl_fields(base_config, tmp_path):

@@ -89,15 +89,16 @@ def test_jsd_half_is_symmetric_and_bounded_by_ln2(pair):
 
 
 def test_trl_reference_values():
-    """TRL generalized_jsd_loss on student log([.1,.9]) vs teacher log([.9,.1])."""
-    s = torch.log(torch.tensor([[0.1, 0.9]]))
-    t = torch.log(torch.tensor([[0.9, 0.1]]))
-    # TRL's beta=0 and beta=1 are KL(T||S) and KL(S||T): our forward_kl / reverse_kl.
-    assert token_divergence(s, t, "forward_kl").item() == pytest.approx(1.757780, abs=1e-6)
-    assert token_divergence(s, t, "reverse_kl").item() == pytest.approx(1.757780, abs=1e-6)
-    assert token_divergence(s, t, "jsd", beta=0.5).item() == pytest.approx(0.368064, abs=1e-6)
-    assert token_divergence(s, t, "jsd", beta=0.1).item() == pytest.approx(0.146311, abs=1e-6)
-    assert token_divergence(s, t, "jsd", beta=0.9).item() == pytest.approx(0.146311, abs=1e-6)
+    """TRL generalized_jsd_loss (trl/trainer/gkd_trainer.py: beta=0 -> F.kl_div(s, t) =
+    KL(T||S), beta=1 -> KL(S||T), else mixture log(b*T + (1-b)*S)) evaluated in float64 on an
+    asymmetric pair, so a swapped direction or beta changes every figure."""
+    s = torch.log(torch.tensor([[0.2, 0.5, 0.3]], dtype=torch.float64))
+    t = torch.log(torch.tensor([[0.7, 0.2, 0.1]], dtype=torch.float64))
+    assert token_divergence(s, t, "forward_kl").item() == pytest.approx(0.583815, abs=1e-6)
+    assert token_divergence(s, t, "reverse_kl").item() == pytest.approx(0.537176, abs=1e-6)
+    assert token_divergence(s, t, "jsd", beta=0.5).item() == pytest.approx(0.132918, abs=1e-6)
+    assert token_divergence(s, t, "jsd", beta=0.1).item() == pytest.approx(0.050995, abs=1e-6)
+    assert token_divergence(s, t, "jsd", beta=0.9).item() == pytest.approx(0.047864, abs=1e-6)
 
 
 @pytest.mark.parametrize("beta,use", [(0.0, "forward_kl"), (1.0, "reverse_kl")])
