@@ -49,7 +49,9 @@ def corpus() -> list[str]:
     lines = [WORDS]
     for a in range(12):
         for b in range(6):
-            lines.append(f"What is {a} plus {b}? The answer is {a + b}. café 日本語 🙂 \\boxed{{{a + b}}}")
+            lines.append(
+                f"What is {a} plus {b}? The answer is {a + b}. café 日本語 🙂 \\boxed{{{a + b}}}"
+            )
     return lines
 
 

@@ -22,8 +22,8 @@ from opd.cache.generate import CacheSpec, build_cache
 from opd.cache.inspect import cache_report, inspect_cache
 from opd.cli import main as cli_main
 from opd.config import config_from_dict
-from opd.demo.tiny import build_char_tokenizer, save_tiny_pair, tiny_causal_lm
 from opd.data import load_run_data
+from opd.demo.tiny import build_char_tokenizer, save_tiny_pair, tiny_causal_lm
 from opd.loop import train
 from opd.metrics import read_metrics
 from opd.modeling.hf import load_tokenizer

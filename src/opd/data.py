@@ -182,7 +182,7 @@ class RunData:
 def load_run_data(config: TrainConfig, tokenizer) -> RunData:
     """Load, check and encode the train and eval rows: every row is checked (fields, types,
     lengths) and cut/dropped rows are counted and logged, before any model loads."""
-    from opd.cache import check_cache_tokenizer
+    from opd.cache.format import check_cache_tokenizer
     from opd.rewards import metric_reads_answer
 
     d = config.data
