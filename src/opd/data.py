@@ -183,12 +183,16 @@ def load_run_data(config: TrainConfig, tokenizer) -> RunData:
     """Load, check and encode the train and eval rows: every row is checked (fields, types,
     lengths) and cut/dropped rows are counted and logged, before any model loads."""
     from opd.cache.format import check_cache_tokenizer
+    from opd.modeling.vocab import describe_sampling, end_token_ids
     from opd.rewards import metric_reads_answer
 
     d = config.data
     if not d.train:
         raise ValueError("data.train is required: it provides the prompts (and completions)")
     encoder = Encoder(tokenizer, d)
+    path, extra = config.student.path, config.sampling.eos_token_ids
+    encoder.end_ids = end_token_ids(path, tokenizer, encoder.stop_id, extra)
+    log.info("%s", describe_sampling(path, tokenizer, encoder.end_ids, config.sampling))
     check_cache_tokenizer(d.train, tokenizer)  # no-op unless it is an opd cache
     with_completion = config.source.lmbda < 1.0 and config.source.off_policy == "dataset"
     rewarded = bool(config.reward.function) and metric_reads_answer(config.reward.function)

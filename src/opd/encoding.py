@@ -81,6 +81,9 @@ class Encoder:
             config.chat_template == "auto" and has_template
         )
         self.stop_id = self._turn_end_id() if self.use_chat else tokenizer.eos_token_id
+        # Every id that ends a sampled completion; `opd.data.load_run_data` adds those of the
+        # student's generation_config and sampling.eos_token_ids.
+        self.end_ids = list(dict.fromkeys([self.stop_id, tokenizer.eos_token_id]))
 
     def _turn_end_id(self) -> int:
         """The special token the chat template writes right after an assistant turn's text."""

@@ -49,7 +49,7 @@ def sample_completions(
             model,
             prompts,
             max_new_tokens=max_new_tokens,
-            eos_id=tok.eos_token_id,
+            eos_id=encoder.end_ids,
             pad_id=tok.pad_token_id,
             vocab_size=vocab_size,
             temperature=temperature,

@@ -30,7 +30,13 @@ from opd.objectives import for_step
 from opd.parallel import NullMetricsLog, aggregate_step
 from opd.rewards import resolve_metric
 from opd.run_setup import RunSetup, build_run
-from opd.sources import make_micro_batches, source_counts
+from opd.sources import (
+    SOURCES,
+    loss_denominators,
+    make_micro_batches,
+    source_counts,
+    source_weights,
+)
 
 log = logging.getLogger("opd")
 
@@ -39,10 +45,13 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
     """One optimizer step: make micro-batches -> teacher scores -> loss -> step."""
     world = run.world
     batches = make_micro_batches(run, step, timer)
-    # Summed over ranks before any backward: every rank divides by the step's global count.
+    # Summed over ranks before any backward: every rank divides by the step's global counts,
+    # each source by its own (GKD's λ weighs sources, not tokens: `sources.source_weights`).
+    denominators = loss_denominators(batches, world)
     num_tokens = world.sum(sum(b.num_target_tokens() for b in batches))
     objectives = for_step(run)
     loss_total, div_total, teacher_scored = 0.0, 0.0, 0
+    loss_by_source = dict.fromkeys(SOURCES, 0.0)
     run.student.train()
     for i, batch in enumerate(batches):
         batch = batch.to(run.device)
@@ -52,11 +61,14 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
         teacher_scored += scored.tokens_scored
         last = i == len(batches) - 1
         with timer.phase("update"), _autocast(run), world.grad_sync(run.student, last):
-            loss, div_sum = objective.loss(batch, scored, num_tokens)
+            loss, div_sum = objective.loss(batch, scored, denominators[batch.source])
             world.backward(loss)
         loss_total += float(loss.detach())
+        loss_by_source[batch.source] += float(loss.detach())
         div_total += div_sum
-    loss_total, div_total = world.sum_all([loss_total, div_total])
+    loss_total, div_total, *by_source = world.sum_all(
+        [loss_total, div_total, *loss_by_source.values()]
+    )
     with timer.phase("update"):
         grad_norm, finite = optimizer_step(run, loss_total)
     return aggregate_step(
@@ -68,6 +80,10 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
             "skipped": not finite,
             "tokens": num_tokens,
             **source_counts(batches),
+            # Each source's weight in the loss (its share of the gradient's terms) and the
+            # weighted term it contributed: loss = sum of the loss_from_* terms.
+            **{f"weight_{s}": w for s, w in source_weights(batches).items()},
+            **{f"loss_from_{s}": v for s, v in zip(SOURCES, by_source, strict=True)},
             "teacher_tokens_scored": teacher_scored,
             "lr": run.scheduler.get_last_lr()[0],
             **objectives.record(),

@@ -56,7 +56,7 @@ def make_micro_batch(run: RunSetup, step: int, micro: int, timer: PhaseTimer) ->
             prompts,
             engine=s.engine,
             max_new_tokens=s.max_new_tokens,
-            eos_id=run.tokenizer.eos_token_id,
+            eos_id=run.encoder.end_ids,
             pad_id=pad,
             vocab_size=run.vocab_size,
             temperature=s.temperature,
@@ -82,6 +82,30 @@ def make_micro_batches(run: RunSetup, step: int, timer: PhaseTimer) -> list[Sequ
     return [
         make_micro_batch(run, step, m, timer) for m in range(run.world.accumulation(run.config))
     ]
+
+
+def source_weights(batches: list[SequenceBatch]) -> dict[str, float]:
+    """Each source's weight in this step's loss: its share of the step's micro-batches.
+
+    GKD's objective is `(1-λ)·E_data[D] + λ·E_student[D]` (Agarwal et al. 2024, eq. 4): λ
+    weighs two expectations, it is not a share of tokens. A student micro-batch carries
+    `micro_batch_size × sampling.n` sequences and a dataset one `micro_batch_size`; one
+    token denominator for both would hand the student ~80% of the gradient at n=4, λ=0.5.
+    Here each source's tokens are averaged on their own (`loss_denominators`) and the
+    source weighted by its share of micro-batches, whose expectation is λ for the student
+    (each micro-batch is the student's with probability λ). Every rank draws the same
+    sources (`choose_source` ignores the rank), so the weights agree across ranks."""
+    return {s: sum(b.source == s for b in batches) / len(batches) for s in SOURCES}
+
+
+def loss_denominators(batches: list[SequenceBatch], world) -> dict[str, float]:
+    """Per source: what a micro-batch's summed per-token loss is divided by, so that the
+    step's loss is `sum_s weight_s · (sum of s's token losses / s's tokens over all ranks
+    and micro-batches)`; exact under gradient accumulation and across ranks."""
+    weights = source_weights(batches)
+    local = [sum(b.num_target_tokens() for b in batches if b.source == s) for s in SOURCES]
+    tokens = dict(zip(SOURCES, world.sum_all(local), strict=True))
+    return {s: tokens[s] / weights[s] if weights[s] else 0.0 for s in SOURCES}
 
 
 def source_counts(batches: list[SequenceBatch]) -> dict:

@@ -45,7 +45,7 @@ from opd.cache.format import (
     write_shard,
 )
 from opd.config import DataConfig
-from opd.data import Encoder, load_rows, require_fields
+from opd.data import Encoder, RowSpec, check_rows, load_rows
 from opd.losses.sparse import fold_student_to_buckets
 from opd.modeling.hf import (
     completion_logits,
@@ -55,6 +55,7 @@ from opd.modeling.hf import (
     shared_vocab_size,
     tokenizer_fingerprint,
 )
+from opd.modeling.vocab import end_token_ids
 from opd.sampling.reference import sample
 
 log = logging.getLogger("opd")
@@ -167,6 +168,23 @@ class _Job:
         self.vocab_size = len(self.tokenizer)
         self._model = None
 
+    def check_prompts(self, where: str) -> None:
+        """Every prompt must fit `max_prompt_tokens` (a cache keeps one row per prompt, so
+        none is dropped silently); generation stops on every end id of the teacher."""
+        for i, row in enumerate(self.rows):
+            try:
+                ids, _ = self.encoder.fit_prompt(self.encoder.row_prompt(row))
+            except ValueError as err:
+                raise ValueError(f"{where}: row {i}: {err}") from None
+            if ids is None:
+                raise ValueError(
+                    f"{where}: row {i}: its chat-template prompt is longer than "
+                    f"max_prompt_tokens={self.spec.max_prompt_tokens}; raise it or remove the row"
+                )
+        self.encoder.end_ids = end_token_ids(
+            self.teacher_path, self.tokenizer, self.encoder.stop_id
+        )
+
     @property
     def model(self):
         if self._model is None:
@@ -186,7 +204,7 @@ class _Job:
         for b in range(0, len(seqs), self.batch_size):
             chunk = seqs[b : b + self.batch_size]
             src = [self.rows[p] for p, _ in chunk]
-            prompts = [enc.prompt_ids(r[spec.prompt_field]) for r in src]
+            prompts = [enc.row_prompt_ids(r) for r in src]
             if spec.mode == "generate":
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed(_shard_seed(spec.seed, index, b // self.batch_size))
@@ -194,7 +212,7 @@ class _Job:
                     self.model,
                     prompts,
                     max_new_tokens=spec.max_new_tokens,
-                    eos_id=tok.eos_token_id,
+                    eos_id=enc.end_ids,
                     pad_id=tok.pad_token_id,
                     vocab_size=self.vocab_size,
                     temperature=spec.temperature,
@@ -204,18 +222,16 @@ class _Job:
                 )
                 completions = out.completions
             else:
-                completions = [enc.completion_ids(r[spec.completion_field]) for r in src]
+                completions = [enc.completion_ids(enc.row_completion(r)) for r in src]
             batch = assemble(prompts, completions, pad_id=tok.pad_token_id).to(self.device)
             scores = score_rows(self.model, batch, self.vocab_size, spec.topk)
             for (p, j), row, pids, cids, rec in zip(chunk, src, prompts, completions, scores):
-                finished = bool(cids) and cids[-1] == tok.eos_token_id
+                finished = bool(cids) and cids[-1] in enc.end_ids
                 text_ids = cids[:-1] if finished else cids
                 row_id = p * spec.n + j
                 rec.update(row_id=row_id, finished=finished, prompt_ids=pids, completion_ids=cids)
                 records.append(rec)
-                text = (
-                    tok.decode(text_ids) if spec.mode == "generate" else row[spec.completion_field]
-                )
+                text = tok.decode(text_ids) if spec.mode == "generate" else enc.row_completion(row)
                 texts.append(
                     {
                         "cache_row": row_id,
@@ -316,11 +332,12 @@ def build_cache(
     """Write (or finish) the cache in `out`; returns its manifest."""
     out, device = Path(out), resolve_device(device)
     rows = load_rows(prompts)
-    fields = [spec.prompt_field] + ([spec.completion_field] if spec.mode == "score" else [])
-    require_fields(rows, fields, str(prompts))
+    completion = spec.completion_field if spec.mode == "score" else None
+    check_rows(rows, RowSpec(spec.prompt_field, completion), str(prompts))
     if not rows:
         raise ValueError(f"{prompts} holds no rows")
     job = _Job(teacher, rows, spec, device, batch_size)
+    job.check_prompts(str(prompts))  # before the teacher model loads
     vocab = len(job.tokenizer)
     if spec.topk > vocab:
         log.info("topk=%d exceeds the vocabulary; storing k=%d", spec.topk, vocab)

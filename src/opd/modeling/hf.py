@@ -45,18 +45,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_same_tokenizer(student_tok, teacher_tok, teacher_name: str) -> None:
-    """Distillation compares distributions id by id, so the ids must mean the same tokens."""
-    if tokenizer_fingerprint(student_tok) != tokenizer_fingerprint(teacher_tok):
-        s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
-        differ = [t for t in s_vocab if t_vocab.get(t) != s_vocab[t]][:5]
-        raise ValueError(
-            f"teacher {teacher_name!r} uses a different tokenizer than the student "
-            f"({len(t_vocab)} vs {len(s_vocab)} tokens; e.g. ids differ for {differ}). "
-            "Token-level distillation needs a shared tokenizer; use SeqKD on decoded text instead."
-        )
-
-
 def shared_vocab_size(tokenizer, *models) -> int:
     """Rows of the LM head that correspond to real tokens, checked against every model.
 

@@ -19,13 +19,14 @@ processes (`all_finished`, FSDP), get `sample` itself.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 
 from opd.modeling.lean import GraphedStep, LeanDecoder, lean_supported
 from opd.sampling.draw import draw_tokens, draw_uniforms
 from opd.sampling.reference import Rollout, left_pad, process_logits, sample, to_rollout
-from opd.sampling.stops import mark_stop_strings
+from opd.sampling.stops import end_ids_tensor, mark_stop_strings
 
 log = logging.getLogger("opd")
 
@@ -36,7 +37,7 @@ def sample_fast(
     prompts: list[list[int]],
     *,
     max_new_tokens: int,
-    eos_id: int,
+    eos_id: int | Sequence[int],
     pad_id: int,
     vocab_size: int,
     temperature: float = 1.0,
@@ -101,6 +102,7 @@ def _decode(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, tempe
     rows = None  # batch row of each cache row once finished rows have left; None: all rows
     next_pos = mask.sum(-1)  # position of the first new token: the prompt length
     plain = top_k == 0 and top_p == 1.0
+    ends = end_ids_tensor(eos_id, device)
     for t in range(max_new_tokens):
         if temperature == 0.0:
             token = logits.argmax(-1)
@@ -117,7 +119,7 @@ def _decode(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, tempe
         live = ~(done if rows is None else done[rows])
         token = token.masked_fill(~live, pad_id)
         token_logq = token_logq.masked_fill(~live, 0.0)
-        ended = live & (token == eos_id)
+        ended = live & torch.isin(token, ends)
         if rows is None:
             tokens[:, t], logq[:, t] = token, token_logq
             lengths += live

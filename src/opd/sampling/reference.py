@@ -8,13 +8,14 @@ temperature, top-k, top-p) so the loss can form importance ratios. Rows stop at 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
 from opd.sampling.draw import draw_tokens, draw_uniforms
-from opd.sampling.stops import mark_stop_strings
+from opd.sampling.stops import end_ids_tensor, mark_stop_strings
 
 
 @dataclass
@@ -69,7 +70,7 @@ def sample(
     prompts: list[list[int]],
     *,
     max_new_tokens: int,
-    eos_id: int,
+    eos_id: int | Sequence[int],
     pad_id: int,
     vocab_size: int,
     temperature: float = 1.0,
@@ -81,6 +82,8 @@ def sample(
     all_finished=None,
 ) -> Rollout:
     """Sample one completion per prompt. `temperature == 0` is greedy (log q = 0).
+
+    `eos_id`: the id, or every id, that ends a completion (kept and supervised).
 
     `all_finished(done) -> bool`, for a model sharded over processes (FSDP): every forward
     all-gathers weights, so all ranks keep stepping until every rank's rows are done."""
@@ -104,6 +107,7 @@ def sample(
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logq = torch.zeros((B, max_new_tokens), device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    ends = end_ids_tensor(eos_id, device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     next_pos = positions[:, -1] + 1
     for t in range(max_new_tokens):
@@ -119,7 +123,7 @@ def sample(
         tokens[:, t] = token
         logq[:, t] = torch.where(done, torch.zeros_like(token_logq), token_logq)
         lengths += (~done).long()
-        done |= token == eos_id
+        done |= torch.isin(token, ends)
         if stop:
             mark_stop_strings(done, tokens, t, range(B), stop, tokenizer)
         finished = bool(done.all())

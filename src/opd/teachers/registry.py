@@ -5,12 +5,8 @@ from __future__ import annotations
 import torch
 
 from opd.config import TrainConfig
-from opd.modeling.hf import (
-    check_same_tokenizer,
-    load_causal_lm,
-    load_tokenizer,
-    shared_vocab_size,
-)
+from opd.modeling.hf import load_causal_lm, load_tokenizer, shared_vocab_size
+from opd.modeling.vocab import check_same_tokenizer
 from opd.teachers.local import LocalTeacher
 
 
