@@ -351,22 +351,42 @@ def test_self_distillation_runs_end_to_end(weights, base_config, tmp_path):
     assert math.isfinite(result["loss"])
 
 
-@pytest.mark.parametrize(
-    "loss", [{"objective": "pg"}, {"estimator": "topk", "topk": 8, "divergence": "forward_kl"}]
-)
-def test_self_teacher_serves_sampled_and_topk_estimators(loss, base_config, tmp_path):
+def _self_run(base_config, tmp_path, name, template, loss):
     cfg = config_from_dict(
         base_config(
-            teacher={"kind": "self", "privileged_template": TEMPLATE, "self_weights": "live"},
+            teacher={"kind": "self", "privileged_template": template, "self_weights": "live"},
             source__lmbda=1.0,
-            loss={"divergence": "reverse_kl", **loss},
+            loss=loss,
             steps=1,
-            output_dir=str(tmp_path / "est"),
+            output_dir=str(tmp_path / name),
         )
     )
     train(cfg)
     (record,) = read_metrics(cfg.output_dir)
-    assert math.isfinite(record["loss"]) and record["teacher_tokens_scored"] > 0
+    assert record["teacher_tokens_scored"] == record["student_tokens_generated"] > 0
+    return record
+
+
+def test_self_teacher_topk_at_full_vocabulary_equals_full(base_config, tmp_path, tiny_pair):
+    """The same seeded step with top-V and full estimators: the same loss and divergence."""
+    V = len(load_tokenizer(str(tiny_pair[1])))
+    kd = {"objective": "kd", "divergence": "forward_kl", "kd_temperature": 2.0, "fused": False}
+    full = _self_run(base_config, tmp_path, "full", TEMPLATE, kd)
+    topk = _self_run(
+        base_config, tmp_path, "topk", TEMPLATE, {**kd, "estimator": "topk", "topk": V}
+    )
+    assert topk["loss"] == pytest.approx(full["loss"], rel=1e-4)
+    assert topk["divergence"] == pytest.approx(full["divergence"], rel=1e-4)
+    assert full["divergence"] > 1e-4
+
+
+def test_self_teacher_pg_sees_the_privileged_context(base_config, tmp_path):
+    """pg's sampled-token estimate is exactly 0 when the teacher's prompt is the student's
+    (live weights, template '{prompt}') and not when the answer is in it."""
+    same = _self_run(base_config, tmp_path, "same", "{prompt}", {"objective": "pg"})
+    privileged = _self_run(base_config, tmp_path, "priv", TEMPLATE, {"objective": "pg"})
+    assert abs(same["divergence"]) < 1e-6 and abs(same["loss"]) < 1e-6
+    assert abs(privileged["divergence"]) > 1e-3
 
 
 def test_ema_self_teacher_resumes_exactly(base_config, tmp_path):
