@@ -269,3 +269,34 @@ def test_dataset_batches_supervise_the_end_and_cut_ones_do_not(pairs, data, tmp_
     long_enough = config(pairs["llama"], train_path, tmp_path / "p")
     for r in load_run_data(long_enough, tokenizer).train_rows:
         assert r["completion_ids"][-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+# ------------------------------------------------------------------ generate / score / eval
+
+
+@pytest.mark.parametrize("mode", ["score", "generate"])
+def test_cache_reads_messages(pairs, data, tmp_path, mode):
+    from opd.cache.format import CacheReader
+    from opd.cache.generate import CacheSpec, build_cache
+
+    teacher = str(pairs["qwen3"][0])
+    spec = CacheSpec(mode=mode, prompt_field="messages", topk=8, max_new_tokens=4, shard_size=8)
+    build_cache(teacher, data[("messages", "jsonl")], tmp_path / "c", spec, device="cpu")
+    tok = build_tokenizer()
+    enc = Encoder(tok, DataConfig(prompt_field="messages"))
+    cached = CacheReader(tmp_path / "c").rows()
+    assert len(cached) == len(rows()["messages"])
+    for row in cached:
+        assert row["prompt_ids"] == enc.row_prompt_ids(row)
+        if mode == "score":
+            assert row["completion_ids"] == enc.completion_ids(enc.row_completion(row))
+
+
+def test_eval_on_messages_with_boxed_metric(pairs, data, tmp_path):
+    evals = str(data[("messages", "datasetdict")])  # its "test" split: data.eval_split
+    over = dict(preset="on_policy", eval_every=1, eval_metric="boxed", steps=1, data__eval=evals)
+    cfg = config(pairs["llama"], data[("messages", "dataset")], tmp_path / "o", **over)
+    train(cfg)
+    records = read_metrics(cfg.output_dir)
+    assert [r["step"] for r in records if "eval_accuracy" in r] == [0, 1]
+    assert all(0.0 <= r["eval_accuracy"] <= 1.0 for r in records if "eval_accuracy" in r)
