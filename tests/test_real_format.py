@@ -184,13 +184,16 @@ def _eos_student(src, out, token_id):
 
 @pytest.mark.parametrize("which", [0, 1])
 @pytest.mark.parametrize("engine", ["hf", "lean"])
-def test_sampling_stops_on_either_eos_id(pairs, tok, tmp_path, which, engine):
+def test_sampling_stops_on_either_eos_id(pairs, tok, tmp_path, which, engine, caplog):
     target = eos_ids(tok)[which]
     student = _eos_student(pairs["qwen3"][1], tmp_path / "s", target)
     train_path = write_data(tmp_path, "messages", "jsonl")
     cfg = config((pairs["qwen3"][0], student), train_path, tmp_path / "o", preset="minillm_like")
-    run = run_setup_mod.build_run(cfg)
+    with caplog.at_level("INFO", logger="opd"):
+        run = run_setup_mod.build_run(cfg)
     assert set(eos_ids(tok)) <= set(run.encoder.end_ids)
+    assert "sampling stops on token ids [2 '<|im_end|>', 0 '<|endoftext|>']" in caplog.text
+    assert "sets do_sample=True, temperature=0.7, top_p=0.8, top_k=20, overridden" in caplog.text
     prompts = [r["prompt_ids"] for r in run.train_rows[:3]]
     kw = dict(engine=engine, max_new_tokens=5, pad_id=tok.pad_token_id, vocab_size=len(tok))
     out = sample(run.student, prompts, eos_id=run.encoder.end_ids, temperature=0.0, **kw)
