@@ -32,9 +32,11 @@ class Objective(Protocol):
     def score(self, batch: SequenceBatch) -> Scored: ...
 
     def loss(
-        self, batch: SequenceBatch, scored: Scored, num_tokens: int
+        self, batch: SequenceBatch, scored: Scored, num_tokens: float
     ) -> tuple[torch.Tensor, float]:
-        """`(loss normalized by the step's token count, summed divergence estimate)`."""
+        """`(summed token losses / num_tokens, summed divergence estimate)`. The loop passes
+        the batch's source denominator (`opd.sources.loss_denominators`: that source's
+        tokens in the step over its weight), so GKD's λ weighs sources, not tokens."""
         ...
 
 
