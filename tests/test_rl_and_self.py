@@ -377,7 +377,7 @@ def test_self_teacher_topk_at_full_vocabulary_equals_full(base_config, tmp_path,
     )
     assert topk["loss"] == pytest.approx(full["loss"], rel=1e-4)
     assert topk["divergence"] == pytest.approx(full["divergence"], rel=1e-4)
-    assert full["divergence"] > 1e-4
+    assert full["divergence"] > 1e-5  # the privileged prompt changes the teacher
 
 
 def test_self_teacher_pg_sees_the_privileged_context(base_config, tmp_path):

@@ -96,7 +96,11 @@ class PlainObjective:
     def score(self, batch: SequenceBatch) -> Scored:
         if self.need is None:
             return Scored(None)
-        scores = self.teacher.score(batch, self.need, self.topk, self.config.kd_temperature)
+        # Top-k log-probs must be tempered as the student is (kd_temperature); asked only
+        # when it matters, so teachers of the older `score(batch, need, topk)` keep working.
+        tempered = self.need == "topk" and self.config.kd_temperature != 1.0
+        kw = {"temperature": self.config.kd_temperature} if tempered else {}
+        scores = self.teacher.score(batch, self.need, self.topk, **kw)
         return Scored(scores, scores.tokens_scored)
 
     def loss(self, batch: SequenceBatch, scored: Scored, num_tokens: int):
