@@ -157,7 +157,10 @@ def test_non_finite_steps_are_skipped_then_stop(base_config, monkeypatch):
 def test_teacher_with_other_tokenizer_is_refused(base_config, tmp_path):
     other = save_model_with_tokenizer(tmp_path / "other", chat=True)
     cfg = config_from_dict(base_config(preset="supervised_kd", teacher__path=str(other)))
-    with pytest.raises(ValueError, match=r"reads \d+ of the student.s token ids as other tokens \(id 3: student .0., teacher"):
+    with pytest.raises(
+        ValueError,
+        match=r"reads \d+ of the student.s token ids as other tokens \(id 3: student .0., teacher",
+    ):
         train(cfg)
 
 
