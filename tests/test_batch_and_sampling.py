@@ -1,5 +1,7 @@
 """Sequence layout, masks token by token, and the KV-cached sampler."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -84,15 +86,17 @@ def test_greedy_matches_hf_generate(tiny_pair):
     tok = load_tokenizer(str(student))
     model = load_causal_lm(str(student))
     prompts = [tok("12+3=").input_ids, tok("1+1=").input_ids]
-    out = sample(
-        model,
-        prompts,
-        max_new_tokens=6,
-        eos_id=tok.eos_token_id,
-        pad_id=tok.pad_token_id,
-        vocab_size=len(tok),
-        temperature=0.0,
-    )
+    with warnings.catch_warnings():  # our calls use the current API: no deprecation warning
+        warnings.simplefilter("error", FutureWarning)
+        out = sample(
+            model,
+            prompts,
+            max_new_tokens=6,
+            eos_id=tok.eos_token_id,
+            pad_id=tok.pad_token_id,
+            vocab_size=len(tok),
+            temperature=0.0,
+        )
     for p, c in zip(prompts, out.completions, strict=True):
         ref = model.generate(
             torch.tensor([p]),

@@ -138,7 +138,10 @@ def unused_url() -> str:
 def remote_config(base_config, url, **kw):
     return config_from_dict(
         base_config(
-            teacher={"kind": "remote", "url": url, "max_retries": 1, "timeout_s": 5.0}, **kw
+            teacher={"kind": "remote", "url": url, "max_retries": 1, "timeout_s": 5.0},
+            data__max_prompt_tokens=32,  # within the test server's max_seq_len (64)
+            data__max_completion_tokens=16,
+            **kw,
         )
     )
 

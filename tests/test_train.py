@@ -261,7 +261,7 @@ def test_bf16_on_cpu_says_it_trains_in_float32(base_config, caplog):
 
 def test_tensorboard_mirror(base_config):
     pytest.importorskip("tensorboard")
-    cfg = config_from_dict(base_config(preset="supervised_kd", steps=2, tensorboard=True))
+    cfg = config_from_dict(base_config(preset="supervised_kd", steps=2, report_to=["tensorboard"]))
     train(cfg)
     assert list((Path(cfg.output_dir) / "tensorboard").glob("events.out.tfevents.*"))
 

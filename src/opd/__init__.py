@@ -2,7 +2,16 @@
 
 __version__ = "0.1.0"
 
-from opd.config import TrainConfig, load_config
-from opd.loop import train
+# Imported on first use, so that `opd --help` and `opd config` start without torch.
+_LAZY = {"TrainConfig": "opd.config", "load_config": "opd.config", "train": "opd.loop"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'opd' has no attribute {name!r}")
+
 
 __all__ = ["TrainConfig", "__version__", "load_config", "train"]

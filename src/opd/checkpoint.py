@@ -13,8 +13,9 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
+
+from opd.quiet import transformers_bars_off
 
 STATE_FILE = "trainer_state.pt"
 
@@ -26,6 +27,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def rng_state() -> dict:
+    import torch  # here, not at the top: finding a checkpoint (preflight) needs no torch
+
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -35,6 +38,8 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    import torch
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -60,8 +65,11 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     extra = {"state_dict": model_state} if model_state is not None else {}
-    model.save_pretrained(tmp, safe_serialization=True, **extra)
+    with transformers_bars_off():
+        model.save_pretrained(tmp, safe_serialization=True, **extra)
     tokenizer.save_pretrained(tmp)
+    import torch
+
     torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
     (tmp / "opd_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     if final.exists():  # a previous attempt at this step finished: replace it whole
@@ -101,4 +109,6 @@ def load_trainer_state(ckpt: Path) -> dict:
     path = Path(ckpt) / STATE_FILE
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {ckpt} has no {STATE_FILE}; it is incomplete")
+    import torch
+
     return torch.load(path, map_location="cpu", weights_only=False)

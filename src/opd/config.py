@@ -3,23 +3,33 @@
 Every field is used by some recipe. A preset (`seqkd`, `supervised_kd`, `gkd`,
 `on_policy`, `minillm_like`) is a set of defaults for the five design choices
 (source, teacher, estimator, divergence, objective); anything the user writes wins.
+
+Each class documents its fields in an `Attributes:` block of its docstring and types a
+field with a fixed set of values as `Literal[...]`: `opd config` and `opd train --help`
+list both (opd.config_docs), so the docs live in one place, next to the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import string
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 from opd.config_checks import check_combinations, check_preset_conflicts
-from opd.losses import KINDS, check_kind
+from opd.losses.kinds import KINDS, check_kind
 from opd.presets import PRESETS
+
+Divergence = Literal[KINDS]
+DType = Literal["float32", "bfloat16", "float16"]
+DEFAULT_TOPK = 64  # loss.topk=0 resolves to this unless a cache or server says otherwise
 
 
 def _one_of(key: str, value, allowed) -> None:
@@ -34,6 +44,26 @@ def _in_range(key: str, value, lo=None, hi=None, *, lo_open=False) -> None:
         raise ValueError(f"{key}={value!r} must be {'>' if lo_open else '>='} {lo}")
     if hi is not None and value > hi:
         raise ValueError(f"{key}={value!r} must be <= {hi}")
+
+
+@functools.cache
+def _literal_fields(cls) -> dict[str, tuple]:
+    """Field name -> allowed values, for fields typed `Literal[...]` or `list[Literal[...]]`."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        if typing.get_origin(hint) is list:
+            hint = typing.get_args(hint)[0]
+        if typing.get_origin(hint) is Literal:
+            out[name] = typing.get_args(hint)
+    return out
+
+
+def _check_choices(obj) -> None:
+    """Every `Literal` field holds one of its values; the message names the key."""
+    for name, allowed in _literal_fields(type(obj)).items():
+        value = getattr(obj, name)
+        for item in value if isinstance(value, list) else [value]:
+            _one_of(name, item, allowed)
 
 
 def _check_template(key: str, template: str) -> None:
@@ -64,15 +94,32 @@ def _check_metric(key: str, name: str, pattern: str, pattern_key: str) -> None:
 
 @dataclass
 class ModelConfig:
+    """The student model.
+
+    Attributes:
+        path: model directory (config.json, weights and tokenizer files) or hub id; required
+        dtype: dtype the weights are loaded in
+    """
+
     path: str = ""
-    dtype: str = "float32"
+    dtype: DType = "float32"
 
     def __post_init__(self):
-        _one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _check_choices(self)
 
 
 @dataclass
 class LoraConfig:
+    """LoRA adapters on the student instead of full fine-tuning (needs opd[lora]).
+
+    Attributes:
+        enabled: train LoRA adapters; checkpoints then hold the adapter only
+        r: adapter rank
+        alpha: LoRA scaling numerator (scale = alpha / r)
+        dropout: dropout on the adapter input
+        target_modules: names of the linear layers that get adapters
+    """
+
     enabled: bool = False
     r: int = 16
     alpha: int = 32
@@ -88,32 +135,45 @@ class LoraConfig:
 
 @dataclass
 class TeacherConfig:
-    kind: str = (
-        "local"  # local model | self (privileged context) | remote server | cached log-probs
-    )
-    path: str = ""  # local: model directory or hub id
-    dtype: str = "float32"
-    url: str = ""  # remote: base URL of an opd or vLLM server
-    api_key_env: str = "OPD_TEACHER_TOKEN"  # remote: environment variable holding the bearer token
+    """The teacher: what scores the sequences.
+
+    Attributes:
+        kind: local model | self (the student with privileged context) | remote server |
+            cached log-probs from `opd generate` / `opd score`
+        path: local: model directory or hub id
+        dtype: local: dtype the teacher's weights are loaded in
+        url: remote: base URL of an `opd serve` or vLLM server
+        api_key_env: remote: environment variable holding the server's bearer token
+        timeout_s: remote: seconds per request before a retry
+        max_retries: remote: retries before the run stops (its checkpoint intact)
+        cache_dir: cached: the cache directory (default: data.train when that is a cache)
+        privileged_template: self (OPSD/SDFT): the teacher's prompt; {prompt} is the row's
+            data.prompt_field text, any other {name} is that column of the row (the
+            privileged context the student lacks)
+        self_weights: self: frozen (the start) | ema | live (the current weights, no gradient)
+        ema_decay: self_weights=ema: theta_bar <- d*theta_bar + (1-d)*theta per step
+        shard: local, multi-process runs: shard the teacher's weights over the ranks (FSDP2)
+            instead of one full copy per rank
+    """
+
+    kind: Literal["local", "self", "remote", "cached"] = "local"
+    path: str = ""
+    dtype: DType = "float32"
+    url: str = ""
+    api_key_env: str = "OPD_TEACHER_TOKEN"
     timeout_s: float = 60.0
     max_retries: int = 5
-    cache_dir: str = ""  # cached: a directory written by `opd generate` / `opd score`
-    # self (OPSD/SDFT): the teacher's prompt; {prompt} is the row's data.prompt_field text,
-    # any other {name} is that column of the row (the privileged context the student lacks).
+    cache_dir: str = ""
     privileged_template: str = "{prompt}\nReference solution: {answer}\n"
-    self_weights: str = "frozen"  # self: frozen (start) | ema | live (current, no gradient)
-    ema_decay: float = 0.99  # self_weights=ema: theta_bar <- d*theta_bar + (1-d)*theta per step
-    # local, multi-process runs: shard the teacher's weights over the ranks (FSDP2) instead of
-    # one full eval-mode copy per rank (opd.parallel)
+    self_weights: Literal["frozen", "ema", "live"] = "frozen"
+    ema_decay: float = 0.99
     shard: bool = False
 
     def __post_init__(self):
-        _one_of("teacher.kind", self.kind, ("local", "self", "remote", "cached"))
-        _one_of("teacher.self_weights", self.self_weights, ("frozen", "ema", "live"))
+        _check_choices(self)
         _in_range("teacher.ema_decay", self.ema_decay, 0.0, 1.0)
         if self.kind == "self":
             _check_template("teacher.privileged_template", self.privileged_template)
-        _one_of("teacher.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _in_range("teacher.timeout_s", self.timeout_s, 0.0, lo_open=True)
         _in_range("teacher.max_retries", self.max_retries, 0)
         if self.shard and self.kind != "local":
@@ -122,41 +182,70 @@ class TeacherConfig:
 
 @dataclass
 class DataConfig:
-    train: str = ""  # JSONL, Parquet, or a `datasets` directory
+    """Where prompts (and completions) come from and how they become tokens.
+
+    Attributes:
+        train: training rows: JSONL, JSON, Parquet (opd[data]), a `datasets` directory
+            (opd[data]) or an opd teacher cache
+        eval: held-out rows for eval_every / `opd eval` (same formats)
+        prompt_field: the column holding the prompt text
+        completion_field: the column holding the completion (batches from the dataset)
+        answer_field: the column the task metric and rewards compare against
+        chat_template: auto: the tokenizer's chat template if it has one | on | off
+        system_prompt: system message put before each prompt (chat template only)
+        max_prompt_tokens: prompts are cut to this many tokens (from the left)
+        max_completion_tokens: dataset completions are cut to this many tokens (a cut
+            completion gets no EOS)
+        split: data.train as a `datasets` DatasetDict directory: this split
+        eval_split: data.eval as a DatasetDict directory: this split
+    """
+
+    train: str = ""
     eval: str = ""
     split: str = "train"  # data.train as a `datasets` DatasetDict directory: this split
     eval_split: str = "test"  # data.eval as a DatasetDict directory: this split
     prompt_field: str = "prompt"
     completion_field: str = "completion"
     answer_field: str = "answer"
-    chat_template: str = "auto"  # auto: use the tokenizer's chat template if it has one
+    chat_template: Literal["auto", "on", "off"] = "auto"
     system_prompt: str = ""
     max_prompt_tokens: int = 512
     max_completion_tokens: int = 512
 
     def __post_init__(self):
-        _one_of("data.chat_template", self.chat_template, ("auto", "on", "off"))
+        _check_choices(self)
         _in_range("data.max_prompt_tokens", self.max_prompt_tokens, 1)
         _in_range("data.max_completion_tokens", self.max_completion_tokens, 1)
 
 
 @dataclass
 class SamplingConfig:
-    """Rollout sampling. Its temperature is never the loss temperature (`loss.kd_temperature`)."""
+    """Rollout sampling. Its temperature is never the loss temperature (`loss.kd_temperature`).
+
+    Attributes:
+        temperature: sampling temperature of student (and teacher) rollouts; 0 is greedy
+        top_p: nucleus sampling mass (1: off)
+        top_k: sample among the k most likely tokens (0: off)
+        max_new_tokens: longest sampled completion
+        n: samples per prompt in a student-sampled batch
+        stop: strings that end a sampled completion (besides EOS)
+        eos_token_ids: token ids that end a completion, besides the student's
+            generation_config, its tokenizer's EOS and the chat template's turn end
+        engine: hf (the reference sampler, plain HF forward) | lean (static-KV-cache fast
+            sampler, the same tokens)
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 128
-    n: int = 1  # samples per prompt
+    n: int = 1
     stop: list[str] = field(default_factory=list)
-    engine: str = "lean"  # hf (reference sampler) | lean (static-cache fast sampler)
-    # Token ids that end a completion, besides those of the student's generation_config,
-    # its tokenizer's EOS and the token its chat template ends a turn with (all are used).
+    engine: Literal["hf", "lean"] = "lean"
     eos_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self):
-        _one_of("sampling.engine", self.engine, ("hf", "lean"))
+        _check_choices(self)
         _in_range("sampling.temperature", self.temperature, 0.0)
         _in_range("sampling.top_p", self.top_p, 0.0, 1.0, lo_open=True)
         _in_range("sampling.top_k", self.top_k, 0)
@@ -171,42 +260,61 @@ class SamplingConfig:
 
 @dataclass
 class LossConfig:
-    objective: str = "kd"  # ce (SeqKD/SFT) | kd (divergence) | pg (sampled reverse-KL advantage)
-    divergence: str = "forward_kl"
-    beta: float = 0.5  # jsd mixture weight, GKD's beta
-    skew_alpha: float = 0.1  # DistiLLM skew for skew_* divergences
-    estimator: str = (
-        "full"  # full vocabulary | topk (+ tail bucket); pg always uses the sampled token
-    )
-    topk: int = 64
+    """What is minimized on each batch.
+
+    Attributes:
+        objective: ce (cross-entropy on the sequence: SeqKD/SFT) | kd (a divergence to the
+            teacher) | pg (sampled-token reverse-KL advantage, Thinking Machines)
+        divergence: kd: per-token divergence between teacher and student
+        beta: jsd: mixture weight, GKD's beta (0 < beta < 1)
+        skew_alpha: skew_*: DistiLLM's skew
+        estimator: kd: full vocabulary | topk (+ tail bucket); pg always uses the sampled token
+        topk: estimator=topk: teacher tokens per position; 0: the cache's k with a cached
+            teacher, else 64 (capped at a remote server's limit)
+        kd_temperature: divides both models' logits in the loss (not sampling.temperature)
+        discount: pg: discount of the per-token advantage to go
+        fused: kd + full + local teacher: compute the divergence from hidden states and LM
+            heads in tiles, never materializing [tokens, vocab] logits (same result)
+    """
+
+    objective: Literal["ce", "kd", "pg"] = "kd"
+    divergence: Divergence = "forward_kl"
+    beta: float = 0.5
+    skew_alpha: float = 0.1
+    estimator: Literal["full", "topk"] = "full"
+    topk: int = 0
     kd_temperature: float = 1.0
-    discount: float = 0.0  # pg: discount of the per-token advantage to go
-    # kd + full + local teacher: compute the divergence from hidden states and LM heads in
-    # tiles (opd.losses.fused), never materializing [tokens, vocab] logits. Same result.
+    discount: float = 0.0
     fused: bool = True
 
     def __post_init__(self):
-        _one_of("loss.objective", self.objective, ("ce", "kd", "pg"))
-        _one_of("loss.divergence", self.divergence, KINDS)
-        _one_of("loss.estimator", self.estimator, ("full", "topk"))
+        _check_choices(self)
         if self.objective == "kd":
             try:
                 check_kind(self.divergence, beta=self.beta, alpha=self.skew_alpha)
             except ValueError as err:
                 raise ValueError(f"loss.divergence={self.divergence!r}: {err}") from None
-        _in_range("loss.topk", self.topk, 1)
+        _in_range("loss.topk", self.topk, 0)
         _in_range("loss.kd_temperature", self.kd_temperature, 0.0, lo_open=True)
         _in_range("loss.discount", self.discount, 0.0, 1.0)
 
 
 @dataclass
 class SourceConfig:
-    lmbda: float = 0.0  # GKD's lambda: probability that a micro-batch is sampled by the student
-    off_policy: str = "dataset"  # where the other batches come from: dataset | teacher
+    """Where each micro-batch's sequences come from.
+
+    Attributes:
+        lmbda: GKD's lambda: probability that a micro-batch is sampled by the student
+        off_policy: where the other micro-batches come from: dataset completions | live
+            teacher samples
+    """
+
+    lmbda: float = 0.0
+    off_policy: Literal["dataset", "teacher"] = "dataset"
 
     def __post_init__(self):
+        _check_choices(self)
         _in_range("source.lmbda", self.lmbda, 0.0, 1.0)
-        _one_of("source.off_policy", self.off_policy, ("dataset", "teacher"))
 
 
 @dataclass
@@ -215,38 +323,80 @@ class RewardConfig:
 
     Student-sampled batches minimize (1 - distill_weight) * PG(reward) + distill_weight * D,
     i.e. maximize (1-a)*E[r] - a*E[D] with a = distill_weight (GKD's alpha; not loss.skew_alpha).
+
+    Attributes:
+        function: '' (off) | exact_match | boxed | regex | 'module:function',
+            fn(text, row) -> float
+        pattern: regex: the answer is the last match's first group (or the whole match)
+        distill_weight: GKD's alpha: 1 = pure on-policy distillation, 0 = pure RL
+        normalize: group: (r - mean) / (std + eps) over the sampling.n samples | none
     """
 
-    # '' (off) | exact_match | boxed | regex | 'module:function' fn(text, row) -> float
     function: str = ""
-    pattern: str = ""  # regex: the answer is the last match's first group (or whole match)
-    distill_weight: float = 0.5  # GKD's alpha: 1 = pure on-policy distillation, 0 = pure RL
-    normalize: str = "group"  # group: (r - mean)/(std + eps) over the sampling.n samples | none
+    pattern: str = ""
+    distill_weight: float = 0.5
+    normalize: Literal["group", "none"] = "group"
 
     def __post_init__(self):
+        _check_choices(self)
         _in_range("reward.distill_weight", self.distill_weight, 0.0, 1.0)
-        _one_of("reward.normalize", self.normalize, ("group", "none"))
         if self.function:
             _check_metric("reward.function", self.function, self.pattern, "reward.pattern")
 
 
 @dataclass
 class OptimConfig:
+    """AdamW and its learning-rate schedule.
+
+    Attributes:
+        lr: peak learning rate
+        weight_decay: AdamW weight decay
+        schedule: learning rate after warm-up: constant | linear decay to 0 | cosine to 0
+        warmup_steps: linear warm-up steps
+        max_grad_norm: gradient-norm clipping; 0 disables it
+    """
+
     lr: float = 1e-5
     weight_decay: float = 0.0
-    schedule: str = "constant"
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = 0
-    max_grad_norm: float = 1.0  # 0 disables clipping
+    max_grad_norm: float = 1.0
 
     def __post_init__(self):
+        _check_choices(self)
         _in_range("optim.lr", self.lr, 0.0, lo_open=True)
-        _one_of("optim.schedule", self.schedule, ("constant", "linear", "cosine"))
         _in_range("optim.warmup_steps", self.warmup_steps, 0)
         _in_range("optim.max_grad_norm", self.max_grad_norm, 0.0)
 
 
 @dataclass
 class TrainConfig:
+    """One distillation run.
+
+    Attributes:
+        preset: named defaults for source, teacher, estimator, divergence and objective;
+            every key you set wins ('' for none)
+        steps: optimizer steps
+        batch_size: prompts per optimizer step (each sampled `sampling.n` times on-policy)
+        micro_batch_size: prompts per forward/backward; accumulation = batch / micro
+        seed: seeds sampling, data order and initialization
+        output_dir: run directory: config.yaml, metrics.jsonl, checkpoints/
+        save_every: checkpoint every this many steps (0: only at the end)
+        keep_checkpoints: checkpoints kept on disk (the oldest are deleted)
+        eval_every: task metric on data.eval every this many steps (0: never)
+        eval_size: rows of data.eval used
+        eval_metric: exact_match (against data.answer_field) | 'module:function',
+            fn(text, row) -> float
+        log_every: metrics.jsonl line (and progress line without a terminal) every this
+            many steps
+        device: auto (CUDA if available, else CPU) | cpu | cuda | cuda:N
+        bf16: bfloat16 autocast of the forward and loss (CUDA only)
+        max_bad_steps: consecutive non-finite steps before the run stops
+        report_to: where metrics go besides metrics.jsonl (always written): tensorboard
+            (opd[tensorboard]), wandb (opd[wandb]), trackio (opd[trackio])
+        resume: continue from the latest checkpoint in output_dir
+    """
+
     preset: str = ""
     student: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -258,25 +408,27 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     steps: int = 100
-    batch_size: int = 8  # prompts per optimizer step (each sampled `sampling.n` times on-policy)
-    micro_batch_size: int = 8  # prompts per forward/backward; accumulation = batch / micro
+    batch_size: int = 8
+    micro_batch_size: int = 8
     seed: int = 0
     output_dir: str = "runs/opd"
-    save_every: int = 0  # 0: only at the end
+    save_every: int = 0
     keep_checkpoints: int = 2
     eval_every: int = 0
     eval_size: int = 64
-    # exact_match | boxed | regex (with eval_pattern) | a Python callable "module:function"
     eval_metric: str = "exact_match"
-    eval_pattern: str = ""  # eval_metric=regex: the answer is the last match's first group
+    eval_pattern: str = ""
     log_every: int = 1
     device: str = "auto"
-    bf16: bool = False  # autocast on CUDA
-    max_bad_steps: int = 3  # consecutive non-finite steps before the run stops
-    tensorboard: bool = False
-    resume: bool = False  # continue from the latest checkpoint in output_dir
+    bf16: bool = False
+    max_bad_steps: int = 3
+    report_to: list[Literal["jsonl", "tensorboard", "wandb", "trackio"]] = field(
+        default_factory=lambda: ["jsonl"]
+    )
+    resume: bool = False
 
     def __post_init__(self):
+        _check_choices(self)
         _one_of("preset", self.preset, ("", *PRESETS))
         _in_range("steps", self.steps, 1)
         _in_range("batch_size", self.batch_size, 1)
@@ -290,6 +442,8 @@ class TrainConfig:
         _in_range("log_every", self.log_every, 1)
         _in_range("keep_checkpoints", self.keep_checkpoints, 1)
         _in_range("max_bad_steps", self.max_bad_steps, 1)
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ValueError(f"device={self.device!r}: use auto, cpu, cuda, cuda:N or mps")
         if not self.student.path:
             raise ValueError("student.path is required (a model directory or hub id)")
         if self.loss.objective == "pg" and self.loss.estimator == "topk":
@@ -362,6 +516,14 @@ def _coerce(value, hint, key: str):
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # PyYAML reads YAML 1.1, where `2e-5` (no dot) is a string: take it as people mean it.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if typing.get_origin(hint) is Literal:
+        return value  # checked against its values in __post_init__
     if (hint in (int, float, str) and not isinstance(value, hint)) or (
         isinstance(value, bool) and hint is not bool
     ):
@@ -387,13 +549,41 @@ def _build(cls, data: dict, prefix: str = ""):
         ) from None
 
 
+def field_type(key: str, cls=None):
+    """The type hint of a dotted config key, or None if there is no such key."""
+    hint = cls or TrainConfig
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(hint):
+            return None
+        hint = typing.get_type_hints(hint).get(part)
+        if hint is None:
+            return None
+    return hint
+
+
 def parse_override(item: str) -> dict:
-    """`a.b.c=value` -> {'a': {'b': {'c': value}}}; the value is parsed as YAML."""
+    """`a.b.c=value` -> {'a': {'b': {'c': value}}}.
+
+    A string field takes the text as written (`data.system_prompt=Note: be brief`); any
+    other value is read as YAML (numbers, true/false, lists such as `[a, b]`)."""
     if "=" not in item:
         raise ValueError(f"override {item!r} must look like key=value (e.g. loss.beta=0.5)")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw else ""
-    for part in reversed(key.strip().split(".")):
+    key = key.strip()
+    hint = field_type(key)
+    if hint is str or typing.get_origin(hint) is Literal or not raw:
+        value = raw
+    elif hint == list[str] and not raw.lstrip().startswith("["):
+        value = [raw]  # one stop string, as written (`sampling.stop=###`)
+    else:
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(
+                f"override {item!r}: the value is not valid YAML ({problem})"
+            ) from None
+    for part in reversed(key.split(".")):
         value = {part: value}
     return value
 
@@ -412,15 +602,29 @@ def config_from_dict(data: dict, overrides: list[str] = ()) -> TrainConfig:
     return _build(TrainConfig, data)
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    data = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"config file {path} does not exist")
+def read_config_file(path: str | Path) -> dict:
+    """The mapping in a YAML config file; errors name the file (and line) and what to do."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    if path.is_dir():
+        raise ValueError(f"config file {path} is a directory; pass a YAML file (see examples/)")
+    try:
         data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a mapping at top level")
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{where}: invalid YAML ({problem})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {path} is not a text file; pass a YAML file") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping (key: value) at top level")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    data = read_config_file(path) if path is not None else {}
     return config_from_dict(data, overrides)
 
 

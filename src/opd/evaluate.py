@@ -80,6 +80,40 @@ def task_accuracy(model, encoder, rows, metric, **kw) -> float:
     return sum(metric(t, r) for t, r in zip(texts, rows, strict=True)) / len(rows)
 
 
+@torch.no_grad()
+def heldout_loss(
+    model,
+    encoder: Encoder,
+    rows: list[dict],
+    *,
+    prompt_field: str,
+    completion_field: str,
+    vocab_size: int,
+    batch_size: int = 64,
+) -> float:
+    """Mean per-token cross-entropy (nats) of the rows' completions under `model`."""
+    from opd.modeling.hf import token_logprobs
+
+    prompts = [encoder.prompt_ids(r[prompt_field]) for r in rows]
+    completions = [encoder.completion_ids(r[completion_field]) for r in rows]
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in _chunks(
+            prompts, completions, encoder.tokenizer.pad_token_id, batch_size, device
+        ):
+            logits = completion_logits(model, batch, vocab_size)
+            logp = token_logprobs(logits, batch.completion_ids())
+            mask = batch.loss_mask()
+            total -= float(masked_sum(logp, mask))
+            count += int(mask.sum())
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
 def _chunks(prompts, completions, pad_id: int, batch_size: int, device):
     for start in range(0, len(prompts), batch_size):
         end = start + batch_size

@@ -20,14 +20,15 @@ import time
 from contextlib import nullcontext
 
 import torch
-from tqdm.auto import tqdm
 
 from opd.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from opd.config import TrainConfig, config_to_dict
 from opd.evaluate import task_accuracy
+from opd.interrupt import Interrupted, StopFlag
 from opd.metrics import MetricsLog, PhaseTimer
 from opd.objectives import for_step
 from opd.parallel import NullMetricsLog, aggregate_step
+from opd.progress import Progress
 from opd.rewards import resolve_metric
 from opd.run_setup import RunSetup, build_run
 from opd.sources import (
@@ -164,6 +165,9 @@ def train(config: TrainConfig, run: RunSetup | None = None, extra_eval=None) -> 
     for sampled accuracy and the exposure-bias gap.
     """
     run = run or build_run(config)
+    config = run.config  # with the values preflight derived (e.g. loss.topk from a cache)
+    if run.world.is_main:
+        write_run_config(config)
     if config.bf16 and run.device.type != "cuda":
         # CPU autocast to bf16 is emulated, and slow, on CPUs without bf16 instructions; a
         # bf16 teacher on CPU is `teacher.dtype: bfloat16`.
@@ -190,7 +194,8 @@ def train(config: TrainConfig, run: RunSetup | None = None, extra_eval=None) -> 
         MetricsLog(
             config.output_dir,
             resume_step=start_step if run.resume_from else None,
-            tensorboard=config.tensorboard,
+            report_to=tuple(config.report_to),
+            config=config_to_dict(config),
         )
         if run.world.is_main
         else NullMetricsLog()
@@ -203,16 +208,12 @@ def train(config: TrainConfig, run: RunSetup | None = None, extra_eval=None) -> 
         metrics.write(
             {"step": 0, **evaluate_now(run, metric_fn), **(extra_eval(run) if extra_eval else {})}
         )
-    bar = tqdm(
-        range(start_step, config.steps),
-        desc="opd train",
-        initial=start_step,
-        total=config.steps,
-        disable=None if run.world.is_main else True,
-        dynamic_ncols=True,
+    progress = Progress(
+        config.steps, start_step, log_every=config.log_every, enabled=run.world.is_main
     )
+    stop = StopFlag().install()  # Ctrl-C / SIGTERM: finish the step, save, raise Interrupted
     try:
-        for step in bar:
+        for step in range(start_step, config.steps):
             t0 = time.perf_counter()
             record = {"step": step + 1, **train_step(run, step, timer)}
             bad_steps = bad_steps + 1 if record["skipped"] else 0
@@ -242,9 +243,30 @@ def train(config: TrainConfig, run: RunSetup | None = None, extra_eval=None) -> 
                     record.update(extra_eval(run))
             if (step + 1) % config.log_every == 0 or done or "eval_accuracy" in record:
                 metrics.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", div=f"{record['divergence']:.4f}")
-            if (config.save_every and (step + 1) % config.save_every == 0) or done:
+            progress.update(record)
+            saved = (config.save_every and (step + 1) % config.save_every == 0) or done
+            if saved:
                 _save(run, step + 1, totals, bad_steps)
+            if stop.requested and not done:
+                path = latest_checkpoint(config.output_dir) if saved else None
+                path = path or _save(run, step + 1, totals, bad_steps)
+                raise Interrupted(stop.signum, step + 1, path)
     finally:
+        stop.restore()
+        progress.close()
         metrics.close()
     return {**record, "output_dir": config.output_dir, "totals": totals}
+
+
+def write_run_config(config: TrainConfig) -> None:
+    """`output_dir/config.yaml`: the resolved config (preset, file, overrides, derived values)."""
+    import os
+    from pathlib import Path
+
+    import yaml
+
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".config.yaml.tmp-{os.getpid()}"
+    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    os.replace(tmp, out / "config.yaml")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from opd.checkpoint import latest_checkpoint
 from opd.config import TrainConfig
 from opd.data import Encoder, PromptOrder, load_run_data
 from opd.modeling.hf import (
@@ -19,6 +18,7 @@ from opd.modeling.hf import (
 )
 from opd.objectives.fused import fused_applies
 from opd.parallel import World, init_world
+from opd.preflight import Checked, preflight
 from opd.rewards import resolve_reward
 from opd.teachers.registry import build_teacher
 
@@ -81,23 +81,17 @@ def build_student(config: TrainConfig, device: torch.device, resume_from: Path |
     return get_peft_model(base, lora)
 
 
-def build_run(config: TrainConfig) -> RunSetup:
+def build_run(config: TrainConfig, checked: Checked | None = None) -> RunSetup:
+    """`checked`: what `preflight(config)` returned, if the caller ran it already."""
+    checked = checked or preflight(config)  # all that is knowable before a model loads
+    config = checked.config
     world = init_world(config)  # World() unless launched by torchrun / accelerate launch
     world.accumulation(config)  # batch_size must split over micro-batches x processes
     if world.sharded and config.teacher.kind == "self" and config.teacher.self_weights == "ema":
         raise ValueError("teacher.self_weights='ema' is not supported with an FSDP student")
     device = world.device if world.distributed else resolve_device(config.device)
     torch.manual_seed(config.seed)
-    resume_from = None
-    out = Path(config.output_dir)
-    existing = latest_checkpoint(out)
-    if config.resume:
-        resume_from = existing
-    elif existing is not None:
-        raise FileExistsError(
-            f"output_dir {out} already holds checkpoint {existing.name}; pass resume=true to "
-            "continue it or choose another output_dir"
-        )
+    resume_from = checked.resume_from
     reward_fn = None  # resolved before any model loads, so a bad name fails fast
     if config.reward.function:
         reward_fn = resolve_reward(

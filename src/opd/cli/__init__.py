@@ -1,4 +1,4 @@
-"""The `opd` command line: demo, train, generate, score, inspect, serve."""
+"""The `opd` command line: demo, train, eval, config, generate, score, inspect, serve."""
 
 from opd.cli.main import main
 

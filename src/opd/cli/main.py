@@ -1,10 +1,12 @@
-"""Command-line entry point.
+"""Command-line entry point: `opd COMMAND --help` tells each command's options.
 
-opd demo [--quick] [--out DIR]          the built-in offline-vs-on-policy comparison
-opd train CONFIG.yaml [key=value ...]   one distillation run (see examples/)
+opd demo [--quick]                         offline KD vs on-policy on a built-in task, on CPU
+opd train [CONFIG.yaml] [key=value ...]    one distillation run (`opd config` lists every key)
+opd eval [CONFIG.yaml] [key=value ...]     score a model on data.eval (metric, loss, divergence)
+opd config [SECTION | WORD]                every config key: type, default, allowed values, doc
 opd generate|score --teacher T --prompts F --out DIR   write an offline teacher cache
-opd inspect DIR                          review a teacher cache
-opd serve --model PATH [--host H --port P]  a teacher server for teacher.kind=remote
+opd inspect DIR                            review a teacher cache
+opd serve --model PATH [--host H --port P] a teacher server for teacher.kind=remote
 """
 
 from __future__ import annotations
@@ -12,19 +14,71 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 
-from opd.teachers.errors import TeacherUnavailable
+from opd.interrupt import Interrupted
+
+EPILOG = """\
+exit codes:
+  0    done
+  2    a mistake in the command, config, data or environment; the message names the key
+       or path and what to do
+  3    the teacher server stayed down; the last checkpoint is intact: rerun with resume=true
+  130  stopped by Ctrl-C (143: SIGTERM) after saving a checkpoint; the resume command is printed
+  1    anything else is a bug in opd: please report it with the traceback
+
+optional features and their extras (pip install 'opd[EXTRA]'):
+  serve        opd serve, teacher.kind=remote
+  data         Parquet files and `datasets` directories as data.train / data.eval
+  lora         lora.enabled=true
+  dist         multi-GPU runs under torchrun / accelerate launch
+  tensorboard  report_to=[tensorboard]
+  wandb        report_to=[wandb]   (offline: WANDB_MODE=offline)
+  trackio      report_to=[trackio]
+"""
+
+TRAIN_USAGE = """\
+A run is a YAML file and/or dotted key=value overrides; the file's values win over a preset,
+overrides win over the file. Values are typed as in YAML (1e-5, true, [a, b]); a text key
+takes the text as written (data.system_prompt=Note: be brief).
+
+  opd train preset=gkd student.path=S teacher.path=T data.train=rows.jsonl
+  opd train examples/qwen3_gkd.yaml steps=200 loss.beta=0.3 --print-config
+
+The run writes output_dir/config.yaml (the resolved config), metrics.jsonl and checkpoints/;
+progress goes to stderr, the final summary (JSON) to stdout.
+
+config keys:
+"""
 
 
 def _cmd_train(args) -> int:
-    from opd.config import load_config
-    from opd.loop import train
+    from opd.config import config_to_dict, load_config
 
     config = load_config(args.config, args.overrides)
-    result = train(config)
-    if os.environ.get("RANK", "0") == "0":  # multi-process runs (opd.parallel): one line
-        print({k: v for k, v in result.items() if k != "totals"})
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
+        return 0
+    from opd.preflight import preflight
+
+    checked = preflight(config)  # before torch is even imported: mistakes fail in a second
+    from opd.loop import train
+    from opd.progress import summary_json
+    from opd.run_setup import build_run
+
+    result = train(checked.config, build_run(checked.config, checked))
+    if os.environ.get("RANK", "0") == "0":  # multi-process runs (opd.parallel): one summary
+        print(summary_json(result))
+    return 0
+
+
+def _cmd_config(args) -> int:
+    from opd.config_docs import format_keys
+
+    print(format_keys(args.query))
     return 0
 
 
@@ -36,7 +90,7 @@ def _cmd_demo(args) -> int:
     methods = args.methods.split(",") if args.methods else None
     unknown = sorted(set(methods or ()) - set(METHODS))
     if unknown:
-        raise SystemExit(f"opd demo --methods: unknown {unknown}; choose from {sorted(METHODS)}")
+        raise ValueError(f"opd demo --methods: unknown {unknown}; choose from {sorted(METHODS)}")
     settings = DemoSettings.preset(args.quick)
     changes = {
         "steps": args.steps,
@@ -57,16 +111,28 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="opd", description="Distil a teacher LM into a student.")
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command")
-    p = sub.add_parser("train", help="run one distillation config")
+def _add_train(sub) -> None:
+    from opd.config_docs import format_keys
+
+    p = sub.add_parser(
+        "train",
+        help="run one distillation config",
+        description=TRAIN_USAGE + format_keys(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("config", nargs="?", help="YAML config (optional: everything can be key=value)")
     p.add_argument(
         "overrides", nargs="*", help="dotted overrides, e.g. loss.divergence=jsd loss.beta=0.5"
     )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (preset + file + overrides) as YAML and exit",
+    )
     p.set_defaults(func=_cmd_train)
+
+
+def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo", help="offline KD vs on-policy distillation on a built-in task, on CPU"
     )
@@ -74,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="the same comparison, smaller: about 2 minutes"
     )
     p.add_argument(
-        "--out", default="runs/demo", help="output directory (report.md, results.json, plots)"
+        "--out",
+        default="runs/demo",
+        help="output directory: report.md, results.json, plots (default: runs/demo)",
     )
     p.add_argument(
         "--cache-dir",
@@ -89,6 +157,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=None)
     p.set_defaults(func=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="opd",
+        description="Distil a teacher LM into a student.\n\n" + __doc__.split("\n\n")[1],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_demo(sub)
+    _add_train(sub)
+    from opd.cli.eval import add_eval_command
+
+    add_eval_command(sub)
+    p = sub.add_parser(
+        "config", help="list every config key with its type, default, allowed values and doc"
+    )
+    p.add_argument("query", nargs="?", default="", help="a section (loss) or part of a key (lr)")
+    p.set_defaults(func=_cmd_config)
     from opd.cli.cache import add_cache_commands
 
     add_cache_commands(sub)  # generate, score, inspect: the offline teacher cache
@@ -98,8 +187,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def exit_code(err: BaseException) -> int | None:
+    """2 for what a user can fix (message only), 3 for a teacher server that stayed down,
+    None for anything else (a bug: the traceback is shown)."""
+    from opd.extras import INSTALL, MissingExtra
+
+    if type(err).__name__ == "TeacherUnavailable":  # opd.teachers.errors; torch-free check
+        return 3
+    if isinstance(err, ModuleNotFoundError):
+        return 2 if (err.name or "").split(".")[0] in INSTALL else None
+    user_errors = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError)
+    return 2 if isinstance(err, (*user_errors, MissingExtra)) else None
+
+
+def error_message(err: BaseException) -> str:
+    if isinstance(err, ModuleNotFoundError):
+        from opd.extras import install_hint
+
+        return f"{err}: {install_hint(err.name)}"
+    return str(err)
+
+
+def resume_command(argv: list[str]) -> str:
+    kept = [a for a in argv if not a.startswith("resume=")]
+    return shlex.join(["opd", *kept, "resume=true"])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from opd.quiet import quiet_http_logs
+
+    quiet_http_logs()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
@@ -116,12 +235,20 @@ def main(argv: list[str] | None = None) -> int:
         args.config = None
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"opd: error: {err}", file=sys.stderr)
-        return 2
-    except TeacherUnavailable as err:  # the remote teacher stayed down; checkpoint intact
-        print(f"opd: error: {err}", file=sys.stderr)
-        return 3
+    except Interrupted as err:
+        print(f"opd: stopped: {err}", file=sys.stderr)
+        if args.command == "train":
+            print(f"opd: to continue: {resume_command(argv)}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("opd: interrupted; nothing was saved by this command", file=sys.stderr)
+        return 130
+    except Exception as err:
+        code = exit_code(err)
+        if code is None:
+            raise
+        print(f"opd: error: {error_message(err)}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opd.batch import SequenceBatch
+from opd.quiet import transformers_bars_off
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -21,7 +23,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_tokenizer(path: str):
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as err:  # not found locally or on the hub (offline, private, misspelt)
+        raise ValueError(f"cannot load a tokenizer from {path!r}: {err}") from None
     if tok.pad_token_id is None:
         # Many causal LMs ship without a pad token; padding positions are always masked,
         # so reusing EOS is safe (the EOS we supervise is marked by completion_mask).
@@ -32,7 +37,13 @@ def load_tokenizer(path: str):
 def load_causal_lm(path: str, *, dtype: str = "float32", device: torch.device | str = "cpu"):
     if not (Path(path).exists() or "/" in path):
         raise FileNotFoundError(f"model path {path!r} does not exist (and is not a hub id)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    # A local load needs no download bar, and transformers' per-load bar garbles opd's own.
+    bars_off = transformers_bars_off() if Path(path).is_dir() else nullcontext()
+    try:
+        with bars_off:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    except OSError as err:
+        raise ValueError(f"cannot load a model from {path!r}: {err}") from None
     return model.to(device)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from opd.batch import SequenceBatch
-from opd.config import LossConfig
+from opd.config import DEFAULT_TOPK, LossConfig
 from opd.losses import (
     distill_advantages,
     masked_sum,
@@ -28,7 +28,9 @@ def teacher_need(loss: LossConfig) -> tuple[str | None, int]:
         return None, 0
     if loss.objective == "pg":
         return "token", 0
-    return ("topk", loss.topk) if loss.estimator == "topk" else ("logits", 0)
+    if loss.estimator == "topk":  # topk=0 before preflight resolved it: the default k
+        return "topk", loss.topk or DEFAULT_TOPK
+    return "logits", 0
 
 
 def per_token_loss(

@@ -8,6 +8,7 @@ temperature, top-k, top-p) so the loss can form importance ratios. Rows stop at 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -65,6 +66,13 @@ def to_rollout(tokens, logq, lengths, done) -> Rollout:
 
 
 @torch.no_grad()
+def cache_keyword(model) -> str:
+    """The forward's name for the KV cache: `cache` in recent transformers, which deprecates
+    `past_key_values` (a FutureWarning on every call), `past_key_values` before that."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def sample(
     model,
     prompts: list[list[int]],
@@ -95,12 +103,12 @@ def sample(
     ids, mask = left_pad(prompts, pad_id, device)
     B = ids.shape[0]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
+    cache = {cache_keyword(model): DynamicCache()}
     out = model(
         input_ids=ids,
         attention_mask=mask,
         position_ids=positions,
-        past_key_values=cache,
+        **cache,
         use_cache=True,
         logits_to_keep=1,
     )
@@ -136,7 +144,7 @@ def sample(
             input_ids=token.unsqueeze(-1),
             attention_mask=mask,
             position_ids=next_pos.unsqueeze(-1),
-            past_key_values=cache,
+            **cache,
             use_cache=True,
         )
         next_pos = next_pos + 1

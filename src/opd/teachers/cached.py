@@ -106,38 +106,13 @@ class CachedTeacher:
 
 
 def build_cached_teacher(config, tokenizer) -> CachedTeacher:
-    """`teacher.kind: cached` from a run config: checks what a cache cannot serve, up front."""
+    """`teacher.kind: cached` from a run config, checked by opd.preflight.check_cache."""
     from opd.cache.format import is_cache
+    from opd.preflight import check_cache
 
+    check_cache(config)
     train = config.data.train
     cache_dir = config.teacher.cache_dir or (train if train and is_cache(train) else "")
-    if not cache_dir:
-        raise ValueError("teacher.cache_dir is required for teacher.kind='cached'")
     if not config.teacher.cache_dir:
         log.info("teacher.cache_dir not set; using the cache in data.train (%s)", cache_dir)
-    if not train or Path(train).resolve() != Path(cache_dir).resolve():
-        raise ValueError(
-            f"teacher.kind='cached' scores only the cache's own rows: set data.train={cache_dir} "
-            f"(it is {train!r})"
-        )
-    if config.source.lmbda > 0:
-        raise ValueError(
-            "teacher.kind='cached' cannot score student samples: set source.lmbda=0 "
-            "(use a local or remote teacher for on-policy distillation)"
-        )
-    if config.loss.objective == "kd" and config.loss.estimator != "topk":
-        raise ValueError(
-            "teacher.kind='cached' holds top-k log-probs, not full logits: set "
-            "loss.estimator=topk (with loss.topk <= the cache's k)"
-        )
-    teacher = CachedTeacher(cache_dir, tokenizer)
-    if config.loss.objective == "kd" and config.loss.topk > teacher.topk:
-        raise ValueError(
-            f"loss.topk={config.loss.topk} but cache {cache_dir} stores top-{teacher.topk}"
-        )
-    if config.loss.objective == "kd" and config.loss.kd_temperature != teacher.temperature:
-        raise ValueError(
-            f"loss.kd_temperature={config.loss.kd_temperature} but cache {cache_dir} holds "
-            f"teacher log-probs at temperature {teacher.temperature}"
-        )
-    return teacher
+    return CachedTeacher(cache_dir, tokenizer)

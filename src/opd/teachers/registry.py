@@ -7,6 +7,7 @@ import torch
 from opd.config import TrainConfig
 from opd.modeling.hf import load_causal_lm, load_tokenizer, shared_vocab_size
 from opd.modeling.vocab import check_same_tokenizer
+from opd.preflight import uses_teacher
 from opd.teachers.local import LocalTeacher
 
 
@@ -17,12 +18,8 @@ def build_teacher(
 
     `student` (and `resume_from`) are needed by `teacher.kind=self` only."""
     kind = config.teacher.kind
-    if config.loss.objective == "ce" and (
-        config.source.lmbda == 1.0 or config.source.off_policy == "dataset"
-    ):
-        return None  # SFT on fixed text: no teacher is loaded at all
-    if config.reward.function and config.reward.distill_weight == 0 and config.source.lmbda == 1:
-        return None  # pure RL (GKD's alpha = 0) on student samples only: no teacher
+    if not uses_teacher(config):
+        return None  # SFT on fixed text, or pure RL on student samples: no teacher at all
     if kind == "self":  # the student's own model with privileged context (OPSD/SDFT)
         from opd.teachers.self_teacher import build_self_teacher
 

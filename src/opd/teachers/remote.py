@@ -309,23 +309,29 @@ def _error_message(resp: httpx.Response) -> str:
         return resp.text[:300]
 
 
-def remote_teacher_from_config(config, tokenizer) -> RemoteTeacher:
-    """The `teacher.kind: remote` of a run config, checked against the student's tokenizer."""
-    from opd.modeling.hf import tokenizer_fingerprint
+def check_remote_config(config) -> None:
+    """What a run config must say for any remote teacher (no server contact)."""
     from opd.objectives.plain import teacher_need
 
-    t = config.teacher
-    if not t.url:
+    if not config.teacher.url:
         raise ValueError(
             "teacher.url is required for teacher.kind='remote' (e.g. http://127.0.0.1:8000)"
         )
-    need, topk = teacher_need(config.loss)
-    if need == "logits":
+    if teacher_need(config.loss)[0] == "logits":
         raise ValueError(
             "teacher.kind='remote' returns token and top-k log-probs, not full logits: set "
             "loss.estimator=topk (with loss.topk within the server's --max-topk) or "
             "loss.objective=pg"
         )
+
+
+def remote_teacher_from_config(config, tokenizer) -> RemoteTeacher:
+    """The `teacher.kind: remote` of a run config, checked against the student's tokenizer."""
+    from opd.modeling.hf import tokenizer_fingerprint
+    from opd.objectives.plain import teacher_need
+
+    check_remote_config(config)
+    t = config.teacher
     return RemoteTeacher(
         t.url,
         token=os.environ.get(t.api_key_env) or None,
@@ -334,5 +340,5 @@ def remote_teacher_from_config(config, tokenizer) -> RemoteTeacher:
         token_env=t.api_key_env,
         expected_fingerprint=tokenizer_fingerprint(tokenizer),
         expected_vocab_size=len(tokenizer),
-        required_topk=topk,
+        required_topk=teacher_need(config.loss)[1],
     )
