@@ -69,7 +69,9 @@ def to_rollout(tokens, logq, lengths, done) -> Rollout:
 def cache_keyword(model) -> str:
     """The forward's name for the KV cache: `cache` in recent transformers, which deprecates
     `past_key_values` (a FutureWarning on every call), `past_key_values` before that."""
-    params = inspect.signature(model.forward).parameters
+    # A PEFT wrapper's forward takes **kwargs and passes them on: ask the model it wraps.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
