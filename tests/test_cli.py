@@ -76,8 +76,8 @@ def test_print_config_resolves_preset_file_and_overrides(tmp_path):
         "train",
         path,
         "loss.beta=0.3",
-        "data.system_prompt=Note: be brief",
         "--print-config",
+        "data.system_prompt=Note: be brief",  # overrides may follow an option
     )
     assert out.returncode == 0, out.stderr
     printed = yaml.safe_load(out.stdout)

@@ -220,7 +220,12 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_http_logs()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may come after an option (`opd eval cfg.yaml --model M steps=2`).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     if args.version:
         from opd import __version__
 
