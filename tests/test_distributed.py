@@ -83,7 +83,7 @@ def launch(cfg: dict, tmp_path: Path, *, fsdp: bool = False) -> Path:
         env=env,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert proc.stdout.count("'step':") == 1, "only rank 0 prints the result"
+    assert proc.stdout.count('"step":') == 1, "only rank 0 prints the JSON summary"
     if fsdp:  # accelerate's FSDP2 wrapping: root, embeddings, 2 decoder layers, norm, head
         assert "in 6 FSDP units" in proc.stderr, proc.stderr[-2000:]
     return Path(cfg["output_dir"])
