@@ -218,6 +218,8 @@ def test_remote_teacher_serves_both_processes(tiny_pair, addition_data, tmp_path
         "teacher__kind": "remote",
         "teacher__path": "",
         "teacher__url": server.url,
+        "data__max_prompt_tokens": 32,  # within the test server's max_seq_len (64)
+        "data__max_completion_tokens": 16,
     }
     try:
         out = launch(_config(tiny_pair, addition_data, tmp_path / "two", **extra), tmp_path)
