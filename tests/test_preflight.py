@@ -124,7 +124,9 @@ def test_cached_teacher_checks_and_topk_default(tiny_pair, addition_data, tmp_pa
         "output_dir": str(tmp_path / "run"),
     }
     assert check(data).config.loss.topk == 8  # loss.topk=0: the cache's k
-    with pytest.raises(ValueError, match=r"cannot score student samples but source\.lmbda=0\.5"):
+    with pytest.raises(
+        ValueError, match=r"teacher\.kind=cached scores only the completions it stored"
+    ):
         check({**data, "source": {"lmbda": 0.5}})
     with pytest.raises(ValueError, match=r"loss\.topk=16 but cache .* stores top-8"):
         check({**data, "loss": {**data["loss"], "topk": 16}})

@@ -385,8 +385,9 @@ class TrainConfig:
         keep_checkpoints: checkpoints kept on disk (the oldest are deleted)
         eval_every: task metric on data.eval every this many steps (0: never)
         eval_size: rows of data.eval used
-        eval_metric: exact_match (against data.answer_field) | 'module:function',
-            fn(text, row) -> float
+        eval_metric: exact_match (normalized, against data.answer_field) | boxed (the last
+            \\boxed{} answer) | regex (with eval_pattern) | 'module:function', fn(text, row) -> float
+        eval_pattern: eval_metric=regex: the answer is the last match's first group
         log_every: metrics.jsonl line (and progress line without a terminal) every this
             many steps
         device: auto (CUDA if available, else CPU) | cpu | cuda | cuda:N

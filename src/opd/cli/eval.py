@@ -50,12 +50,8 @@ def evaluate_model(config, model_path: str) -> dict:
 
     from opd.data import Encoder, load_rows
     from opd.evaluate import exposure_bias, heldout_loss, sample_completions, task_accuracy
-    from opd.modeling.hf import (
-        check_same_tokenizer,
-        load_tokenizer,
-        resolve_device,
-        shared_vocab_size,
-    )
+    from opd.modeling.hf import load_tokenizer, resolve_device, shared_vocab_size
+    from opd.modeling.vocab import check_same_tokenizer
     from opd.preflight import check_columns, check_device, check_model_path
     from opd.rewards import resolve_metric
     from opd.teachers.local import LocalTeacher
@@ -65,7 +61,7 @@ def evaluate_model(config, model_path: str) -> dict:
         raise ValueError("opd eval needs data.eval: a file of held-out rows (prompt, answer)")
     check_device(config.device)
     check_model_path("--model" if model_path != config.student.path else "student.path", model_path)
-    rows = load_rows(data.eval)[: config.eval_size]
+    rows = load_rows(data.eval, data.eval_split)[: config.eval_size]
     check_columns(rows, f"data.eval={data.eval}", [data.prompt_field])
     teacher_path = config.teacher.path if config.teacher.kind == "local" else ""
     probe = bool(teacher_path) and Path(teacher_path).resolve() != Path(model_path).resolve()
