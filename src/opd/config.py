@@ -8,6 +8,7 @@ Every field is used by some recipe. A preset (`seqkd`, `supervised_kd`, `gkd`,
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import string
 import types
@@ -215,7 +216,8 @@ class OptimConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
 
     def __post_init__(self):
-        _in_range("optim.lr", self.lr, 0.0, lo_open=True)
+        if not math.isfinite(self.lr) or self.lr <= 0:  # inf passes `> 0` and nan every test
+            raise ValueError(f"optim.lr={self.lr!r} must be a finite number > 0")
         _one_of("optim.schedule", self.schedule, ("constant", "linear", "cosine"))
         _in_range("optim.warmup_steps", self.warmup_steps, 0)
         _in_range("optim.max_grad_norm", self.max_grad_norm, 0.0)
@@ -249,6 +251,9 @@ class TrainConfig:
     max_bad_steps: int = 3  # consecutive non-finite steps before the run stops
     tensorboard: bool = False
     resume: bool = False  # continue from the latest checkpoint in output_dir
+    # keys (or sections, e.g. optim) whose change since the checkpoint a resume accepts; any
+    # other change to what the run computes is refused (opd.checkpoint.check_resume)
+    resume_allow_changes: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         _one_of("preset", self.preset, ("", *PRESETS))

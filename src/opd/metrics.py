@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,7 +41,7 @@ class MetricsLog:
             kept = [
                 line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step
             ]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            _replace_text(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self.writer = None
@@ -60,6 +61,20 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write a temporary file and rename it over `path`: a kill or a full disk midway leaves
+    the old history whole (a truncating write would lose steps 1..N for good)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _step_of(line: str) -> int:

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from opd.cache.format import check_cache_tokenizer
-from opd.checkpoint import latest_checkpoint
-from opd.config import TrainConfig
+from opd.checkpoint import check_resume, clean_leftovers, latest_checkpoint
+from opd.config import TrainConfig, config_to_dict
 from opd.data import Encoder, PromptOrder, load_rows, require_fields
 from opd.modeling.hf import (
     load_causal_lm,
@@ -91,9 +91,12 @@ def build_run(config: TrainConfig) -> RunSetup:
     torch.manual_seed(config.seed)
     resume_from = None
     out = Path(config.output_dir)
+    clean_leftovers(out)  # of killed or failed saves; before `latest` is looked up
     existing = latest_checkpoint(out)
     if config.resume:
         resume_from = existing
+        if existing is not None:  # before any model loads
+            check_resume(existing, config_to_dict(config), config.resume_allow_changes)
     elif existing is not None:
         raise FileExistsError(
             f"output_dir {out} already holds checkpoint {existing.name}; pass resume=true to "

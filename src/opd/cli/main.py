@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 
+from opd.checkpoint import OutOfSpace, TrainingStopped
 from opd.teachers.errors import TeacherUnavailable
 
 
@@ -122,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     except TeacherUnavailable as err:  # the remote teacher stayed down; checkpoint intact
         print(f"opd: error: {err}", file=sys.stderr)
         return 3
+    except (TrainingStopped, OutOfSpace) as err:  # non-finite run or full disk; named ckpt intact
+        print(f"opd: error: {err}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":
