@@ -282,7 +282,7 @@ def weights_finite(model) -> bool:
 # resume and is refused unless listed in `resume_allow_changes`.
 RESUME_SAFE_KEYS = frozenset(
     {
-        "steps",
+        "steps",  # with optim.schedule=constant only (see config_changes)
         "output_dir",
         "save_every",
         "keep_checkpoints",
@@ -322,7 +322,11 @@ def config_changes(saved: dict, current: dict, allowed=()) -> list[tuple[str, ob
     def ok(key: str) -> bool:
         parts = key.split(".")
         prefixes = {".".join(parts[: i + 1]) for i in range(len(parts))}
-        return key in RESUME_SAFE_KEYS or bool(prefixes & allowed)
+        if prefixes & allowed:
+            return True
+        if key == "steps":  # the length of a decaying schedule: it shapes every step's lr
+            return old.get("optim.schedule") == new.get("optim.schedule") == "constant"
+        return key in RESUME_SAFE_KEYS
 
     # Keys only one side has (a field added by a newer version) are not compared.
     return [(k, old[k], new[k]) for k in new if k in old and old[k] != new[k] and not ok(k)]

@@ -162,6 +162,20 @@ def _save(run: RunSetup, step: int, totals: dict, bad_steps: int):
     return path
 
 
+def _apply_optim_config(run: RunSetup, config: TrainConfig) -> None:
+    """After loading a checkpoint's optimizer and schedule: the config's lr and weight decay
+    (different only when a resume allows it, `resume_allow_changes=[optim.lr]`)."""
+    lr, decay, sched = config.optim.lr, config.optim.weight_decay, run.scheduler
+    groups = run.optimizer.param_groups
+    if sched.base_lrs == [lr] * len(groups) and all(g["weight_decay"] == decay for g in groups):
+        return  # untouched, so the resumed run stays bit-identical
+    sched.base_lrs = [lr] * len(groups)
+    for group, factor in zip(groups, sched.lr_lambdas, strict=True):
+        group.update(initial_lr=lr, lr=lr * factor(sched.last_epoch), weight_decay=decay)
+    sched._last_lr = [g["lr"] for g in groups]
+    log.info("resumed with optim.lr=%g, optim.weight_decay=%g from the config", lr, decay)
+
+
 def train(config: TrainConfig, run: RunSetup | None = None, extra_eval=None) -> dict:
     """Run (or resume) training; returns the last logged record plus the run directory.
 
@@ -187,6 +201,7 @@ def train(config: TrainConfig, run: RunSetup | None = None, extra_eval=None) -> 
         state = load_trainer_state(run.resume_from)
         run.world.load_optimizer_state(run.student, run.optimizer, state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
+        _apply_optim_config(run, config)
         set_rng_state(state["rng"])
         start_step, totals, bad_steps = state["step"], state["totals"], state["bad_steps"]
         if hasattr(run.teacher, "load_checkpoint_state"):
