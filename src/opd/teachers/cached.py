@@ -100,9 +100,11 @@ class CachedTeacher:
 
 def build_cached_teacher(config, tokenizer) -> CachedTeacher:
     """`teacher.kind: cached` from a run config: checks what a cache cannot serve, up front."""
-    from opd.cache.format import is_cache
+    from opd.cache.format import is_cache, looks_like_cache, read_manifest
 
     train = config.data.train
+    if not config.teacher.cache_dir and train and looks_like_cache(train) and not is_cache(train):
+        read_manifest(train)  # raises: the manifest is missing or damaged, and how to rebuild
     cache_dir = config.teacher.cache_dir or (train if train and is_cache(train) else "")
     if not cache_dir:
         raise ValueError("teacher.cache_dir is required for teacher.kind='cached'")
