@@ -324,7 +324,7 @@ def completion_chunks(
     results: list[dict] | None,
     decoded: list[str],
     tokenizer,
-    positions_per_chunk: int = 256,
+    positions_per_chunk: int = 64,
 ):
     """`/v1/completions` body in vLLM's layout (see the module doc), as UTF-8 pieces.
 
