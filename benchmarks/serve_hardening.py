@@ -92,7 +92,9 @@ def flood(url: str, token: str, stalled_n: int, good_n: int) -> None:
         open_socks = [s for s in open_socks if not closed(s, 0.05)]
     for s in stalled:
         s.close()
-    gone = f"{time.monotonic() - start:.1f} s" if not open_socks else f"{len(open_socks)} open at 15 s"
+    gone = (
+        f"{time.monotonic() - start:.1f} s" if not open_socks else f"{len(open_socks)} open at 15 s"
+    )
     print(
         f"flood: {stalled_n} stalled; good requests {codes.count(200)}/{good_n} answered 200 "
         f"(others: {sorted(set(codes) - {200})}); stalled still held after them: {held}; "

@@ -186,7 +186,7 @@ def test_client_splits_requests_by_the_servers_logprob_limit():
 
 def test_remote_teacher_scores_a_batch_larger_than_one_request(small, tiny_pair):
     from opd.batch import assemble
-    from opd.models import load_causal_lm
+    from opd.modeling.hf import load_causal_lm
     from opd.teachers.local import LocalTeacher
     from opd.teachers.remote import RemoteTeacher
 

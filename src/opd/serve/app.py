@@ -42,6 +42,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from opd.serve.batcher import Batcher
+from opd.serve.guard import ConnectionLimits, guarded_protocol
 from opd.serve.protocol import (
     Limits,
     RequestError,
@@ -50,7 +51,6 @@ from opd.serve.protocol import (
     parse_score,
     score_response,
 )
-from opd.serve.guard import ConnectionLimits, guarded_protocol
 
 log = logging.getLogger("opd.serve")
 
