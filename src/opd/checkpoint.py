@@ -190,10 +190,12 @@ def save_checkpoint(
     except Exception as err:  # a full disk, most often: leave nothing half-written behind
         clean_leftovers(run_dir)
         if _out_of_space(err):
+            last = latest_checkpoint(run_dir)
+            then = f"resume (resume=true) from {last}" if last else "run again (no checkpoint yet)"
             raise OutOfSpace(
                 errno.ENOSPC,
                 f"no space left on device in {ckpt_root} while saving checkpoint {final.name}; "
-                f"free space there, then resume (resume=true) from {latest_checkpoint(run_dir)}",
+                f"free space there, then {then}",
             ) from err
         raise
     _prune(ckpt_root, keep, final.name)
