@@ -25,14 +25,18 @@ def start_server(
     port: int = 0,
     model=None,
     tokenizer=None,
+    **settings,
 ) -> tuple[BackgroundServer, TeacherService]:
+    """`settings`: further `ServeSettings` fields (connection limits)."""
     model = model if model is not None else load_causal_lm(str(model_dir))
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(model_dir))
     service = TeacherService(
         model, tokenizer, name="tiny-teacher", limits=limits, batch_wait_ms=batch_wait_ms
     )
-    settings = ServeSettings(model=str(model_dir), port=port, limits=limits, graceful_timeout_s=5)
-    return BackgroundServer(create_app(service, token), settings).start(), service
+    config = ServeSettings(
+        model=str(model_dir), port=port, limits=limits, graceful_timeout_s=5, **settings
+    )
+    return BackgroundServer(create_app(service, token), config).start(), service
 
 
 def auth(token: str = TOKEN) -> dict:

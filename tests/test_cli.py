@@ -98,7 +98,7 @@ def bad_inputs(tiny_pair, addition_data, tmp_path):
     broken.write_text("student:\n  path: s\nloss: [kd\n")
     done = tmp_path / "done"
     (done / "checkpoints" / "step-0000003").mkdir(parents=True)
-    (done / "checkpoints" / "step-0000003" / "trainer_state.pt").write_bytes(b"")
+    (done / "checkpoints" / "step-0000003" / "trainer_state.json").write_text("{}")
     cases = {
         "local path that does not exist": (
             ["train", *good, "student.path=/no/such/model"],

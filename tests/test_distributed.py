@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from opd.checkpoint import latest_checkpoint
+from opd.checkpoint import latest_checkpoint, load_trainer_state
 from opd.config import config_from_dict
 from opd.loop import train
 from opd.metrics import PhaseTimer, read_metrics
@@ -199,7 +199,7 @@ def test_fsdp_sharded_teacher_samples_in_lockstep_and_resumes(tiny_pair, additio
     records = read_metrics(full)
     assert sum(r["teacher_tokens_generated"] for r in records) > 0
     assert sum(r["student_tokens_generated"] for r in records) > 0
-    state = torch.load(latest_checkpoint(full) / "trainer_state.pt", weights_only=False)
+    state = load_trainer_state(latest_checkpoint(full))
     assert sorted(state["optimizer"]["state"]) == list(range(len(_weights(full))))
     _resume_from_step(full, tmp_path / "resumed", 1)
     cfg = _config(tiny_pair, addition_data, tmp_path / "resumed", resume=True, **extra)

@@ -71,7 +71,7 @@ def test_eval_metric_needs_answers(base_config, tmp_path):
 def test_resume_with_nothing_left_and_existing_run(base_config, tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "step-0000003"
     ckpt.mkdir(parents=True)
-    (ckpt / "trainer_state.pt").write_bytes(b"")
+    (ckpt / "trainer_state.json").write_text("{}")
     with pytest.raises(FileExistsError, match="already holds checkpoint step-0000003"):
         check(base_config())
     with pytest.raises(ValueError, match="is at step 3 and steps=3; nothing is left to train"):

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from tests.conftest import save_model_with_tokenizer
 from transformers import AutoModelForCausalLM
 
+import opd.checkpoint as checkpoint_mod
 import opd.objectives.plain as plain_mod
 from opd.batch import assemble
 from opd.checkpoint import latest_checkpoint
@@ -114,23 +115,23 @@ def test_existing_run_is_not_overwritten_without_resume(base_config):
 
 def test_killed_save_leaves_previous_checkpoint_loadable(base_config, monkeypatch):
     cfg = config_from_dict(base_config(preset="supervised_kd", steps=4, save_every=2))
-    real_save = torch.save
+    real_write = checkpoint_mod.write_trainer_state
     calls = {"n": 0}
 
-    def dying_save(obj, path, *a, **kw):
+    def dying_write(directory, state):
         calls["n"] += 1
         if calls["n"] == 2:  # the second checkpoint dies half-written
-            Path(path).write_bytes(b"partial")
+            (Path(directory) / "trainer_state.safetensors").write_bytes(b"partial")
             raise KeyboardInterrupt("killed during save")
-        return real_save(obj, path, *a, **kw)
+        return real_write(directory, state)
 
-    monkeypatch.setattr(torch, "save", dying_save)
+    monkeypatch.setattr(checkpoint_mod, "write_trainer_state", dying_write)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     ckpt = latest_checkpoint(cfg.output_dir)
     assert ckpt.name == "step-0000002"
     assert AutoModelForCausalLM.from_pretrained(ckpt) is not None
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(checkpoint_mod, "write_trainer_state", real_write)
     train(config_from_dict(base_config(preset="supervised_kd", steps=4, save_every=2, resume=True)))
     assert latest_checkpoint(cfg.output_dir).name == "step-0000004"
     assert not list((Path(cfg.output_dir) / "checkpoints").glob(".tmp-*"))

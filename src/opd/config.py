@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import string
 import types
@@ -364,7 +365,8 @@ class OptimConfig:
 
     def __post_init__(self):
         _check_choices(self)
-        _in_range("optim.lr", self.lr, 0.0, lo_open=True)
+        if not math.isfinite(self.lr) or self.lr <= 0:  # inf passes `> 0` and nan every test
+            raise ValueError(f"optim.lr={self.lr!r} must be a finite number > 0")
         _in_range("optim.warmup_steps", self.warmup_steps, 0)
         _in_range("optim.max_grad_norm", self.max_grad_norm, 0.0)
 
@@ -393,6 +395,8 @@ class TrainConfig:
         device: auto (CUDA if available, else CPU) | cpu | cuda | cuda:N
         bf16: bfloat16 autocast of the forward and loss (CUDA only)
         max_bad_steps: consecutive non-finite steps before the run stops
+        resume_allow_changes: keys (or sections, e.g. optim) whose change since the
+            checkpoint a resume accepts; any other change to what the run computes is refused
         report_to: where metrics go besides metrics.jsonl (always written): tensorboard
             (opd[tensorboard]), wandb (opd[wandb]), trackio (opd[trackio])
         resume: continue from the latest checkpoint in output_dir
@@ -427,6 +431,7 @@ class TrainConfig:
         default_factory=lambda: ["jsonl"]
     )
     resume: bool = False
+    resume_allow_changes: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         _check_choices(self)

@@ -29,9 +29,9 @@ def load_rows(path: str | Path, split: str = "train") -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"dataset {path} does not exist")
-    if path.is_dir() and (path / "manifest.json").is_file():
-        from opd.cache.format import load_cache_rows  # an `opd generate`/`opd score` cache
+    from opd.cache.format import load_cache_rows, looks_like_cache
 
+    if looks_like_cache(path):  # an `opd generate`/`opd score` cache, or what is left of one
         return load_cache_rows(path)
     if path.is_dir():
         return _load_datasets_dir(path, split)

@@ -21,7 +21,14 @@ from contextlib import nullcontext
 
 import torch
 
-from opd.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from opd.checkpoint import (
+    TrainingStopped,
+    latest_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+    set_rng_state,
+    weights_finite,
+)
 from opd.config import TrainConfig, config_to_dict
 from opd.evaluate import task_accuracy
 from opd.interrupt import Interrupted, StopFlag
@@ -131,6 +138,20 @@ def evaluate_now(run: RunSetup, metric) -> dict:
 
 def _save(run: RunSetup, step: int, totals: dict, bad_steps: int):
     world = run.world  # gathers run on every rank (FSDP); rank 0 alone writes
+    if world.sum(0 if weights_finite(run.student) else 1):
+        # e.g. a finite loss whose update overflowed: such weights are never checkpointed,
+        # so `latest` keeps pointing at the last finite state.
+        last = latest_checkpoint(run.config.output_dir)
+        raise TrainingStopped(
+            f"the student's weights are non-finite after step {step} (an update overflowed: "
+            f"optim.lr={run.config.optim.lr:g} too high?); they were not saved. "
+            + (
+                f"The last finite checkpoint is {last}: resume from it with resume=true, "
+                "changing optim.lr with resume_allow_changes=[optim.lr]"
+                if last is not None
+                else "The run has no checkpoint to resume from; start again with a lower optim.lr"
+            )
+        )
     model_state = world.model_state(run.student)
     optimizer_state = world.optimizer_state(run.student, run.optimizer)
     if not world.is_main:
@@ -155,6 +176,20 @@ def _save(run: RunSetup, step: int, totals: dict, bad_steps: int):
     )
     world.barrier()
     return path
+
+
+def _apply_optim_config(run: RunSetup, config: TrainConfig) -> None:
+    """After loading a checkpoint's optimizer and schedule: the config's lr and weight decay
+    (different only when a resume allows it, `resume_allow_changes=[optim.lr]`)."""
+    lr, decay, sched = config.optim.lr, config.optim.weight_decay, run.scheduler
+    groups = run.optimizer.param_groups
+    if sched.base_lrs == [lr] * len(groups) and all(g["weight_decay"] == decay for g in groups):
+        return  # untouched, so the resumed run stays bit-identical
+    sched.base_lrs = [lr] * len(groups)
+    for group, factor in zip(groups, sched.lr_lambdas, strict=True):
+        group.update(initial_lr=lr, lr=lr * factor(sched.last_epoch), weight_decay=decay)
+    sched._last_lr = [g["lr"] for g in groups]
+    log.info("resumed with optim.lr=%g, optim.weight_decay=%g from the config", lr, decay)
 
 
 def train(config: TrainConfig, run: RunSetup | None = None, extra_eval=None) -> dict:
@@ -185,6 +220,7 @@ def train(config: TrainConfig, run: RunSetup | None = None, extra_eval=None) -> 
         state = load_trainer_state(run.resume_from)
         run.world.load_optimizer_state(run.student, run.optimizer, state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
+        _apply_optim_config(run, config)
         set_rng_state(state["rng"])
         start_step, totals, bad_steps = state["step"], state["totals"], state["bad_steps"]
         if hasattr(run.teacher, "load_checkpoint_state"):
@@ -221,7 +257,7 @@ def train(config: TrainConfig, run: RunSetup | None = None, extra_eval=None) -> 
                 log.warning("step %d: non-finite loss or gradient; update skipped", step + 1)
                 if bad_steps >= config.max_bad_steps:
                     path = _save(run, step + 1, totals, bad_steps)
-                    raise RuntimeError(
+                    raise TrainingStopped(
                         f"{bad_steps} consecutive non-finite steps; stopped. The weights were not "
                         f"updated by them; last good state saved in {path}"
                     )

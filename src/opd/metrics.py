@@ -52,7 +52,7 @@ class MetricsLog:
             kept = [
                 line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step
             ]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            _replace_text(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self.writer = self.wandb = self.trackio = None
@@ -119,6 +119,20 @@ def _run_id(run_dir: Path) -> str:
     import hashlib
 
     return hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write a temporary file and rename it over `path`: a kill or a full disk midway leaves
+    the old history whole (a truncating write would lose steps 1..N for good)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _step_of(line: str) -> int:

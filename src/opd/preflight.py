@@ -152,11 +152,13 @@ def _needs_answers(metric: str) -> bool:
 
 def check_run_dir(config: TrainConfig) -> Path | None:
     """The checkpoint to resume from (None: a fresh run); refuses to overwrite a run."""
-    from opd.checkpoint import latest_checkpoint
+    from opd.checkpoint import check_resume, clean_leftovers, latest_checkpoint
+    from opd.config import config_to_dict
 
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output_dir={out} is a file; choose a directory")
+    clean_leftovers(out)  # of killed or failed saves; before `latest` is looked up
     existing = latest_checkpoint(out)
     if existing is None:
         if config.resume:
@@ -173,6 +175,7 @@ def check_run_dir(config: TrainConfig) -> Path | None:
             f"resume=true: {existing} is at step {int(match.group(1))} and steps={config.steps}; "
             "nothing is left to train. Raise steps to train further"
         )
+    check_resume(existing, config_to_dict(config), config.resume_allow_changes)
     return existing
 
 

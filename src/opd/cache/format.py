@@ -93,20 +93,58 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+REBUILD = (
+    "rebuild it: move the directory away (or delete it) and rerun the `opd generate` / "
+    "`opd score` command that made it"
+)
+
+
+def looks_like_cache(path: str | Path) -> bool:
+    """A directory holding cache shards or a manifest, readable or not."""
+    path = Path(path)
+    return path.is_dir() and ((path / MANIFEST).exists() or any(path.glob("shard-*.safetensors")))
+
+
 def read_manifest(root: str | Path) -> dict:
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
+        if looks_like_cache(root):  # shards without the manifest that vouches for them
+            raise CacheError(f"the teacher cache {root} has lost its {MANIFEST}; {REBUILD}")
         raise FileNotFoundError(f"{root} is not a teacher cache: it has no {MANIFEST}")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CacheError(f"{path} is not valid JSON ({err.msg})") from None
-    if manifest.get("format") != FORMAT:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CacheError(
+            f"the teacher cache's manifest {path} is damaged (not valid JSON: {err}); {REBUILD}"
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CacheError(f"{path} is not an {FORMAT} manifest")
     if manifest.get("version") != VERSION:
         raise CacheError(f"{path} has format version {manifest.get('version')}, expected {VERSION}")
+    for entry in manifest.get("shards", []):
+        check_shard_entry(path, entry)
     return manifest
+
+
+def check_shard_entry(manifest_path: Path, entry) -> None:
+    """A shard entry names only its own two files, inside the cache directory: a manifest
+    naming `../../etc/hostname` must not make a reader stat or hash a file elsewhere."""
+    name = entry.get("name") if isinstance(entry, dict) else None
+    index = entry.get("index") if isinstance(entry, dict) else None
+    expected = {f"{name}.safetensors", f"{name}.jsonl"}
+    files = entry.get("files") if isinstance(entry, dict) else None
+    if (
+        not isinstance(index, int)
+        or name != shard_name(index)
+        or not isinstance(files, dict)
+        or set(files) != expected
+    ):
+        shown = json.dumps(entry)[:200]
+        raise CacheError(
+            f"{manifest_path} lists a shard entry whose file names are not the cache's own "
+            f"(shard-NNNNN.safetensors / .jsonl inside the cache directory): {shown}; refused"
+        )
 
 
 def write_manifest(root: Path, manifest: dict) -> None:

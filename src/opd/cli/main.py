@@ -25,6 +25,8 @@ exit codes:
   2    a mistake in the command, config, data or environment; the message names the key
        or path and what to do
   3    the teacher server stayed down; the last checkpoint is intact: rerun with resume=true
+  4    training stopped on non-finite steps, or the disk is full; the message names the
+       checkpoint to resume from
   130  stopped by Ctrl-C (143: SIGTERM) after saving a checkpoint; the resume command is printed
   1    anything else is a bug in opd: please report it with the traceback
 
@@ -194,6 +196,8 @@ def exit_code(err: BaseException) -> int | None:
 
     if type(err).__name__ == "TeacherUnavailable":  # opd.teachers.errors; torch-free check
         return 3
+    if type(err).__name__ in ("TrainingStopped", "OutOfSpace"):  # opd.checkpoint
+        return 4  # a non-finite run or a full disk; the named checkpoint is intact
     if isinstance(err, ModuleNotFoundError):
         return 2 if (err.name or "").split(".")[0] in INSTALL else None
     user_errors = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError)

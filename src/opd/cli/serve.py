@@ -17,6 +17,7 @@ def _cmd_serve(args) -> int:
         max_topk=args.max_topk,
         max_batch_tokens=args.max_batch_tokens,
         body_timeout_s=args.body_timeout,
+        max_logprobs_per_request=args.max_logprobs_per_request,
     )
     settings = ServeSettings(
         model=args.model,
@@ -28,6 +29,9 @@ def _cmd_serve(args) -> int:
         device=args.device,
         batch_wait_ms=args.batch_wait_ms,
         limits=limits,
+        max_connections=args.max_connections,
+        header_timeout_s=args.header_timeout,
+        max_client_connections=args.max_client_connections,
     )
     return serve(settings, token_env=args.token_env)
 
@@ -49,6 +53,19 @@ def add_serve_command(sub) -> None:
     p.add_argument("--max-topk", type=int, default=64, help="largest top-k a request may ask")
     p.add_argument("--batch-wait-ms", type=float, default=2.0, help="time to gather a batch")
     p.add_argument("--body-timeout", type=float, default=30.0, help="seconds to receive a body")
+    p.add_argument(
+        "--max-logprobs-per-request",
+        type=int,
+        default=1 << 19,
+        help="scored positions x (k+1) one request may ask for (bounds the response size)",
+    )
+    p.add_argument(
+        "--header-timeout", type=float, default=10.0, help="seconds to receive request headers"
+    )
+    p.add_argument("--max-connections", type=int, default=512, help="beyond this: 503")
+    p.add_argument(
+        "--max-client-connections", type=int, default=64, help="open connections per client"
+    )
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.set_defaults(func=_cmd_serve)

@@ -13,6 +13,8 @@ Conventions
   multiplied by T^2 (Hinton's rescaling); scale the loss weight instead if you want it.
 * Entries whose probability is exactly zero (logit `-inf`, e.g. masked vocabulary) add
   nothing and never produce NaN, neither in the value nor in the gradient.
+* A NaN anywhere in a position's inputs makes that position's value NaN (never a silent
+  zero), so the training step is skipped and reported.
 * `jsd` is the generalized JSD of the GKD paper (Agarwal et al., 2024, eq. 2):
   `JSD(beta) = beta*KL(T||M) + (1-beta)*KL(S||M)`, `M = beta*T + (1-beta)*S`.
   It is defined for 0 < beta < 1. At beta = 0 and beta = 1 the mixture equals one of the
@@ -82,7 +84,16 @@ def divergence_from_logprobs(
     (this skips the `log_softmax` that `token_divergence` does).
     """
     check_kind(kind, beta=beta, alpha=alpha)
-    s, t = student_logprobs, teacher_logprobs
+    out = _divergence(student_logprobs, teacher_logprobs, kind, beta, alpha)
+    # `_kl_terms` reads a NaN log-prob as "outside the support" and adds 0 for it, so a NaN
+    # teacher row would become a silent zero loss. A NaN anywhere in a row makes its value
+    # NaN instead, so the step is skipped and reported (log-probs are never +inf, so a row
+    # sums to NaN exactly when it holds one; the sum costs [...] memory, not [..., K]).
+    bad = student_logprobs.detach().sum(-1).isnan() | teacher_logprobs.detach().sum(-1).isnan()
+    return torch.where(bad, torch.full_like(out, math.nan), out)
+
+
+def _divergence(s: torch.Tensor, t: torch.Tensor, kind: str, beta, alpha) -> torch.Tensor:
     if kind == "forward_kl":
         return _kl_terms(t, s)
     if kind == "reverse_kl":

@@ -16,8 +16,13 @@ it load anything), and answers:
 Concurrent requests are batched into padded forwards (`opd.serve.batcher`). Secure by
 default: it binds 127.0.0.1; a bearer token (read from the environment variable named by
 `--token-env`) is required on every endpoint but `/health` whenever one is set, and the
-server refuses to bind a non-loopback address without one. Oversized requests get 413,
-invalid ones 400, a body that does not arrive within `body_timeout_s` gets 408. On SIGINT /
+server refuses to bind a non-loopback address without one. It speaks plain HTTP: the token
+and the data cross the network in clear, so off loopback put TLS in front (a reverse proxy
+or an SSH tunnel). Oversized requests get 413 (including answers that would hold more than
+`max_logprobs_per_request` log-probs), invalid ones 400, a body that does not arrive within
+`body_timeout_s` gets 408; a connection whose request headers do not arrive within
+`header_timeout_s` is closed, and one client address holds at most `max_client_connections`
+connections (`opd.serve.guard`). On SIGINT /
 SIGTERM uvicorn stops accepting connections, finishes the requests in flight, and only then
 is the batcher stopped.
 """
@@ -34,13 +39,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from opd.serve.batcher import Batcher
+from opd.serve.guard import ConnectionLimits, guarded_protocol
 from opd.serve.protocol import (
     Limits,
     RequestError,
-    completion_response,
+    completion_chunks,
     parse_completion,
     parse_score,
     score_response,
@@ -62,6 +68,12 @@ class ServeSettings:
     limits: Limits = field(default_factory=Limits)
     graceful_timeout_s: float = 30.0
     max_connections: int = 512  # beyond this uvicorn answers 503 (clients retry)
+    # a connection must send its request headers within this many seconds (slowloris)
+    header_timeout_s: float = 10.0
+    max_client_connections: int = 64  # open connections per client address (opd.serve.guard)
+
+    def __post_init__(self):  # before the (slow) model load
+        ConnectionLimits(self.header_timeout_s, self.max_client_connections)
 
 
 def is_loopback(host: str) -> bool:
@@ -167,6 +179,8 @@ async def read_json(request: Request, limits: Limits):
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RequestError(400, f"malformed JSON in the request body: {err}") from None
+    except RecursionError:  # thousands of nested [ or {, within the size limit
+        raise RequestError(400, "the request body's JSON is nested too deeply") from None
 
 
 def create_app(service: TeacherService, token: str | None = None) -> FastAPI:
@@ -181,7 +195,10 @@ def create_app(service: TeacherService, token: str | None = None) -> FastAPI:
         finally:  # uvicorn runs this after the requests in flight have been answered
             await service.batcher.stop()
 
-    app = FastAPI(title="opd teacher", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # No /docs, /redoc or /openapi.json: they would answer without the token.
+    app = FastAPI(
+        title="opd teacher", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
     expected = f"Bearer {token}".encode() if token else None
 
     @app.exception_handler(RequestError)
@@ -235,23 +252,31 @@ def create_app(service: TeacherService, token: str | None = None) -> FastAPI:
             raise RequestError(404, f"The model `{job.model}` does not exist.", "model")
         results = await run(job.work) if job.want_logprobs else None
         decoded = service.decoded() if job.want_logprobs else []
-        body = completion_response(service.name, job, results, decoded, service.tokenizer)
-        return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+        # A sync iterator: Starlette builds each piece in a worker thread, and the event loop
+        # serves other requests (and /health) between pieces.
+        body = completion_chunks(service.name, job, results, decoded, service.tokenizer)
+        return StreamingResponse(body, media_type="application/json")
 
     @app.post("/opd/v1/score", dependencies=guarded)
     async def score(request: Request):
         work = parse_score(
             await read_json(request, service.limits), service.limits, service.vocab_size
         )
-        body = score_response(service.name, work, await run(work))
-        return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+        results = await run(work)
+
+        def build() -> str:  # base64 of up to tens of MB: off the event loop
+            return json.dumps(score_response(service.name, work, results), separators=(",", ":"))
+
+        return Response(await asyncio.to_thread(build), media_type="application/json")
 
     return app
 
 
 def uvicorn_config(app, settings: ServeSettings):
     import uvicorn
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+    guard = ConnectionLimits(settings.header_timeout_s, settings.max_client_connections)
     return uvicorn.Config(
         app,
         host=settings.host,
@@ -260,6 +285,7 @@ def uvicorn_config(app, settings: ServeSettings):
         timeout_graceful_shutdown=settings.graceful_timeout_s,
         limit_concurrency=settings.max_connections,
         access_log=False,
+        http=guarded_protocol(AutoHTTPProtocol, guard),
     )
 
 

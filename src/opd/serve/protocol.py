@@ -34,6 +34,8 @@ Errors are `{"error": {"message", "type", "param", "code"}}` as vLLM writes them
 from __future__ import annotations
 
 import base64
+import functools
+import json
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -52,11 +54,21 @@ class Limits:
     max_topk: int = 64
     max_batch_tokens: int = 16384  # padded tokens per forward (server side)
     body_timeout_s: float = 30.0  # seconds to receive a request body
+    # scored positions x (k + 1) per request: bounds the response (a /v1/completions entry
+    # is ~70 bytes of JSON, a /opd/v1/score one 8 bytes before base64)
+    max_logprobs_per_request: int = 1 << 19
 
     def __post_init__(self):
         for key in ("max_seq_len", "max_seqs_per_request", "max_batch_tokens"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
+        one_sequence = self.max_seq_len * (self.max_topk + 1)
+        if self.max_logprobs_per_request < one_sequence:
+            raise ValueError(
+                f"max_logprobs_per_request={self.max_logprobs_per_request} must be >= "
+                f"max_seq_len x (max_topk + 1) = {one_sequence} (one sequence must fit in one "
+                "request)"
+            )
         if self.max_topk < 0:
             raise ValueError(f"max_topk={self.max_topk} must be >= 0")
         if self.body_timeout_s <= 0:
@@ -170,6 +182,21 @@ def _check_topk(k: int, limits: Limits, key: str) -> int:
     return k
 
 
+def _check_response_size(work: ScoreWork, limits: Limits, key: str) -> ScoreWork:
+    """Refuse (413) a request whose answer would hold more than the limit's log-probs."""
+    positions = sum(len(s) - st for s, st in zip(work.seqs, work.starts))
+    values = positions * (work.topk + 1)
+    if values > limits.max_logprobs_per_request:
+        raise RequestError(
+            413,
+            f"{positions} scored positions x (k={work.topk} + 1) = {values} log-probs in one "
+            f"request; this server's limit is {limits.max_logprobs_per_request} "
+            "(--max-logprobs-per-request): send fewer sequences per request",
+            key,
+        )
+    return work
+
+
 @dataclass
 class CompletionJob:
     work: ScoreWork
@@ -223,6 +250,8 @@ def parse_completion(data, limits: Limits, vocab_size: int) -> CompletionJob:
     if model is not None and not isinstance(model, str):
         raise RequestError(400, "`model` must be a string", "model")
     work = ScoreWork(seqs, [1] * len(seqs), _check_topk(k or 0, limits, "prompt_logprobs"), True)
+    if k is not None:
+        _check_response_size(work, limits, "prompt_logprobs")
     return CompletionJob(
         work, k is not None, bool(data.get("echo")), bool(data.get("return_token_ids")), model
     )
@@ -244,7 +273,7 @@ def parse_score(data, limits: Limits, vocab_size: int) -> ScoreWork:
                 400, f"`start[{i}]`={s!r} must be an integer in [1, {len(seq)}]", "start"
             )
     k = _check_topk(_int_field(data, "topk", 0, 0), limits, "topk")
-    return ScoreWork(seqs, starts, k, False)
+    return _check_response_size(ScoreWork(seqs, starts, k, False), limits, "sequences")
 
 
 def b64_array(values: np.ndarray, dtype: str) -> str:
@@ -289,40 +318,56 @@ def _position_dict(tok: int, lp: float, rank: int, ids, lps, decoded) -> dict:
     return out
 
 
-def completion_response(
-    model: str, job: CompletionJob, results: list[dict] | None, decoded: list[str], tokenizer
-) -> dict:
-    """`/v1/completions` body in vLLM's layout (see the module doc)."""
-    choices, total = [], 0
+def completion_chunks(
+    model: str,
+    job: CompletionJob,
+    results: list[dict] | None,
+    decoded: list[str],
+    tokenizer,
+    positions_per_chunk: int = 64,
+):
+    """`/v1/completions` body in vLLM's layout (see the module doc), as UTF-8 pieces.
+
+    A body can reach tens of MB (k + 1 entries per position); built in pieces, each small
+    enough that the server can hand them out one at a time from a worker thread and keep
+    answering other requests in between (one `json.dumps` of it all would hold the GIL).
+    """
+    dumps = functools.partial(json.dumps, separators=(",", ":"))
+    head = {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+    }
+    yield (dumps(head)[:-1] + ',"choices":[').encode()
+    total = 0
     for i, seq in enumerate(job.work.seqs):
         total += len(seq)
-        plp = None
-        if job.want_logprobs:
-            r = results[i]
-            tok_lp, ranks = r["token_logprobs"].tolist(), r["ranks"].tolist()
-            n, k = len(tok_lp), job.work.topk
-            ids = r["topk_ids"].tolist() if k else [[]] * n
-            lps = r["topk_logprobs"].tolist() if k else [[]] * n
-            plp = [None] + [
-                _position_dict(seq[p + 1], tok_lp[p], ranks[p], ids[p], lps[p], decoded)
-                for p in range(len(seq) - 1)
-            ]
         choice = {
             "index": i,
             "text": tokenizer.decode(seq) if job.echo else "",
             "logprobs": None,
             "finish_reason": "length",
             "stop_reason": None,
-            "prompt_logprobs": plp,
         }
         if job.return_token_ids:
             choice.update(prompt_token_ids=list(seq), token_ids=[])
-        choices.append(choice)
-    return {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": {"prompt_tokens": total, "completion_tokens": 0, "total_tokens": total},
-    }
+        yield (("," if i else "") + dumps(choice)[:-1] + ',"prompt_logprobs":').encode()
+        if not job.want_logprobs:
+            yield b"null}"
+            continue
+        r, k = results[i], job.work.topk
+        yield b"[null"
+        for lo in range(0, len(seq) - 1, positions_per_chunk):
+            hi = min(lo + positions_per_chunk, len(seq) - 1)
+            tok_lp, ranks = r["token_logprobs"][lo:hi].tolist(), r["ranks"][lo:hi].tolist()
+            ids = r["topk_ids"][lo:hi].tolist() if k else [[]] * (hi - lo)
+            lps = r["topk_logprobs"][lo:hi].tolist() if k else [[]] * (hi - lo)
+            part = [
+                _position_dict(seq[p + 1], tok_lp[j], ranks[j], ids[j], lps[j], decoded)
+                for j, p in enumerate(range(lo, hi))
+            ]
+            yield ("," + dumps(part)[1:-1]).encode()
+        yield b"]}"
+    usage = {"prompt_tokens": total, "completion_tokens": 0, "total_tokens": total}
+    yield ('],"usage":' + dumps(usage) + "}").encode()

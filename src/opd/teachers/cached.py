@@ -107,11 +107,13 @@ class CachedTeacher:
 
 def build_cached_teacher(config, tokenizer) -> CachedTeacher:
     """`teacher.kind: cached` from a run config, checked by opd.preflight.check_cache."""
-    from opd.cache.format import is_cache
+    from opd.cache.format import is_cache, looks_like_cache, read_manifest
     from opd.preflight import check_cache
 
     check_cache(config)
     train = config.data.train
+    if not config.teacher.cache_dir and train and looks_like_cache(train) and not is_cache(train):
+        read_manifest(train)  # raises: the manifest is missing or damaged, and how to rebuild
     cache_dir = config.teacher.cache_dir or (train if train and is_cache(train) else "")
     if not config.teacher.cache_dir:
         log.info("teacher.cache_dir not set; using the cache in data.train (%s)", cache_dir)

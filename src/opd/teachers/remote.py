@@ -67,6 +67,7 @@ class RemoteTeacher:
         self.timeout_s, self.max_retries = timeout_s, max_retries
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.max_seqs = max_seqs_per_request
+        self.max_logprobs: int | None = None  # per request, when the server says (opd)
         self._headers = {"Content-Type": "application/json"}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
@@ -103,6 +104,7 @@ class RemoteTeacher:
         if info is not None:
             self.protocol, self.model = "opd", info["model"]
             self.max_seqs = info["limits"]["max_seqs_per_request"]
+            self.max_logprobs = info["limits"].get("max_logprobs_per_request")
             self.vocab_size = info["vocab_size"]
             return info
         models = await self._request("GET", "/v1/models")
@@ -220,7 +222,7 @@ class RemoteTeacher:
         # Positions past a row's completion are masked by the loss, but must stay finite.
         ids = torch.arange(k, dtype=torch.long).expand(B, L, k).clone()
         lps = torch.full((B, L, k), -math.log(k + 1), dtype=torch.float32)
-        chunks = [rows[i : i + self.max_seqs] for i in range(0, len(rows), self.max_seqs)]
+        chunks = request_chunks(rows, k, self.max_seqs, self.max_logprobs)
         parts = await asyncio.gather(*(self._score_chunk(c, k) for c in chunks))
         for chunk, part in zip(chunks, parts):
             for (r, _seq, _start), (tok, top_ids, top_lps) in zip(chunk, part):
@@ -255,6 +257,21 @@ class RemoteTeacher:
             unpack_prompt_logprobs(c["prompt_logprobs"], s, st, k)
             for c, s, st in zip(choices, seqs, starts)
         ]
+
+
+def request_chunks(rows: list, k: int, max_seqs: int, max_logprobs: int | None) -> list[list]:
+    """Consecutive groups of `(row, seq, start)` within the server's per-request limits:
+    at most `max_seqs` sequences and `max_logprobs` scored positions x (k + 1)."""
+    chunks, current, values = [], [], 0
+    for row in rows:
+        n = (len(row[1]) - row[2]) * (k + 1)
+        full = len(current) >= max_seqs or (max_logprobs and values + n > max_logprobs)
+        if current and full:
+            chunks.append(current)
+            current, values = [], 0
+        current.append(row)
+        values += n
+    return [*chunks, current] if current else chunks
 
 
 def sequences_of(batch: SequenceBatch) -> list[tuple[int, list[int], int]]:
