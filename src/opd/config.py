@@ -150,7 +150,10 @@ class SamplingConfig:
     max_new_tokens: int = 128
     n: int = 1  # samples per prompt
     stop: list[str] = field(default_factory=list)
-    engine: str = "lean"  # hf (reference sampler) | lean (static-cache fast sampler)
+    # hf: the model's own forward (reference sampler). lean: opd.modeling.lean's hand-written
+    # Llama/Qwen decoder on a static KV cache, checked against hf on the first batch.
+    engine: str = "hf"
+    cuda_graphs: bool = False  # lean on CUDA: replay decode steps as a CUDA graph (opt-in)
     # Token ids that end a completion, besides those of the student's generation_config,
     # its tokenizer's EOS and the token its chat template ends a turn with (all are used).
     eos_token_ids: list[int] = field(default_factory=list)
@@ -181,14 +184,19 @@ class LossConfig:
     topk: int = 64
     kd_temperature: float = 1.0
     discount: float = 0.0  # pg: discount of the per-token advantage to go
-    # kd + full + local teacher: compute the divergence from hidden states and LM heads in
-    # tiles (opd.losses.fused), never materializing [tokens, vocab] logits. Same result.
+    # Every objective from the student's hidden states and LM head in tiles (opd.losses.fused*,
+    # opd.objectives.fused*), never materializing [tokens, vocab] logits; kd + full also needs
+    # a local or self teacher. Same result as the plain path.
     fused: bool = True
+    # Decoder forward of the fused objectives: hf (the model's own) or lean (packed real
+    # tokens via opd.modeling.lean, checked against hf on the first batch).
+    fused_forward: str = "hf"
 
     def __post_init__(self):
         _one_of("loss.objective", self.objective, ("ce", "kd", "pg"))
         _one_of("loss.divergence", self.divergence, KINDS)
         _one_of("loss.estimator", self.estimator, ("full", "topk"))
+        _one_of("loss.fused_forward", self.fused_forward, ("hf", "lean"))
         if self.objective == "kd":
             try:
                 check_kind(self.divergence, beta=self.beta, alpha=self.skew_alpha)
