@@ -38,8 +38,8 @@ def _describe(model) -> str:
 
 
 def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.double()
-    return float((got.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+    ref = ref.detach().double()
+    return float((got.detach().double() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def _compare(what: str, key: str, model, got: torch.Tensor, ref: torch.Tensor) -> None:
