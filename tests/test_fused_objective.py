@@ -110,7 +110,7 @@ CASES = [  # (LossConfig overrides, sampler log-probs in the batch)
             "kd_temperature": 1.7,
         },
         False,
-    ),  # fmt: skip
+    ),
     ({"objective": "kd", "divergence": "skew_reverse_kl", "kd_temperature": 0.8}, False),
 ]
 

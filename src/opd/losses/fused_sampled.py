@@ -134,8 +134,8 @@ class _HeadGather(torch.autograd.Function):
             if need_h:
                 dh[sel] = dh_s
         out = []
-        for grad, like in ((dh, h), (dw, w), (db, b)):
-            out.append(None if grad is None else (grad / T).to(like.dtype))
+        for grad, like in ((dh, h), (dw, w), (db, b)):  # in place: dw is [V, H]
+            out.append(None if grad is None else grad.div_(T).to(like.dtype))
         return (*out, None, None, None, None, None)
 
 

@@ -15,9 +15,9 @@ import torch
 
 _UPCAST_ROWS = 8192  # weight rows upcast at a time when the head is bf16/fp16
 # Elementwise work runs on column blocks of 4M elements: that bounds the scratch memory
-# (four blocks), while each op stays large. On a loaded 2-core CPU, 1 MB blocks that stay in
-# cache cost the same CPU time single-threaded but 4x the wall time, since every op is a
-# parallel region that waits for both threads.
+# (four blocks), while each op stays large. Cache-sized blocks cost the same CPU time but
+# much more wall time on a loaded CPU: every op is a parallel region that waits for all of
+# its threads (benchmarks/README.md, fused loss).
 _BLOCK_ELEMS = 1 << 22
 _MIN_BLOCK = 128
 
