@@ -1,6 +1,8 @@
-"""Fused LM head + divergence (issue 9) against the matmul floor and TRL, side by side.
+"""Fused LM head + divergence against the matmul floor and TRL, side by side.
 
     python benchmarks/fused_loss.py                 # N=1024, V=151,936, H=512, CPU, all methods
+    python benchmarks/fused_loss.py --kinds pg topk --methods floor ours plain check
+                                                    # the student side of pg and top-k kd
     python benchmarks/fused_loss.py --quick         # N=256, V=32,768: a minute
     python benchmarks/fused_loss.py --device cuda
     python benchmarks/fused_loss.py --methods ours floor --token-chunk 128   # tuning
@@ -22,6 +24,12 @@ Methods
   trl_chunked  TRL 1.16 DistillationTrainer's _chunked_divergence_loss (tiled, recompute)
   check        ours vs plain: relative error of the loss and of the gradients (not timed)
 
+Kinds: `jsd` and `reverse_kl` (full-vocabulary kd, both heads); `pg` (the sampled-token
+policy gradient: the student's log p of given tokens, `fused_token_logprobs` vs
+`token_logprobs` on logits) and `topk` (top-64 + tail kd against fixed teacher top-k:
+`fused_sparse_token_divergence` vs `sparse_token_divergence`), whose floor is the student's
+three products alone (h W^T, G W, G^T h). TRL has neither, so only ours / plain / check run.
+
 reverse KL is beta=1 for TRL (its convention: beta=1 -> KL(student || teacher)).
 """
 
@@ -38,6 +46,8 @@ import torch
 
 METHODS = ("floor", "ours", "plain", "trl_gkd", "trl_chunked", "check")
 KINDS = {"jsd": ("jsd", 0.5), "reverse_kl": ("reverse_kl", 1.0)}  # name -> (ours, TRL beta)
+STUDENT_ONLY = ("pg", "topk")  # the student's head alone; the teacher gives per-token numbers
+TOPK = 64
 
 
 def _status_kb(key: str) -> int:
@@ -81,8 +91,58 @@ def make_inputs(n: int, v: int, h: int, device: torch.device, seed: int = 0):
     return [x.to(device) for x in (hs, ws, ht, wt)]
 
 
-def step_fn(method: str, kind: str, args):
+def student_only_fn(method: str, kind: str, inputs):
+    """pg / topk: (hs, ws, ht, wt) -> loss; the teacher's per-token numbers are made here,
+    before the measured region."""
+    from opd.losses import (
+        distill_advantages,
+        fused_sparse_token_divergence,
+        fused_token_logprobs,
+        policy_gradient_loss,
+        sparse_token_divergence,
+    )
+    from opd.modeling.hf import token_logprobs
+
+    hs, ws, ht, wt = inputs
+    g = torch.Generator().manual_seed(1)
+    n, v = hs.shape[0], ws.shape[0]
+    ids = torch.randint(v, (n,), generator=g).to(hs.device)
+    with torch.no_grad():
+        if kind == "pg":
+            teacher = (-5 * torch.rand(n, generator=g)).to(hs.device)
+        else:
+            top = [
+                torch.log_softmax(ht[r : r + 128] @ wt.T, -1).topk(TOPK, -1)
+                for r in range(0, n, 128)
+            ]
+            top_lp = torch.cat([t.values for t in top])
+            top_ids = torch.cat([t.indices for t in top])
+    if method not in ("ours", "plain"):
+        raise ValueError(f"{method} has no {kind} variant")
+    if kind == "pg":
+
+        def run(hs, ws, ht, wt):
+            if method == "ours":
+                lp = fused_token_logprobs(hs, ws, ids)
+            else:
+                lp = token_logprobs(hs @ ws.T, ids)
+            adv = distill_advantages(lp[None], teacher[None], torch.ones_like(lp[None]))
+            return policy_gradient_loss(lp[None], adv).mean()
+
+        return run
+
+    def run(hs, ws, ht, wt):
+        if method == "ours":
+            return fused_sparse_token_divergence(hs, ws, top_ids, top_lp, "forward_kl").mean()
+        return sparse_token_divergence(hs @ ws.T, top_ids, top_lp, "forward_kl").mean()
+
+    return run
+
+
+def step_fn(method: str, kind: str, args, inputs=None):
     """A function (hs, ws, ht, wt) -> loss whose backward completes the step."""
+    if kind in STUDENT_ONLY:
+        return student_only_fn(method, kind, inputs)
     ours_kind, trl_beta = KINDS[kind]
     beta = 0.5 if ours_kind == "jsd" else None
     if method == "ours":
@@ -125,6 +185,12 @@ def step_fn(method: str, kind: str, args):
     raise ValueError(method)
 
 
+def floor1_step(hs, ws, ht, wt):
+    """The student's three products alone (pg, topk): logits, G W, G^T h."""
+    ls = hs @ ws.T
+    return ls, ls @ ws, ls.T @ hs
+
+
 def floor_step(hs, ws, ht, wt):
     """The four products any head+loss must do, on materialized [N, V] operands."""
     ls = hs @ ws.T
@@ -143,17 +209,19 @@ def worker(args) -> dict:
     if args.worker == "check":
         return check(args, hs, ws, ht, wt)
     times, cpus, peaks, loss = [], [], [], None
+    floor = args.worker in ("floor", "floor1")
+    fn = None if floor else step_fn(args.worker, args.kind, args, (hs, ws, ht, wt))
     for _ in range(args.repeats):
         hs.grad = ws.grad = None
-        hs.requires_grad_(args.worker != "floor")
-        ws.requires_grad_(args.worker != "floor")
+        hs.requires_grad_(not floor)
+        ws.requires_grad_(not floor)
         meter.start()
         sync()
         t0, c0 = time.perf_counter(), time.process_time()
-        if args.worker == "floor":
-            out = floor_step(hs, ws, ht, wt)
+        if floor:
+            out = (floor_step if args.worker == "floor" else floor1_step)(hs, ws, ht, wt)
         else:
-            value = step_fn(args.worker, args.kind, args)(hs, ws, ht, wt)
+            value = fn(hs, ws, ht, wt)
             value.backward()
             loss = value.item()
         sync()
@@ -173,7 +241,7 @@ def worker(args) -> dict:
 def check(args, hs, ws, ht, wt) -> dict:
     def grads(method):
         hs_, ws_ = hs.detach().clone().requires_grad_(), ws.detach().clone().requires_grad_()
-        value = step_fn(method, args.kind, args)(hs_, ws_, ht, wt)
+        value = step_fn(method, args.kind, args, (hs, ws, ht, wt))(hs_, ws_, ht, wt)
         value.backward()
         return value.detach(), hs_.grad, ws_.grad
 
@@ -213,7 +281,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=[*KINDS, *STUDENT_ONLY])
     p.add_argument("--token-chunk", type=int, default=None, help="ours: token_chunk")
     p.add_argument("--vocab-chunk", type=int, default=None, help="ours: vocab_chunk")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -239,15 +307,23 @@ def main(argv=None) -> None:
         flush=True,
     )
     results = []
-    floor = None
+    floors = {}
     if "floor" in args.methods:
-        floor = spawn("floor", "jsd", args)
-        results.append({"method": "floor", "kind": "-", **floor})
-        print(f"{'floor':12s} {'-':10s} {floor['time_s']:7.2f} s  1.00x  cpu {floor['cpu_s']:6.2f} s "
-              f"1.00x  {floor['extra_peak_b'] / 1e9:6.2f} GB", flush=True)  # fmt: skip
+        wanted = {
+            "floor": set(args.kinds) - set(STUDENT_ONLY),
+            "floor1": set(args.kinds) & set(STUDENT_ONLY),
+        }
+        for name, kinds in wanted.items():
+            if not kinds:
+                continue
+            floor = floors[name] = spawn(name, "jsd", args)
+            results.append({"method": name, "kind": "-", **floor})
+            print(f"{name:12s} {'-':10s} {floor['time_s']:7.2f} s  1.00x  cpu {floor['cpu_s']:6.2f} s "
+                  f"1.00x  {floor['extra_peak_b'] / 1e9:6.2f} GB", flush=True)  # fmt: skip
     for kind in args.kinds:
+        floor = floors.get("floor1" if kind in STUDENT_ONLY else "floor")
         for method in args.methods:
-            if method == "floor":
+            if method == "floor" or (kind in STUDENT_ONLY and method.startswith("trl")):
                 continue
             r = spawn(method, kind, args)
             results.append({"method": method, "kind": kind, **r})

@@ -17,6 +17,13 @@ from pathlib import Path
 SIZES = {
     # name: vocabulary, teacher (hidden, layers, heads, kv heads) or a Qwen3 shape, student, steps
     "tiny": {"vocab": 49, "teacher": (256, 4, 4, 4), "student": (128, 2, 2, 2), "steps": 10},
+    # The tiny pair at Qwen's vocabulary: the logits, not the layers, set the memory.
+    "tiny-152k": {
+        "vocab": 151936,
+        "teacher": (256, 4, 4, 4),
+        "student": (128, 2, 2, 2),
+        "steps": 1,
+    },
     "large": {"vocab": 32000, "teacher": (512, 8, 8, 8), "student": (256, 4, 4, 4), "steps": 3},
     "qwen3": {"vocab": 151936, "teacher": "qwen3-1.7b", "student": "qwen3-0.6b", "steps": 5},
     # The Qwen3 path with small layers, to try the GPU set-up on a CPU first.
@@ -119,7 +126,8 @@ def opd_config(paths: dict, output_dir, *, steps: int, dtype: str = "float32",
                teacher_dtype: str | None = None, device: str = "cpu", seed: int = 0):  # fmt: skip
     """opd's side of the comparison: preset `minillm_like` (student samples, full-vocabulary
     reverse KL), batch 32, up to 48 new tokens at temperature 1, AdamW lr 1e-6 with
-    clipping at 1.0 as TRL, nothing saved."""
+    clipping at 1.0 as TRL, nothing saved. The lean engine (opt-in in opd) samples and runs
+    the packed training forward, as in every figure recorded in benchmarks/README.md."""
     from opd.config import config_from_dict
 
     return config_from_dict(
@@ -128,7 +136,8 @@ def opd_config(paths: dict, output_dir, *, steps: int, dtype: str = "float32",
             "student": {"path": str(paths["student"]), "dtype": dtype},
             "teacher": {"path": str(paths["teacher"]), "dtype": teacher_dtype or dtype},
             "data": {"train": str(paths["prompts"]), "chat_template": "off"},
-            "sampling": {"max_new_tokens": MAX_NEW, "temperature": 1.0},
+            "sampling": {"max_new_tokens": MAX_NEW, "temperature": 1.0, "engine": "lean"},
+            "loss": {"fused_forward": "lean"},
             "optim": {"lr": 1e-6},
             "batch_size": BATCH,
             "micro_batch_size": BATCH,

@@ -272,7 +272,7 @@ def check(args, paths: dict, out: Path) -> dict:
         lambda: fused_batch_loss(
             student,
             run.teacher,
-            teacher_hidden(run.teacher, batch),
+            teacher_hidden(run.teacher, batch, config.loss.fused_forward),
             batch,
             config.loss,
             n,

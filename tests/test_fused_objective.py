@@ -1,4 +1,4 @@
-"""The loop's fused kd path equals the plain full-logits path."""
+"""The fused objectives equal the plain full-logits path: values and student gradients."""
 
 from pathlib import Path
 
@@ -9,12 +9,27 @@ from safetensors.torch import load_file
 from opd.batch import assemble
 from opd.checkpoint import latest_checkpoint
 from opd.config import LossConfig, config_from_dict
+from opd.data import Encoder
+from opd.demo.tiny import build_char_tokenizer, tiny_causal_lm
 from opd.loop import train
 from opd.modeling.hf import completion_logits, load_causal_lm, load_tokenizer
-from opd.objectives.fused import fused_applies, fused_batch_loss, teacher_hidden
-from opd.objectives.plain import batch_loss
+from opd.objectives import for_step
+from opd.objectives.fused import (
+    FusedObjective,
+    fused_applies,
+    fused_batch_loss,
+    fused_objective,
+    teacher_hidden,
+)
+from opd.objectives.fused_tokens import FusedTokenObjective
+from opd.objectives.plain import PlainObjective, batch_loss
 from opd.run_setup import build_run
+from opd.teachers.base import scores_from_logits
 from opd.teachers.local import LocalTeacher
+from opd.teachers.self_teacher import SelfTeacher
+
+TOK = build_char_tokenizer("0123456789+=|")
+V = len(TOK)
 
 
 @pytest.mark.parametrize(
@@ -53,6 +68,150 @@ def test_fused_batch_loss_equals_plain(kind, beta, tiny_pair):
         )
 
 
+# ------------------------------------------------ every objective, on a padded vocabulary
+
+
+def _models():
+    """Student and teacher whose heads have 5 rows past the tokenizer (as Qwen pads its
+    embedding matrix); the teacher peaked, so the divergences are far from uniform."""
+    student = tiny_causal_lm(V + 5, hidden=32, layers=2, seed=1)
+    teacher = tiny_causal_lm(V + 5, hidden=48, layers=2, seed=2).eval()
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(8.0)
+        student.lm_head.weight[V:].add_(3.0)  # padded rows that would win if not cut off
+    return student, teacher
+
+
+def _batch(with_sampler_logprobs: bool):
+    prompts = [TOK(t).input_ids for t in ("12+3=", "7=", "99+1=")]
+    completions = [[5, 6, 1], [7, 8, 9, 10, 1], [11]]
+    logq = None
+    if with_sampler_logprobs:  # a sampler other than the current student: ratios != 1
+        g = torch.Generator().manual_seed(3)
+        logq = [(-torch.rand(len(c), generator=g) * 3).tolist() for c in completions]
+    rows = [{"prompt": p, "answer": a} for p, a in (("12+3=", "15"), ("7=", "7"), ("99+1=", "100"))]
+    return assemble(
+        prompts, completions, pad_id=0, source="student", completion_logprobs=logq, rows=rows
+    )
+
+
+CASES = [  # (LossConfig overrides, sampler log-probs in the batch)
+    ({"objective": "ce"}, False),
+    ({"objective": "pg"}, False),
+    ({"objective": "pg", "discount": 0.9}, True),
+    ({"objective": "kd", "estimator": "topk", "topk": 4, "divergence": "forward_kl"}, False),
+    (
+        {
+            "objective": "kd",
+            "estimator": "topk",
+            "topk": 3,
+            "divergence": "jsd",
+            "beta": 0.3,
+            "kd_temperature": 1.7,
+        },
+        False,
+    ),
+    ({"objective": "kd", "divergence": "skew_reverse_kl", "kd_temperature": 0.8}, False),
+]
+
+
+def _loss_and_grads(objective, student, batch, n):
+    scored = objective.score(batch)
+    loss, div = objective.loss(batch, scored, n)
+    return loss, div, torch.autograd.grad(loss, list(student.parameters()), allow_unused=True)
+
+
+@pytest.mark.parametrize("overrides,sampled", CASES)
+def test_every_objective_fused_equals_plain(overrides, sampled):
+    student, teacher_model = _models()
+    teacher = LocalTeacher(teacher_model, V)
+    loss_cfg = LossConfig(**overrides)
+    batch = _batch(sampled)
+    assert fused_applies(loss_cfg, student, teacher)
+    fused = fused_objective(student, teacher, loss_cfg, V)
+    full = overrides["objective"] == "kd" and loss_cfg.estimator == "full"
+    assert isinstance(fused, FusedObjective if full else FusedTokenObjective)
+    n = batch.num_target_tokens() + 2
+    want, div_want, g_want = _loss_and_grads(
+        PlainObjective(student, teacher, loss_cfg, V), student, batch, n
+    )
+    got, div_got, g_got = _loss_and_grads(fused, student, batch, n)
+    assert float(want.detach()) != 0.0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert div_got == pytest.approx(div_want, rel=1e-5, abs=1e-6)
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(
+            a if a is not None else torch.zeros_like(b), b, rtol=1e-4, atol=1e-6
+        )
+
+
+def _self_teacher(student, weights="frozen"):
+    data = config_from_dict({"student": {"path": "x"}, "data": {"train": "x"}}).data
+    return SelfTeacher(
+        student, Encoder(TOK, data), vocab_size=V, template="{answer}|{prompt}", weights=weights
+    )
+
+
+@pytest.mark.parametrize("overrides", [{"divergence": "jsd", "beta": 0.5}, {"objective": "pg"}])
+def test_self_teacher_fused_equals_plain(overrides):
+    """OPSD (full-vocabulary JSD against the privileged-context teacher) and its sampled
+    variant, with teacher weights that differ from the student's."""
+    student, _ = _models()
+    teacher = _self_teacher(student)
+    with torch.no_grad():
+        for p in student.parameters():  # the student has moved since the frozen copy
+            p.add_(torch.randn_like(p) * 0.05)
+    loss_cfg = LossConfig(**overrides)
+    assert fused_applies(loss_cfg, student, teacher)
+    batch = _batch(False)
+    n = batch.num_target_tokens()
+    want, _, g_want = _loss_and_grads(
+        PlainObjective(student, teacher, loss_cfg, V), student, batch, n
+    )
+    got, _, g_got = _loss_and_grads(
+        fused_objective(student, teacher, loss_cfg, V), student, batch, n
+    )
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(
+            a if a is not None else torch.zeros_like(b), b, rtol=1e-4, atol=1e-6
+        )
+
+
+@pytest.mark.parametrize("need,topk", [("token", 0), ("topk", 4), ("topk", V + 5)])
+def test_teacher_token_and_topk_scores_from_hidden_equal_from_logits(need, topk):
+    student, teacher_model = _models()
+    batch = _batch(False)
+    for teacher in (LocalTeacher(teacher_model, V), _self_teacher(student)):
+        got = teacher.score(batch, need, topk)
+        if isinstance(teacher, LocalTeacher):
+            logits = completion_logits(teacher_model, batch, V)
+        else:
+            logits = teacher.score(batch, "logits").logits
+        want = scores_from_logits(logits, batch, need, topk)
+        torch.testing.assert_close(got.token_logprobs, want.token_logprobs)
+        assert got.tokens_scored == want.tokens_scored == batch.num_target_tokens()
+        if need == "topk":
+            assert got.topk_ids.shape[-1] == min(topk, V)  # never a padded row
+            assert torch.equal(got.topk_ids, want.topk_ids)
+            torch.testing.assert_close(got.topk_logprobs, want.topk_logprobs)
+
+
+def test_remote_style_teacher_gets_the_token_objective_and_full_kd_needs_hidden_states():
+    student, teacher_model = _models()
+
+    class TokenOnlyTeacher:  # what a cached / remote teacher offers: scores, no model
+        def score(self, batch, need, topk=0):
+            return LocalTeacher(teacher_model, V).score(batch, need, topk)
+
+    teacher = TokenOnlyTeacher()
+    assert fused_applies(LossConfig(objective="pg"), student, teacher)
+    assert not fused_applies(LossConfig(objective="kd"), student, teacher)
+
+
+# ------------------------------------------------ the loop
+
+
 def test_loop_uses_fused_path_and_matches_plain_run(base_config, tmp_path):
     fused_cfg = config_from_dict(base_config(preset="gkd", steps=3, output_dir=str(tmp_path / "f")))
     assert build_run(fused_cfg).fused
@@ -67,3 +226,9 @@ def test_loop_uses_fused_path_and_matches_plain_run(base_config, tmp_path):
     for key in a:
         # Adam divides by sqrt(v): float32 rounding in near-zero gradients shows up at ~1e-6.
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=2e-5)
+
+
+def test_on_policy_pg_run_picks_the_token_objective(base_config, tmp_path):
+    run = build_run(config_from_dict(base_config(preset="on_policy", output_dir=str(tmp_path))))
+    assert run.fused
+    assert isinstance(for_step(run).distill, FusedTokenObjective)

@@ -1,13 +1,22 @@
 """The lean forward (opd.modeling.lean) equals the Hugging Face forward, values and gradients."""
 
+import copy
+
 import pytest
 import torch
 
+import opd.modeling.hf as lean_check_hf
+import opd.modeling.lean as lean_module
+import opd.objectives.fused as fused_module
 from opd.batch import assemble
+from opd.config import LossConfig, SamplingConfig
 from opd.demo.tiny import build_char_tokenizer, tiny_causal_lm
 from opd.modeling.hf import completion_hidden
 from opd.modeling.lean import LeanDecoder, lean_supported, packed_supervised_hidden
+from opd.modeling.lean_check import LeanMismatch, relative_error
 from opd.objectives.fused import supervised_hidden
+from opd.sampling import sample
+from opd.sampling.fast import sample_fast
 from opd.sampling.reference import left_pad
 
 TOK = build_char_tokenizer("0123456789+=")
@@ -65,7 +74,7 @@ def test_packed_hidden_with_lora_adapters():
                 p.normal_(0, 0.1)
     batch = _batch()
     ref = completion_hidden(model, batch)[batch.loss_mask()]
-    got = supervised_hidden(model, batch)
+    got = supervised_hidden(model, batch, "lean")
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     trainable = [p for p in model.parameters() if p.requires_grad]
     g_ref = torch.autograd.grad(ref.square().sum(), trainable)
@@ -100,3 +109,94 @@ def test_decoder_prefill_and_steps_equal_hf_logits(family):
         torch.testing.assert_close(
             static.step_static(follow[:, t], mask.sum(-1) + t, column), logits
         )
+
+
+# ------------------------------------------------ bfloat16: as close as the HF forward itself
+
+
+def _flat_grads(model, hidden):
+    grads = torch.autograd.grad(
+        hidden.float().square().sum(), list(model.parameters()), allow_unused=True
+    )
+    return torch.cat(
+        [
+            (torch.zeros(p.numel()) if g is None else g.float().flatten())
+            for g, p in zip(grads, model.parameters())
+        ]
+    )
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_bf16_packed_hidden_and_decoder_as_close_to_float32_as_hf_bf16(family):
+    """In bfloat16 neither forward equals float32; the lean one must be no further from the
+    float32 reference than Hugging Face's own bfloat16 forward (values and gradients)."""
+    m32 = _model(family)
+    m16 = copy.deepcopy(m32).to(torch.bfloat16)
+    batch = _batch()
+    mask = batch.loss_mask()
+    ref = completion_hidden(m32, batch)[mask]
+    g_ref = _flat_grads(m32, ref)
+    hf = completion_hidden(m16, batch)[mask]
+    lean = packed_supervised_hidden(m16, batch)
+    assert lean.dtype == torch.bfloat16
+    e_hf, e_lean = relative_error(hf, ref), relative_error(lean, ref)
+    assert 0 < e_lean <= 1.5 * e_hf + 1e-3, (e_lean, e_hf)
+    eg_hf = relative_error(_flat_grads(m16, hf), g_ref)
+    eg_lean = relative_error(_flat_grads(m16, lean), g_ref)
+    assert eg_lean <= 1.5 * eg_hf + 1e-3, (eg_lean, eg_hf)
+    # decoding: prefill logits
+    prompts = [TOK(t).input_ids for t in ("12+3=", "7", "99+99=")]
+    ids, real = left_pad(prompts, 0, "cpu")
+    pos = (real.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        want = m32(input_ids=ids, attention_mask=real, position_ids=pos).logits[:, -1]
+        hf = m16(input_ids=ids, attention_mask=real, position_ids=pos).logits[:, -1]
+        got = LeanDecoder(m16.eval(), len(TOK), 3, ids.shape[1] + 1).prefill(ids, real)
+    assert relative_error(got, want) <= 1.5 * relative_error(hf, want) + 1e-3
+
+
+# ------------------------------------------------ opt-in, and checked against HF at start
+
+
+def _no_rope(x, cos, sin):  # a slip a transformers change could cause: RoPE not applied
+    return x
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_perturbed_lean_forward_is_refused_at_start(family, monkeypatch):
+    batch = _batch()
+    model = _model(family)
+    monkeypatch.setattr(lean_module, "_rope", _no_rope)
+    with pytest.raises(LeanMismatch, match=r"loss\.fused_forward=hf"):
+        supervised_hidden(model, batch, "lean")
+    prompts = [TOK(t).input_ids for t in ("12+3=", "7", "99+99=")]
+    with pytest.raises(LeanMismatch, match=r"sampling\.engine=hf"):
+        sample_fast(
+            model.eval(), prompts, max_new_tokens=3, eos_id=1, pad_id=0, vocab_size=len(TOK)
+        )
+
+
+def test_lean_paths_run_only_when_asked_and_check_once(monkeypatch):
+    assert SamplingConfig().engine == "hf" and not SamplingConfig().cuda_graphs
+    assert LossConfig().fused_forward == "hf"
+    model, batch = _model("qwen3"), _batch()
+    packed = []
+    real_packed = lean_module.packed_supervised_hidden
+    monkeypatch.setattr(
+        fused_module, "packed_supervised_hidden", lambda m, b: packed.append(1) or real_packed(m, b)
+    )
+    supervised_hidden(model, batch)  # default: the Hugging Face forward
+    assert not packed
+    checks = []
+    real_hidden = lean_check_hf.completion_hidden
+    monkeypatch.setattr(
+        lean_check_hf, "completion_hidden", lambda m, b: checks.append(1) or real_hidden(m, b)
+    )
+    for _ in range(3):
+        supervised_hidden(model, batch, "lean")
+    assert len(packed) == 3 and len(checks) == 1  # checked against HF once, then lean only
+    prompts = [TOK(t).input_ids for t in ("12+3=", "7")]
+    built = []
+    monkeypatch.setattr(lean_module.LeanDecoder, "prefill", lambda *a: built.append(1) / 0)
+    sample(model.eval(), prompts, max_new_tokens=3, eos_id=1, pad_id=0, vocab_size=len(TOK))
+    assert not built  # engine defaults to hf

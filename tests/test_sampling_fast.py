@@ -1,4 +1,4 @@
-"""The fast sampler returns exactly what `opd.sampling.reference.sample` returns (issue 10)."""
+"""The fast sampler returns exactly what `opd.sampling.reference.sample` returns."""
 
 import pytest
 import torch
@@ -158,3 +158,32 @@ def test_restores_training_mode():
     model = _model("qwen3").train()
     sample_fast(model, _prompts(), max_new_tokens=3, eos_id=1, pad_id=0, vocab_size=len(TOK))
     assert model.training
+
+
+def test_engine_and_cuda_graphs_keys_choose_the_path(monkeypatch):
+    """`sampling.engine=hf` (the default) never builds the lean decoder; `lean` does, with the
+    growing-cache step unless `sampling.cuda_graphs` asks for the fixed-shape (graph) step."""
+    from opd.config import SamplingConfig
+    from opd.sampling import sample as sample_engine
+
+    calls = []
+    for name in ("prefill", "step", "step_static"):
+        real = getattr(lean.LeanDecoder, name)
+        monkeypatch.setattr(
+            lean.LeanDecoder, name,
+            lambda self, *a, _n=name, _r=real: calls.append(_n) or _r(self, *a),
+        )  # fmt: skip
+    model = _model("llama")
+    kw = dict(max_new_tokens=4, eos_id=-1, pad_id=0, vocab_size=len(TOK), temperature=0.0)
+    ref = sample_engine(model, _prompts(), engine=SamplingConfig().engine, **kw)
+    assert calls == []
+    sample_engine(model, _prompts(), engine="lean", **kw)  # the first batch also checks
+    assert calls[:3] == ["prefill", "step", "step_static"]  # ... each lean step against HF
+    calls.clear()
+    fast = sample_engine(model, _prompts(), engine="lean", **kw)
+    assert calls == ["prefill", "step", "step", "step"]  # checked once per model
+    calls.clear()
+    graphs = sample_engine(model, _prompts(), engine="lean", cuda_graphs=True, **kw)
+    assert calls == ["prefill", "step_static", "step_static", "step_static"]
+    _assert_same(ref, fast)
+    _assert_same(ref, graphs)

@@ -232,8 +232,10 @@ class SamplingConfig:
         stop: strings that end a sampled completion (besides EOS)
         eos_token_ids: token ids that end a completion, besides the student's
             generation_config, its tokenizer's EOS and the chat template's turn end
-        engine: hf (the reference sampler, plain HF forward) | lean (static-KV-cache fast
-            sampler, the same tokens)
+        engine: hf (the reference sampler, plain HF forward) | lean (opd.modeling.lean's
+            Llama/Qwen decoder on a static KV cache, checked against hf on the first batch)
+        cuda_graphs: lean on CUDA: replay decode steps as a CUDA graph (opt-in; never yet
+            checked on a GPU)
     """
 
     temperature: float = 1.0
@@ -242,7 +244,8 @@ class SamplingConfig:
     max_new_tokens: int = 128
     n: int = 1
     stop: list[str] = field(default_factory=list)
-    engine: Literal["hf", "lean"] = "lean"
+    engine: Literal["hf", "lean"] = "hf"
+    cuda_graphs: bool = False
     eos_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self):
@@ -274,8 +277,11 @@ class LossConfig:
             teacher, else 64 (capped at a remote server's limit)
         kd_temperature: divides both models' logits in the loss (not sampling.temperature)
         discount: pg: discount of the per-token advantage to go
-        fused: kd + full + local teacher: compute the divergence from hidden states and LM
-            heads in tiles, never materializing [tokens, vocab] logits (same result)
+        fused: every objective from the student's hidden states and LM head in tiles, never
+            materializing [tokens, vocab] logits (same result as the plain path); kd + full
+            also needs a local or self teacher
+        fused_forward: decoder forward of the fused objectives: hf (the model's own) | lean
+            (packed real tokens via opd.modeling.lean, checked against hf on the first batch)
     """
 
     objective: Literal["ce", "kd", "pg"] = "kd"
@@ -287,6 +293,7 @@ class LossConfig:
     kd_temperature: float = 1.0
     discount: float = 0.0
     fused: bool = True
+    fused_forward: Literal["hf", "lean"] = "hf"
 
     def __post_init__(self):
         _check_choices(self)

@@ -16,7 +16,7 @@ from opd.batch import assemble
 from opd.data import Encoder
 from opd.losses import masked_sum, token_divergence
 from opd.modeling.hf import completion_logits
-from opd.sampling.fast import sample_fast
+from opd.sampling import sample
 
 
 def sample_completions(
@@ -31,8 +31,10 @@ def sample_completions(
     seed: int = 0,
     batch_size: int = 64,
     all_finished=None,
+    engine: str = "hf",
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """(prompt ids, completion ids) for every row, sampled in chunks from one seeded generator.
+    """(prompt ids, completion ids) for every row, sampled in chunks from one seeded generator
+    with the sampling `engine` (`opd.sampling.sample`).
 
     Prompts: each row's `prompt_ids` (rows encoded by `opd.data.load_run_data`) or its prompt
     encoded; `prompt_field` names another column to encode instead."""
@@ -45,9 +47,10 @@ def sample_completions(
             prompts = [encoder.row_prompt_ids(r) for r in chunk]
         else:
             prompts = [encoder.prompt_ids(r[prompt_field]) for r in chunk]
-        out = sample_fast(  # the same tokens as `opd.sampling.reference.sample`, faster (issue 10)
+        out = sample(
             model,
             prompts,
+            engine=engine,
             max_new_tokens=max_new_tokens,
             eos_id=encoder.end_ids,
             pad_id=tok.pad_token_id,

@@ -132,6 +132,7 @@ def evaluate_now(run: RunSetup, metric) -> dict:
         vocab_size=run.vocab_size,
         seed=run.config.seed,
         all_finished=run.world.lockstep(run.student),
+        engine=run.config.sampling.engine,
     )
     return {"eval_accuracy": acc}
 

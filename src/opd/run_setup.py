@@ -39,7 +39,7 @@ class RunSetup:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     resume_from: Path | None
     reward_fn: object | None = None  # reward.function resolved: fn(completion_text, row) -> float
-    fused: bool = False  # kd from hidden states (opd.objectives.fused) instead of full logits
+    fused: bool = False  # the loss from hidden states (opd.objectives.fused*), not full logits
     world: World = field(default_factory=World)  # this process in a multi-process run
 
 

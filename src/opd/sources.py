@@ -55,6 +55,7 @@ def make_micro_batch(run: RunSetup, step: int, micro: int, timer: PhaseTimer) ->
             model,
             prompts,
             engine=s.engine,
+            cuda_graphs=s.cuda_graphs,
             max_new_tokens=s.max_new_tokens,
             eos_id=run.encoder.end_ids,
             pad_id=pad,

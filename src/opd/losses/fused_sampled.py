@@ -1,4 +1,4 @@
-"""Fused LM head for the sampled-token and top-k estimators (issue 9).
+"""Fused LM head for the sampled-token and top-k estimators.
 
 Both need only a few numbers per position from the student's head: the logits of given token
 ids, the log-normalizer `log Z`, and (top-k) the log-sum-exp of the logits *outside* those
@@ -12,139 +12,29 @@ Gradient of the three outputs w.r.t. the logits `z` (temperature applied), per r
 `d log Z = softmax(z)`, `d log Z_out = softmax(z with the ids masked out)`,
 `d z_id = onehot(id)`.
 
-The tile helpers shared with `fused.py` (logits of a vocabulary slice with per-slice upcast,
-gradient accumulation, online log-sum-exp, reusable scratch, column blocks) live
-here, the simpler of the two.
+The tile helpers shared with `fused.py` live in `fused_tiles.py`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 
 from opd.losses.divergence import _compute_dtype, check_kind, divergence_from_logprobs
+from opd.losses.fused_tiles import (
+    OnlineLSE,
+    Workspace,
+    check_head,
+    clamp_masked,
+    head_grads,
+    head_logits,
+)
 from opd.losses.sparse import log_tail_mass
 
 # One student head only, no eager gradient: wide tiles, vocabulary-outer backward.
 DEFAULT_TOKEN_CHUNK = 1024
 DEFAULT_VOCAB_CHUNK = 16384
-_UPCAST_ROWS = 8192  # weight rows upcast at a time when the head is bf16/fp16
-# Elementwise work runs on column blocks of 4M elements: that bounds the scratch memory
-# (four blocks), while each op stays large. Measured on the 2-core benchmark box: 1 MB blocks
-# that stay in cache cost the same CPU time single-threaded but 4x the wall time under load,
-# since every op is a parallel region that waits for both threads.
-_BLOCK_ELEMS = 1 << 22
-_MIN_BLOCK = 128
-
-
-# ---------------------------------------------------------------- shared tile helpers
-
-
-class Workspace:
-    """Scratch buffers reused across tiles (allocating per tile costs page faults)."""
-
-    def __init__(self, dtype: torch.dtype, device: torch.device):
-        self.dtype, self.device = dtype, device
-        self._bufs: list[torch.Tensor] = []
-
-    def get(self, i: int, shape: tuple[int, int]) -> torch.Tensor:
-        numel = shape[0] * shape[1]
-        while len(self._bufs) <= i:
-            self._bufs.append(torch.empty(0, dtype=self.dtype, device=self.device))
-        if self._bufs[i].numel() < numel:
-            self._bufs[i] = torch.empty(numel, dtype=self.dtype, device=self.device)
-        return self._bufs[i][:numel].view(shape)
-
-    def scratch(self, first: int, shape: tuple[int, int]) -> Callable[[int], torch.Tensor]:
-        return lambda i: self.get(first + i, shape)
-
-
-def column_blocks(rows: int, cols: int):
-    """Column ranges for elementwise work on a `rows x cols` tile."""
-    step = max(_MIN_BLOCK, _BLOCK_ELEMS // max(rows, 1))
-    return [(c0, min(c0 + step, cols)) for c0 in range(0, cols, step)]
-
-
-def head_logits(
-    out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, v0: int
-) -> torch.Tensor:
-    """`out[:, j] = h @ w[v0 + j] + b[v0 + j]` in out's dtype; w may be lower precision."""
-    c = out.shape[1]
-    step = c if w.dtype == out.dtype else _UPCAST_ROWS
-    for a in range(0, c, step):
-        e = min(a + step, c)
-        wp = w[v0 + a : v0 + e].to(out.dtype)
-        o = out[:, a:e]
-        if b is None:
-            torch.mm(h, wp.t(), out=o)
-        else:
-            torch.addmm(b[v0 + a : v0 + e], h, wp.t(), out=o)
-    return out
-
-
-def head_grads(
-    G: torch.Tensor,
-    v0: int,
-    w: torch.Tensor,
-    hw: torch.Tensor,
-    dh: torch.Tensor | None,
-    dw: torch.Tensor | None,
-    db: torch.Tensor | None,
-    row_w: torch.Tensor | None,
-) -> None:
-    """Accumulate `dh += G @ w[v0:]`, `dw[v0:] += G^T hw`, `db[v0:] += G^T row_w` (or column sums)."""
-    c = G.shape[1]
-    step = c if w.dtype == G.dtype else _UPCAST_ROWS
-    for a in range(0, c, step):
-        e = min(a + step, c)
-        g = G[:, a:e]
-        if dh is not None:
-            dh.addmm_(g, w[v0 + a : v0 + e].to(G.dtype))
-        if dw is not None:
-            dw[v0 + a : v0 + e].addmm_(g.t(), hw)
-        if db is not None:
-            if row_w is None:
-                db[v0 + a : v0 + e] += g.sum(0)
-            else:
-                db[v0 + a : v0 + e].addmv_(g.t(), row_w)
-
-
-def clamp_masked(z: torch.Tensor) -> torch.Tensor:
-    """Replace -inf logits (masked vocabulary) with a huge finite value: exp gives exactly 0,
-    and products with a zero probability stay 0 instead of 0 * inf = NaN."""
-    return z.clamp_min_(torch.finfo(z.dtype).min / 64)
-
-
-class OnlineLSE:
-    """Running log-sum-exp over vocabulary tiles: max `M` and `Z = sum exp(z - M)` per row."""
-
-    def __init__(self, n: int, like: torch.Tensor):
-        self.M = torch.full((n,), torch.finfo(like.dtype).min, dtype=like.dtype, device=like.device)
-        self.Z = torch.zeros(n, dtype=like.dtype, device=like.device)
-
-    def update(self, z: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fold a tile in; returns (exp(z - M_new) in scratch, rescale factor of old sums)."""
-        m_new = torch.maximum(self.M, z.amax(1))
-        scale = torch.exp(self.M - m_new)
-        e = torch.sub(z, m_new[:, None], out=scratch).exp_()
-        self.Z.mul_(scale).add_(e.sum(1))
-        self.M = m_new
-        return e, scale
-
-    def value(self) -> torch.Tensor:
-        return self.M + self.Z.log()
-
-
-def check_head(who: str, hidden, weight, bias) -> None:
-    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"{who} hidden {tuple(hidden.shape)} does not match head weight "
-            f"{tuple(weight.shape)} (expected [..., H] and [V, H])"
-        )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"{who} head bias {tuple(bias.shape)} must be [V={weight.shape[0]}]")
 
 
 def _mask_ids(z: torch.Tensor, idx: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
@@ -244,8 +134,8 @@ class _HeadGather(torch.autograd.Function):
             if need_h:
                 dh[sel] = dh_s
         out = []
-        for grad, like in ((dh, h), (dw, w), (db, b)):
-            out.append(None if grad is None else (grad / T).to(like.dtype))
+        for grad, like in ((dh, h), (dw, w), (db, b)):  # in place: dw is [V, H]
+            out.append(None if grad is None else grad.div_(T).to(like.dtype))
         return (*out, None, None, None, None, None)
 
 

@@ -2,7 +2,7 @@
 
 Hugging Face's forward pays for generality on every call: mask construction, cache
 objects, output records, one kernel per norm step. Two places in the loop run it where
-that cost, or the padding it computes on, dominates (issue 10):
+that cost, or the padding it computes on, dominates (figures in benchmarks/README.md):
 
 * training and teacher scoring (`packed_supervised_hidden`): after on-policy sampling the
   `[B, T]` grid is up to a third padding (rows stop at EOS at different lengths). Here the
@@ -18,6 +18,11 @@ activation, rotary embedding), so RoPE variants and LoRA adapters apply unchange
 `nn.Linear` projections that share an input run as one matmul, anything else (a LoRA
 layer) through its own module. Equality with the Hugging Face forward is tested
 (`tests/test_lean.py`, `tests/test_sampling_fast.py`); other models take the plain path.
+
+Because it re-implements the layer, a transformers change could make it silently differ:
+it runs only when a config asks for it (`sampling.engine=lean`, `loss.fused_forward=lean`),
+and `lean_check.py` compares it with the Hugging Face forward on the first batch of each
+model, stopping the run on a mismatch.
 """
 
 from __future__ import annotations

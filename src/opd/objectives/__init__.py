@@ -5,8 +5,8 @@ Every objective is one small protocol, so the loop never branches on which one r
     scored = objective.score(batch)                       # teacher work, no gradient
     loss, divergence_sum = objective.loss(batch, scored, num_tokens)
 
-Implementations: `plain` (ce / kd / pg from the student's logits), `fused` (the same
-values from hidden states, never holding `[tokens, vocab]` logits) and `rl` (a task reward
+Implementations: `plain` (ce / kd / pg from the student's logits), `fused` and
+`fused_tokens` (the same values from hidden states, never holding `[tokens, vocab]` logits) and `rl` (a task reward
 mixed with distillation, GKD's α). `for_step` picks one per micro-batch.
 """
 
@@ -61,12 +61,12 @@ class StepObjectives:
 
 def for_step(run) -> StepObjectives:
     """This step's objectives for `run` (an `opd.run_setup.RunSetup`)."""
-    from opd.objectives.fused import FusedObjective
+    from opd.objectives.fused import fused_objective
     from opd.objectives.plain import PlainObjective
     from opd.objectives.rl import RewardObjective
 
     if run.fused:
-        distill = FusedObjective(run.student, run.teacher, run.config.loss, run.vocab_size)
+        distill = fused_objective(run.student, run.teacher, run.config.loss, run.vocab_size)
     else:
         distill = PlainObjective(run.student, run.teacher, run.config.loss, run.vocab_size)
     rewarded = None

@@ -1,9 +1,13 @@
-"""Fast path for `kd` with a local teacher: the divergence straight from hidden states.
+"""Fused objectives: the loss from the student's hidden states and LM head, never its
+`[tokens, vocab]` logits; tested equal to `opd.objectives.plain`.
 
-Equal to `objectives.plain.batch_loss` on full logits (tested), but neither model's
-`[tokens, vocab]` logits are ever materialized (`opd.losses.fused`). Only supervised rows
-are passed in and reduced with one constant weight, which lets the fused backward reuse
-the gradient it formed during the forward.
+* `FusedObjective` (kd, full vocabulary): both models' hidden states, the divergence in
+  tiles (`opd.losses.fused`); the teacher is a local model or the self teacher (OPSD).
+* `FusedTokenObjective` (`fused_tokens.py`: ce, pg, kd with top-k): the student's side
+  needs a few numbers per position, whatever teacher scored the batch.
+
+Only supervised rows are passed to the tiled losses and reduced with one constant weight,
+which lets the fused divergence reuse the gradient it formed during its forward.
 """
 
 from __future__ import annotations
@@ -15,34 +19,49 @@ from opd.config import LossConfig
 from opd.losses import fused_token_divergence
 from opd.modeling.hf import completion_hidden, lm_head, supports_fused_head
 from opd.modeling.lean import lean_supported, packed_supervised_hidden
+from opd.modeling.lean_check import check_packed_forward
 from opd.objectives import Scored
 
 
 def fused_applies(loss: LossConfig, student, teacher) -> bool:
-    """Both models local, plain linear heads, and a full-vocabulary `kd` objective."""
+    """Whether the fused objectives compute this run's loss: the student's logits are its
+    head applied to hidden states; for kd over the full vocabulary the teacher's must be
+    too, from a teacher that returns hidden states (local or self)."""
+    if not supports_fused_head(student):
+        return False
+    if loss.objective != "kd" or loss.estimator != "full":
+        return True
     model = getattr(teacher, "model", None)
     return (
-        loss.objective == "kd"
-        and loss.estimator == "full"
-        and type(teacher).__name__ == "LocalTeacher"
-        and model is not None
-        and supports_fused_head(student)
-        and supports_fused_head(model)
+        hasattr(teacher, "supervised_hidden") and model is not None and supports_fused_head(model)
     )
 
 
-def supervised_hidden(model, batch: SequenceBatch) -> torch.Tensor:
-    """`completion_hidden(model, batch)[batch.loss_mask()]`, `[N, H]`: by the packed forward
-    of `opd.modeling.lean` (real tokens only; tested equal) where the architecture allows it."""
-    if lean_supported(model):
+def fused_objective(student, teacher, loss: LossConfig, vocab_size: int):
+    """The fused implementation of `loss` (callers check `fused_applies` first)."""
+    if loss.objective == "kd" and loss.estimator == "full":
+        return FusedObjective(student, teacher, loss, vocab_size)
+    from opd.objectives.fused_tokens import FusedTokenObjective
+
+    return FusedTokenObjective(student, teacher, loss, vocab_size)
+
+
+def supervised_hidden(model, batch: SequenceBatch, forward: str = "hf") -> torch.Tensor:
+    """`completion_hidden(model, batch)[batch.loss_mask()]`, `[N, H]`.
+
+    `forward="lean"` (`loss.fused_forward`): the packed forward of `opd.modeling.lean` (real
+    tokens only), checked against the Hugging Face forward on the first batch of each model;
+    models it does not support take the Hugging Face forward."""
+    if forward == "lean" and lean_supported(model):
+        check_packed_forward(model, batch)
         return packed_supervised_hidden(model, batch)
     return completion_hidden(model, batch)[batch.loss_mask()]
 
 
 @torch.no_grad()
-def teacher_hidden(teacher, batch: SequenceBatch) -> torch.Tensor:
+def teacher_hidden(teacher, batch: SequenceBatch, forward: str = "hf") -> torch.Tensor:
     """Teacher's final hidden states on the supervised completion positions, `[N, Ht]`."""
-    return supervised_hidden(teacher.model, batch.to(teacher.device))
+    return teacher.supervised_hidden(batch, lambda m, b: supervised_hidden(m, b, forward))
 
 
 def fused_batch_loss(
@@ -55,7 +74,7 @@ def fused_batch_loss(
     vocab_size: int,
 ) -> tuple[torch.Tensor, float]:
     """Same contract as `objectives.plain.batch_loss`: (loss / step token count, divergence sum)."""
-    hidden_student = supervised_hidden(student, batch)
+    hidden_student = supervised_hidden(student, batch, loss.fused_forward)
     ws, bs = lm_head(student, vocab_size)
     wt, bt = lm_head(teacher.model, vocab_size)
     values = fused_token_divergence(
@@ -74,18 +93,15 @@ def fused_batch_loss(
 
 
 class FusedObjective:
-    """Full-vocabulary `kd` with a local teacher, from both models' hidden states."""
+    """Full-vocabulary `kd` with a local or self teacher, from both models' hidden states."""
 
     def __init__(self, student, teacher, loss: LossConfig, vocab_size: int):
-        self.student, self.teacher, self.config, self.vocab_size = (
-            student,
-            teacher,
-            loss,
-            vocab_size,
-        )
+        self.student, self.teacher, self.config = student, teacher, loss
+        self.vocab_size = vocab_size
 
     def score(self, batch: SequenceBatch) -> Scored:
-        return Scored(teacher_hidden(self.teacher, batch), batch.num_target_tokens())
+        hidden = teacher_hidden(self.teacher, batch, self.config.fused_forward)
+        return Scored(hidden, batch.num_target_tokens())
 
     def loss(self, batch: SequenceBatch, scored: Scored, num_tokens: int):
         return fused_batch_loss(

@@ -3,8 +3,10 @@
 Engines (`sampling.engine`):
   `hf`    the reference sampler (`reference`): the model's own Hugging Face forward with a
           `DynamicCache`, one token per step;
-  `lean`  the fast sampler (`fast`): the same tokens and log q on a static KV cache through
-          `opd.modeling.lean`, for the architectures it supports (others get `hf`).
+  `lean`  the fast sampler (`fast`), opt-in: the same tokens and log q on a static KV cache
+          through `opd.modeling.lean`'s hand-written decoder, for the architectures it
+          supports (others get `hf`), checked against the HF forward on its first batch.
+          `cuda_graphs=True` replays its decode steps as a CUDA graph on CUDA.
 Both draw tokens with `draw.draw_tokens` and stop on EOS or a stop string (`stops`), and
 record log q of each sampled token under the distribution actually sampled from.
 """
@@ -18,12 +20,14 @@ from opd.sampling.reference import sample as sample_hf
 ENGINES = ("hf", "lean")
 
 
-def sample(model, prompts: list[list[int]], *, engine: str = "lean", **kwargs) -> Rollout:
+def sample(
+    model, prompts: list[list[int]], *, engine: str = "hf", cuda_graphs: bool = False, **kwargs
+) -> Rollout:
     """Sample one completion per prompt with `engine` (keywords of `reference.sample`)."""
     if engine == "hf":
         return sample_hf(model, prompts, **kwargs)
     if engine == "lean":
-        return sample_fast(model, prompts, **kwargs)
+        return sample_fast(model, prompts, static=cuda_graphs, **kwargs)
     raise ValueError(f"sampling.engine={engine!r} is not one of {ENGINES}")
 
 

@@ -1,4 +1,4 @@
-"""The fast sampler: `opd.sampling.reference.sample` on a static KV cache, same tokens (issue 10).
+"""The fast sampler: `opd.sampling.reference.sample` on a static KV cache, same tokens.
 
 `sample_fast` returns what `sample` returns for the same generator state: identical tokens
 (greedy and sampled) and the same log q. It draws its randomness the way `sample` does:
@@ -12,8 +12,11 @@ the rows it still decodes. What it saves per token:
 * rows that have finished leave the batch once they are a quarter of it, so the tail of a
   long generation runs on the rows still going.
 
-Models outside `opd.modeling.lean.lean_supported`, and callers that must step in lock-step across
-processes (`all_finished`, FSDP), get `sample` itself.
+It runs the hand-written decoder of `opd.modeling.lean`, so it is opt-in
+(`sampling.engine=lean`) and the first batch each model meets here is checked against the
+model's own forward (`opd.modeling.lean_check.check_decoder`; a mismatch stops the run).
+Models outside `opd.modeling.lean.lean_supported`, and callers that must step in lock-step
+across processes (`all_finished`, FSDP), get `sample` itself.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from opd.modeling.lean import GraphedStep, LeanDecoder, lean_supported
+from opd.modeling.lean_check import check_decoder
 from opd.sampling.draw import draw_tokens, draw_uniforms
 from opd.sampling.reference import Rollout, left_pad, process_logits, sample, to_rollout
 from opd.sampling.stops import end_ids_tensor, mark_stop_strings
@@ -48,14 +52,15 @@ def sample_fast(
     generator: torch.Generator | None = None,
     all_finished=None,
     compact_at: float = 0.25,
-    static: bool | None = None,
+    static: bool = False,
 ) -> Rollout:
     """Same contract as `opd.sampling.reference.sample`.
 
     `compact_at`: drop finished rows from the batch once they are at least this fraction
-    of it. `static` (default: on CUDA): fixed shapes instead, every step over the whole
+    of it. `static` (`sampling.cuda_graphs`): fixed shapes instead, every step over the whole
     cache width and all rows, replayed as one CUDA graph on CUDA (launch overhead, not
-    arithmetic, bounds small-batch decoding on a GPU)."""
+    arithmetic, bounds small-batch decoding on a GPU). Off by default: no GPU run has
+    checked the graph path yet."""
     kw = dict(
         max_new_tokens=max_new_tokens,
         eos_id=eos_id,
@@ -77,8 +82,6 @@ def sample_fast(
     was_training = model.training
     model.eval()
     try:
-        if static is None:
-            static = next(model.parameters()).device.type == "cuda"
         return _decode(model, prompts, **kw, compact_at=compact_at, static=static)
     finally:
         model.train(was_training)
@@ -89,6 +92,7 @@ def _decode(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, tempe
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id, device)
     B, P = ids.shape
+    check_decoder(model, ids, mask, vocab_size)
     # The last sampled token is never fed back: the cache needs P + max_new_tokens - 1 columns.
     decoder = LeanDecoder(model, vocab_size, B, P + max_new_tokens - 1)
     step = decoder.step

@@ -58,6 +58,24 @@ def check_untempered(kind: str, temperature: float) -> None:
         )
 
 
+# Positions whose full-vocabulary logits exist at once when a teacher scores from hidden
+# states: 128 x 151,936 float32 is 78 MB, twice that with the log-softmax.
+SCORE_ROWS = 128
+
+
+def _token_and_topk(logits_NV, ids_N, need: str, topk: int, temperature: float):
+    """log p of `ids_N` (temperature 1) and, for need 'topk', the top-k ids and log-probs of
+    softmax(logits / temperature), from raw logits `[..., V]`."""
+    logp = torch.log_softmax(logits_NV.float(), dim=-1)
+    token = logp.gather(-1, ids_N.unsqueeze(-1)).squeeze(-1)
+    if need != "topk":
+        return token, None, None
+    if temperature != 1.0:
+        logp = torch.log_softmax(logits_NV.float() / temperature, dim=-1)
+    values, ids = logp.topk(min(topk, logp.shape[-1]), dim=-1)
+    return token, ids, values
+
+
 def scores_from_logits(
     logits_BTV: torch.Tensor,
     batch: SequenceBatch,
@@ -73,12 +91,46 @@ def scores_from_logits(
     n = batch.num_target_tokens()
     if need == "logits":
         return TeacherScores(logits=logits_BTV, tokens_scored=n)
-    logp = torch.log_softmax(logits_BTV.float(), dim=-1)
-    ids = batch.completion_ids().to(logp.device)
-    token = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    if need == "token":
-        return TeacherScores(token_logprobs=token, tokens_scored=n)
-    if temperature != 1.0:
-        logp = torch.log_softmax(logits_BTV.float() / temperature, dim=-1)
-    values, ids = logp.topk(min(topk, logp.shape[-1]), dim=-1)
-    return TeacherScores(token_logprobs=token, topk_ids=ids, topk_logprobs=values, tokens_scored=n)
+    ids = batch.completion_ids().to(logits_BTV.device)
+    token, top_ids, top_lp = _token_and_topk(logits_BTV, ids, need, topk, temperature)
+    return TeacherScores(
+        token_logprobs=token, topk_ids=top_ids, topk_logprobs=top_lp, tokens_scored=n
+    )
+
+
+def scores_from_hidden(
+    hidden_BTH: torch.Tensor,
+    head,
+    vocab_size: int,
+    batch: SequenceBatch,
+    need: str,
+    topk: int,
+    temperature: float = 1.0,
+    rows: int = SCORE_ROWS,
+) -> TeacherScores:
+    """`scores_from_logits(head(hidden)[..., :vocab_size], ...)` for need 'token' / 'topk',
+    `rows` positions at a time, so `[B, T, V]` logits never exist. `head` is the model's
+    output-embedding module, applied as the model applies it (same dtype, same bias)."""
+    check_need(need, topk)
+    if need == "logits":
+        raise ValueError("full teacher logits cannot be scored from hidden states in chunks")
+    B, T, _ = hidden_BTH.shape
+    flat = hidden_BTH.reshape(B * T, -1)
+    ids = batch.completion_ids().to(flat.device).reshape(-1)
+    parts = [
+        _token_and_topk(
+            head(flat[r : r + rows])[:, :vocab_size], ids[r : r + rows], need, topk, temperature
+        )
+        for r in range(0, B * T, rows)
+    ]
+    token = torch.cat([p[0] for p in parts]).view(B, T)
+    top_ids = top_lp = None
+    if need == "topk":
+        top_ids = torch.cat([p[1] for p in parts]).view(B, T, -1)
+        top_lp = torch.cat([p[2] for p in parts]).view(B, T, -1)
+    return TeacherScores(
+        token_logprobs=token,
+        topk_ids=top_ids,
+        topk_logprobs=top_lp,
+        tokens_scored=batch.num_target_tokens(),
+    )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from opd.batch import SequenceBatch
-from opd.modeling.hf import completion_logits
-from opd.teachers.base import TeacherScores, scores_from_logits
+from opd.modeling.hf import completion_hidden, completion_logits, supports_fused_head
+from opd.teachers.base import TeacherScores, scores_from_hidden, scores_from_logits
 
 
 class LocalTeacher:
@@ -22,5 +22,18 @@ class LocalTeacher:
     def score(
         self, batch: SequenceBatch, need: str, topk: int = 0, temperature: float = 1.0
     ) -> TeacherScores:
-        logits = completion_logits(self.model, batch.to(self.device), self.vocab_size)
+        on_device = batch.to(self.device)
+        if need != "logits" and supports_fused_head(self.model):
+            # Token and top-k log-probs need a few numbers per position: run the head over
+            # the hidden states a chunk of positions at a time instead of [B, L, V] logits.
+            hidden = completion_hidden(self.model, on_device)
+            head = self.model.get_output_embeddings()
+            return scores_from_hidden(hidden, head, self.vocab_size, batch, need, topk, temperature)
+        logits = completion_logits(self.model, on_device, self.vocab_size)
         return scores_from_logits(logits, batch, need, topk, temperature)
+
+    @torch.no_grad()
+    def supervised_hidden(self, batch: SequenceBatch, forward) -> torch.Tensor:
+        """Final hidden states at `batch.loss_mask()` (row-major), `[N, H]`, computed by
+        `forward(model, batch)` (the fused objectives' choice of decoder forward)."""
+        return forward(self.model, batch.to(self.device))

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from opd.batch import SequenceBatch, assemble
-from opd.modeling.hf import completion_logits
-from opd.teachers.base import TeacherScores, check_need, scores_from_logits
+from opd.modeling.hf import completion_hidden, completion_logits, supports_fused_head
+from opd.teachers.base import TeacherScores, check_need, scores_from_hidden, scores_from_logits
 
 WEIGHTS = ("frozen", "ema", "live")
 
@@ -180,14 +180,44 @@ class SelfTeacher:
     ) -> TeacherScores:
         check_need(need, topk)
         teacher_batch = self.teacher_batch(batch).to(self.device)
+        # Token and top-k log-probs: the head runs over hidden states a chunk of positions at
+        # a time (`scores_from_hidden`), never forming [B, L, V] logits.
+        chunked = need != "logits" and supports_fused_head(self.model)
         with self._teacher_weights():
-            logits = completion_logits(self.model, teacher_batch, self.vocab_size)
-        # The teacher's grid ends at its longest completion; the student's may be wider
-        # (trailing columns are padding there, masked out of every loss).
-        missing = batch.completion_width - logits.shape[1]
-        if missing > 0:
-            logits = F.pad(logits, (0, 0, 0, missing))
-        return scores_from_logits(logits, batch, need, topk, temperature)
+            if chunked:
+                out = completion_hidden(self.model, teacher_batch)
+            else:
+                out = completion_logits(self.model, teacher_batch, self.vocab_size)
+            # The teacher's grid ends at its longest completion; the student's may be wider
+            # (trailing columns are padding there, masked out of every loss).
+            missing = batch.completion_width - out.shape[1]
+            if missing > 0:
+                out = F.pad(out, (0, 0, 0, missing))
+            if chunked:
+                head = self.model.get_output_embeddings()
+                return scores_from_hidden(
+                    out, head, self.vocab_size, batch, need, topk, temperature
+                )
+        return scores_from_logits(out, batch, need, topk, temperature)
+
+    @torch.no_grad()
+    def supervised_hidden(self, batch: SequenceBatch, forward) -> torch.Tensor:
+        """The teacher's final hidden states at the student batch's supervised positions,
+        `[N, H]` (row-major), computed by `forward(model, teacher_batch)`."""
+        teacher_batch = self.teacher_batch(batch).to(self.device)
+        with self._teacher_weights():
+            hidden = forward(self.model, teacher_batch)
+        # Completion column j holds the same token in both batches, so the supervised cells
+        # must be the same ones for the rows to line up.
+        mine, theirs = batch.loss_mask().to(self.device), teacher_batch.loss_mask()
+        width = theirs.shape[1]
+        if mine[:, width:].any() or not torch.equal(mine[:, :width], theirs):
+            raise ValueError(
+                "the self teacher's supervised completion tokens differ from the student "
+                "batch's (a completion token is masked out of the student's loss); use "
+                "loss.fused=false"
+            )
+        return hidden
 
     def checkpoint_state(self) -> dict:
         """What a resumed run needs to continue exactly: the EMA weights."""

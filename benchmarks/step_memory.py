@@ -1,0 +1,131 @@
+"""Peak memory of one opd training step at Qwen's vocabulary (V = 151,936), by objective.
+
+    python benchmarks/step_memory.py                          # on_policy (pg), fused on and off
+    python benchmarks/step_memory.py --presets on_policy gkd --src /path/to/other/opd/src
+
+One `train_step` of 32 prompts x 64 sampled tokens with the tiny Llama pair of
+`onpolicy_models.py` (size `tiny-152k`: teacher 256 x 4 layers, student 128 x 2), float32 on
+CPU. Every measurement runs in a fresh subprocess; "process peak" is its VmHWM after the
+step (models, optimizer state and all), "step peak" the VmHWM reached during the step minus
+the RSS before it (weights are paged in from their safetensors files during the first
+step, so it includes them); "weights+grads+AdamW" is what any trainer holds at the
+optimizer step (both models' weights, the student's gradients and AdamW's two moments,
+computed from the parameter counts). `--src` runs the same step with another checkout's `src` first on the
+path (e.g. an older main) for a before/after pair; `loss.fused=false` is the plain path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from onpolicy_models import BATCH, build
+
+MAX_NEW = 64
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def worker(args) -> dict:
+    import torch
+
+    from opd.config import config_from_dict
+    from opd.loop import train_step
+    from opd.metrics import PhaseTimer
+    from opd.run_setup import build_run
+
+    torch.manual_seed(0)
+    paths = build(Path(args.workdir), "tiny-152k", "float32")
+    config = {
+        "preset": args.preset,
+        "student": {"path": str(paths["student"])},
+        "teacher": {"path": str(paths["teacher"])},
+        "data": {
+            "train": str(paths["prompts"]),
+            "chat_template": "off",
+            "completion_field": "prompt",
+        },
+        "sampling": {"max_new_tokens": MAX_NEW},
+        "loss": {"fused": args.fused == "on"},
+        "batch_size": BATCH,
+        "micro_batch_size": BATCH,
+        "steps": 1,
+        "save_every": 0,
+        "log_every": 1000,
+        "output_dir": tempfile.mkdtemp(),
+    }
+    run = build_run(config_from_dict(config))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := current RSS
+    before = _status_kb("VmRSS")
+    record = train_step(run, 0, PhaseTimer())
+    peak = _status_kb("VmHWM")
+    # What any trainer holds at the optimizer step: both models' weights, the student's
+    # gradients and AdamW's two moments (float32 here).
+    student = sum(p.numel() * p.element_size() for p in run.student.parameters())
+    teacher = sum(p.numel() * p.element_size() for p in run.teacher.model.parameters())
+    return {
+        "process_peak_gb": peak * 1024 / 1e9,
+        "step_peak_gb": (peak - before) * 1024 / 1e9,
+        "state_gb": (4 * student + teacher) / 1e9,
+        "tokens": int(record.get("student_tokens_generated", 0)),
+        "fused": bool(run.fused),
+    }
+
+
+def spawn(args, preset: str, fused: str, src: str | None) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--preset", preset,
+           "--fused", fused, "--workdir", args.workdir]  # fmt: skip
+    env = dict(os.environ)
+    if src:
+        env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=["on_policy"])
+    p.add_argument("--src", default=None, help="also measure with this opd src first on the path")
+    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "opd-bench-152k"))
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--preset", default="on_policy", help=argparse.SUPPRESS)
+    p.add_argument("--fused", default="on", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    build(Path(args.workdir), "tiny-152k", "float32")  # once, outside the measured processes
+    print(f"{BATCH} x {MAX_NEW} tokens, V=151936, tiny Llama pair, float32 CPU, load "
+          f"{os.getloadavg()[0]:.1f}")  # fmt: skip
+    for preset in args.presets:
+        rows = [("this tree", "on", None), ("this tree", "off", None)]
+        if args.src:
+            rows.insert(0, (args.src, "on", args.src))
+        for label, fused, src in rows:
+            r = spawn(args, preset, fused, src)
+            if "error" in r:
+                print(f"{preset:12s} {label:30s} loss.fused={fused:3s} error: {r['error']}")
+                continue
+            print(f"{preset:12s} {label:30s} loss.fused={fused:3s} (fused path: {r['fused']!s:5s}) "
+                  f"process peak {r['process_peak_gb']:5.2f} GB  step peak "
+                  f"{r['step_peak_gb']:5.2f} GB  weights+grads+AdamW {r['state_gb']:5.2f} GB  "
+                  f"tokens {r['tokens']}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""`ce`, `pg` and top-k `kd` from the student's hidden states: the student side of every
+objective whose teacher returns a few numbers per position (cached, remote, vLLM, or a
+local model scoring tokens), never forming the student's `[tokens, vocab]` logits.
+
+Each is the per-token value of `opd.objectives.plain.per_token_loss`, with the student's
+log-probs from `opd.losses.fused_sampled` (tiles over the vocabulary) instead of a
+log-softmax over full logits; tested equal, values and gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd.batch import SequenceBatch
+from opd.config import LossConfig
+from opd.losses import (
+    distill_advantages,
+    fused_sparse_token_divergence,
+    fused_token_logprobs,
+    policy_gradient_loss,
+)
+from opd.modeling.hf import lm_head
+from opd.objectives import Scored
+from opd.objectives.fused import supervised_hidden
+from opd.objectives.plain import PlainObjective
+from opd.teachers.base import TeacherScores
+
+
+def _on_grid(values_N: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
+    """Per-row values `[N]` placed at the mask's cells of a zero `[B, L]` grid (differentiable)."""
+    rows, cols = mask_BL.nonzero(as_tuple=True)
+    grid = values_N.new_zeros(mask_BL.shape)
+    return grid.index_put((rows, cols), values_N)
+
+
+def fused_per_token_loss(
+    hidden_NH: torch.Tensor,
+    head: tuple[torch.Tensor, torch.Tensor | None],
+    batch: SequenceBatch,
+    scores: TeacherScores | None,
+    loss: LossConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`([N] loss, [N] divergence estimate)` at `batch.loss_mask()`'s cells (row-major), from
+    the student's hidden states there; the values of `plain.per_token_loss` at those cells."""
+    weight, bias = head
+    mask = batch.loss_mask().to(hidden_NH.device)
+    ids = batch.completion_ids().to(hidden_NH.device)[mask]
+    if loss.objective == "ce":
+        nll = -fused_token_logprobs(hidden_NH, weight, ids, head_bias=bias)
+        return nll, nll.detach()
+    if loss.objective == "kd":  # top-k + tail buckets (full vocabulary is `FusedObjective`)
+        value = fused_sparse_token_divergence(
+            hidden_NH,
+            weight,
+            scores.topk_ids.to(hidden_NH.device)[mask],
+            scores.topk_logprobs.to(hidden_NH.device)[mask],
+            loss.divergence,
+            beta=loss.beta,
+            alpha=loss.skew_alpha,
+            kd_temperature=loss.kd_temperature,
+            student_head_bias=bias,
+        )
+        return value, value.detach()
+    # pg: advantages (discounted along each row) and importance ratios live on the grid.
+    student_lp = _on_grid(fused_token_logprobs(hidden_NH, weight, ids, head_bias=bias), mask)
+    teacher_lp = scores.token_logprobs.to(student_lp.device)
+    advantages = distill_advantages(student_lp, teacher_lp, mask, loss.discount)
+    sampler_lp = None
+    if batch.sampler_logprobs is not None:
+        sampler_lp = batch.sampler_logprobs[:, batch.prompt_width :].to(student_lp.device)
+    value = policy_gradient_loss(student_lp, advantages, sampler_lp)
+    return value[mask], (student_lp - teacher_lp).detach()[mask]
+
+
+class FusedTokenObjective:
+    """`ce`, `pg` or top-k `kd` with any teacher, the student's side from hidden states."""
+
+    def __init__(self, student, teacher, loss: LossConfig, vocab_size: int):
+        self.student, self.teacher, self.config = student, teacher, loss
+        self.vocab_size = vocab_size
+        # The teacher's side is the plain objective's: same request, same scores.
+        self.plain = PlainObjective(student, teacher, loss, vocab_size)
+
+    def score(self, batch: SequenceBatch) -> Scored:
+        return self.plain.score(batch)
+
+    def loss(self, batch: SequenceBatch, scored: Scored, num_tokens: int):
+        hidden = supervised_hidden(self.student, batch, self.config.fused_forward)
+        head = lm_head(self.student, self.vocab_size)
+        value, divergence = fused_per_token_loss(hidden, head, batch, scored.value, self.config)
+        return value.sum() / max(num_tokens, 1), float(divergence.sum())
