@@ -108,7 +108,7 @@ class TeacherConfig:
     shard: bool = False
 
     def __post_init__(self):
-        _one_of("teacher.kind", self.kind, ("local", "self", "remote", "cached"))
+        _one_of("teacher.kind", self.kind, ("local", "self", "remote", "cached", "vllm"))
         _one_of("teacher.self_weights", self.self_weights, ("frozen", "ema", "live"))
         _in_range("teacher.ema_decay", self.ema_decay, 0.0, 1.0)
         if self.kind == "self":
@@ -150,13 +150,15 @@ class SamplingConfig:
     max_new_tokens: int = 128
     n: int = 1  # samples per prompt
     stop: list[str] = field(default_factory=list)
-    engine: str = "lean"  # hf (reference sampler) | lean (static-cache fast sampler)
+    # hf (reference sampler) | lean (static-cache fast sampler) | vllm (a colocated vLLM
+    # engine holding the student, weights pushed after every optimizer step; opd.sampling.vllm)
+    engine: str = "lean"
     # Token ids that end a completion, besides those of the student's generation_config,
     # its tokenizer's EOS and the token its chat template ends a turn with (all are used).
     eos_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self):
-        _one_of("sampling.engine", self.engine, ("hf", "lean"))
+        _one_of("sampling.engine", self.engine, ("hf", "lean", "vllm"))
         _in_range("sampling.temperature", self.temperature, 0.0)
         _in_range("sampling.top_p", self.top_p, 0.0, 1.0, lo_open=True)
         _in_range("sampling.top_k", self.top_k, 0)
@@ -184,6 +186,9 @@ class LossConfig:
     # kd + full + local teacher: compute the divergence from hidden states and LM heads in
     # tiles (opd.losses.fused), never materializing [tokens, vocab] logits. Same result.
     fused: bool = True
+    # pg: cap the importance ratio p_S/q at this value (TRL's truncated importance sampling
+    # for vLLM samples, Yao et al. 2025); 0 leaves it uncapped
+    ratio_cap: float = 0.0
 
     def __post_init__(self):
         _one_of("loss.objective", self.objective, ("ce", "kd", "pg"))
@@ -197,6 +202,7 @@ class LossConfig:
         _in_range("loss.topk", self.topk, 1)
         _in_range("loss.kd_temperature", self.kd_temperature, 0.0, lo_open=True)
         _in_range("loss.discount", self.discount, 0.0, 1.0)
+        _in_range("loss.ratio_cap", self.ratio_cap, 0.0)
 
 
 @dataclass
@@ -246,6 +252,22 @@ class OptimConfig:
 
 
 @dataclass
+class VllmConfig:
+    """Each vLLM engine a run starts (sampling.engine=vllm, teacher.kind=vllm)."""
+
+    gpu_memory_utilization: float = 0.3  # GPU: share of its memory each engine may hold
+    # KV cache per engine in GiB; 0: sized by gpu_memory_utilization on GPU, 1 GiB on CPU
+    # (where vLLM's share would mean a share of all RAM)
+    kv_cache_gb: float = 0.0
+
+    def __post_init__(self):
+        _in_range(
+            "vllm.gpu_memory_utilization", self.gpu_memory_utilization, 0.0, 1.0, lo_open=True
+        )
+        _in_range("vllm.kv_cache_gb", self.kv_cache_gb, 0.0)
+
+
+@dataclass
 class TrainConfig:
     preset: str = ""
     student: ModelConfig = field(default_factory=ModelConfig)
@@ -257,6 +279,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    vllm: VllmConfig = field(default_factory=VllmConfig)
     steps: int = 100
     batch_size: int = 8  # prompts per optimizer step (each sampled `sampling.n` times on-policy)
     micro_batch_size: int = 8  # prompts per forward/backward; accumulation = batch / micro
