@@ -182,7 +182,7 @@ class _Job:
                 dtype=spec.teacher_dtype,
                 settings=self.vllm_settings,
                 max_model_len=spec.max_prompt_tokens
-                + max(spec.max_new_tokens, spec.max_completion_tokens),
+                + (spec.max_new_tokens if spec.mode == "generate" else spec.max_completion_tokens),
                 seed=spec.seed,
                 max_logprobs=max(spec.topk, 1),
             )

@@ -33,10 +33,11 @@ log = logging.getLogger("opd")
 GiB = 1 << 30
 CPU_DEFAULT_KV_GB = 1.0  # vLLM's own sizing on CPU takes a share of all RAM; this is explicit
 
-# One engine per (model, dtype, log-prob mode) in a process: a second run in the same process
-# (`opd demo`, a test session) reuses it instead of holding a second copy. Safe because a
-# student engine always receives the run's weights before its first rollout.
-_ENGINES: dict[tuple, tuple[object, int, int]] = {}
+# Engines by (model, dtype, log-prob mode): a later run in the same process (`opd demo`, a
+# test session) reuses one that is large enough instead of holding a second copy; safe because
+# a student engine receives the run's weights before its first rollout. Engines are never
+# dropped: tearing one down resets vLLM's process-wide parallel state under the others.
+_ENGINES: dict[tuple, list[tuple[object, int, int]]] = {}
 
 
 def require_vllm():
@@ -92,11 +93,9 @@ def start_engine(
         limit = json.loads(config_file.read_text()).get("max_position_embeddings")
         max_model_len = min(max_model_len, limit or max_model_len)
     key = (str(path), dtype, logprobs_mode)  # memory settings: the first start's stand
-    if key in _ENGINES:
-        llm, length, logprobs = _ENGINES[key]
+    for llm, length, logprobs in _ENGINES.get(key, []):
         if length >= max_model_len and logprobs >= max_logprobs:
             return llm
-        del _ENGINES[key]  # too small for this run: replaced (freed once unreferenced)
     flag = os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if flag != "0":
         raise RuntimeError(
@@ -130,7 +129,7 @@ def start_engine(
         generation_config="vllm",  # opd passes every sampling setting; none from the model
         **kwargs,
     )
-    _ENGINES[key] = (llm, max_model_len, max_logprobs)
+    _ENGINES.setdefault(key, []).append((llm, max_model_len, max_logprobs))
     return llm
 
 

@@ -93,9 +93,11 @@ def build_vllm_teacher(config, tokenizer) -> VllmTeacher:
     if not t.path:
         raise ValueError("teacher.path is required for teacher.kind='vllm'")
     check_same_tokenizer(tokenizer, load_tokenizer(t.path), t.path)
-    max_len = config.data.max_prompt_tokens + max(
-        config.data.max_completion_tokens, config.sampling.max_new_tokens
-    )
+    s, data = config.sampling, config.data
+    longest = s.max_new_tokens  # student samples only (lambda = 1), else dataset rows too
+    if config.source.lmbda < 1:
+        longest = max(longest, data.max_completion_tokens)
+    max_len = data.max_prompt_tokens + longest
     max_logprobs = max(topk, 1)
     llm = start_engine(
         t.path,
