@@ -172,3 +172,16 @@ def test_ratio_cap_truncates_weight_and_keeps_gradient_direction():
     assert torch.allclose(capped[0, 1], torch.tensor(-3.0))
     (g,) = torch.autograd.grad(capped.sum(), student)
     assert torch.allclose(g, torch.tensor([[-1.0, -3.0, 2.0 * 1.1052]]), atol=1e-4)
+
+
+def test_two_processes_each_keep_their_own_engine(vllm_pair, addition_data, tmp_path):
+    """torchrun, 2 CPU processes (DDP): each rank samples its own prompts on its own engine
+    and pushes its (identical, all-reduced) student into it after every step."""
+    from test_distributed import launch
+
+    cfg = config(vllm_pair, addition_data, tmp_path / "ddp", preset="on_policy", steps=2)
+    cfg["device"] = "cpu"
+    records = read_metrics(launch(cfg, tmp_path))
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(0 <= r["sampler_logprob_gap"] < 1e-3 for r in records)  # both engines current
+    assert all(r["time_weight_sync"] > 0 for r in records)
