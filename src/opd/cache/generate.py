@@ -169,43 +169,19 @@ class _Job:
         )
         self.encoder = Encoder(self.tokenizer, data)
         self.vocab_size = len(self.tokenizer)
-        self._model = self._engine = None
-
-    @property
-    def engine(self):
-        if self._engine is None:
-            from opd.sampling.vllm import start_engine
-
-            spec = self.spec
-            self._engine = start_engine(
-                self.teacher_path,
-                dtype=spec.teacher_dtype,
-                settings=self.vllm_settings,
-                max_model_len=spec.max_prompt_tokens
-                + (spec.max_new_tokens if spec.mode == "generate" else spec.max_completion_tokens),
-                seed=spec.seed,
-                max_logprobs=max(spec.topk, 1),
-            )
-        return self._engine
+        self._model = None
 
     def _vllm_batch(self, index: int, b: int, prompts, completions):
         from opd.teachers.vllm import cache_records
 
-        spec = self.spec
         # one seed per row, from (seed, shard, row): a resumed shard samples the same rows
-        seeds = [_shard_seed(spec.seed, index, b + i) for i in range(len(prompts))]
+        seeds = [
+            _shard_seed(self.spec.seed, index, b + i) % (2**31 - 1) for i in range(len(prompts))
+        ]
         return cache_records(
-            self.engine,
-            prompts,
-            completions,
-            topk=spec.topk,
-            eos_id=self.tokenizer.eos_token_id,
-            seeds=[s % (2**31 - 1) for s in seeds],
-            max_new_tokens=spec.max_new_tokens,
-            temperature=spec.temperature,
-            top_k=spec.top_k,
-            top_p=spec.top_p,
-        )
+            self.teacher_path, self.spec, self.vllm_settings, self.tokenizer.eos_token_id,
+            prompts, completions, seeds,
+        )  # fmt: skip
 
     def check_prompts(self, where: str) -> None:
         """Every prompt must fit `max_prompt_tokens` (a cache keeps one row per prompt, so

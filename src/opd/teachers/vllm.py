@@ -116,19 +116,16 @@ TAIL_FLOOR = 1e-6
 
 
 def cache_records(
-    llm,
+    teacher_path: str,
+    spec,
+    settings,
+    eos_id: int,
     prompts: list[list[int]],
     completions: list[list[int]] | None,
-    *,
-    topk: int,
-    eos_id: int,
     seeds: list[int],
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
 ) -> tuple[list[list[int]], list[dict]]:
-    """(completions, score records) for an offline cache (`opd generate --engine vllm`).
+    """(completions, score records) for an offline cache (`opd generate --engine vllm`;
+    `spec` is its `CacheSpec`, `settings` a `VllmConfig`).
 
     With `completions=None` the engine samples them and reports, in the same pass, the
     top-k and sampled-token log-probs at temperature 1 (raw log-probs: they never see the
@@ -136,14 +133,26 @@ def cache_records(
     import numpy as np
     from vllm import SamplingParams
 
+    from opd.sampling.vllm import start_engine
+
+    longest = spec.max_new_tokens if completions is None else spec.max_completion_tokens
+    llm = start_engine(
+        teacher_path,
+        dtype=spec.teacher_dtype,
+        settings=settings,
+        max_model_len=spec.max_prompt_tokens + longest,
+        seed=spec.seed,
+        max_logprobs=max(spec.topk, 1),
+    )
+    topk = spec.topk
     records = []
     if completions is None:
         params = [
             SamplingParams(
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                max_tokens=max_new_tokens,
+                temperature=spec.temperature,
+                top_k=spec.top_k,
+                top_p=spec.top_p,
+                max_tokens=spec.max_new_tokens,
                 stop_token_ids=[eos_id],
                 logprobs=topk,
                 detokenize=False,
