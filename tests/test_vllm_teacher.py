@@ -19,7 +19,7 @@ from vllm_util import SETTINGS, vllm_or_skip
 vllm_or_skip()
 
 from opd.sampling.vllm import start_engine  # noqa: E402
-from opd.teachers.vllm import FULL_VOCAB_REFUSAL, VllmTeacher, build_vllm_teacher  # noqa: E402
+from opd.teachers.vllm import FULL_VOCAB_REFUSAL, VllmTeacher  # noqa: E402
 
 TOL = 2e-4
 
@@ -71,14 +71,15 @@ def test_full_vocabulary_and_oversized_topk_are_refused(teachers, vllm_pair, add
         remote.score(random_batch(remote.vocab_size), "logits")
     with pytest.raises(ValueError, match="exceeds the vLLM teacher's max_logprobs=8"):
         remote.score(random_batch(remote.vocab_size), "topk", 9)
-    config = config_from_dict(
-        {
-            "student": {"path": str(vllm_pair[1])},
-            "teacher": {"kind": "vllm", "path": str(vllm_pair[0])},
-            "data": {"train": str(addition_data)},
-            "loss": {"objective": "kd", "estimator": "full"},
-        }
-    )
-    with pytest.raises(ValueError) as err:  # before any engine starts
-        build_vllm_teacher(config, tokenizer=None)
+    data = {
+        "student": {"path": str(vllm_pair[1])},
+        "teacher": {"kind": "vllm", "path": str(vllm_pair[0])},
+        "data": {"train": str(addition_data)},
+        "loss": {"objective": "kd", "estimator": "full"},
+    }
+    with pytest.raises(ValueError) as err:  # at config time, before any model loads
+        config_from_dict(data)
     assert str(err.value) == FULL_VOCAB_REFUSAL
+    data["loss"] = {"objective": "kd", "estimator": "topk", "kd_temperature": 2.0}
+    with pytest.raises(ValueError, match=r"teacher\.kind=vllm: that teacher's top-k"):
+        config_from_dict(data)

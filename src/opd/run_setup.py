@@ -126,7 +126,7 @@ def build_run(config: TrainConfig) -> RunSetup:
             )
         from opd.sampling.vllm import VllmSampler
 
-        rollout_engine = VllmSampler.for_run(config, world.unwrap(student), tokenizer)
+        rollout_engine = VllmSampler.for_run(config, world.unwrap(student))
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=config.optim.lr, weight_decay=config.optim.weight_decay

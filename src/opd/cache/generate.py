@@ -179,7 +179,7 @@ class _Job:
             _shard_seed(self.spec.seed, index, b + i) % (2**31 - 1) for i in range(len(prompts))
         ]
         return cache_records(
-            self.teacher_path, self.spec, self.vllm_settings, self.tokenizer.eos_token_id,
+            self.teacher_path, self.spec, self.vllm_settings, self.encoder.end_ids,
             prompts, completions, seeds,
         )  # fmt: skip
 

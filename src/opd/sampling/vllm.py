@@ -155,15 +155,6 @@ def vllm_weights(model):
         yield name, tensor + deltas[name] if name in deltas else tensor
 
 
-def stop_token_ids(tokenizer, model) -> list[int]:
-    """Every id that ends a completion: the tokenizer's EOS and the model's generation_config
-    EOS (an int or a list, e.g. Qwen's <|im_end|> and <|endoftext|>)."""
-    ids = {tokenizer.eos_token_id}
-    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(extra if isinstance(extra, list | tuple) else [extra])
-    return sorted(i for i in ids if i is not None)
-
-
 @torch.no_grad()
 def logprob_gap_sum(model, batch, sampling, vocab_size: int) -> tuple[float, int]:
     """Sum over sampled tokens of |log p_S - log q|, and their count: the trained student
@@ -187,7 +178,7 @@ class VllmSampler:
     """The student's weights in a vLLM engine; `sample` has the built-in sampler's contract."""
 
     @classmethod
-    def for_run(cls, config, student, tokenizer) -> VllmSampler:
+    def for_run(cls, config, student) -> VllmSampler:
         """The engine of `sampling.engine: vllm`, holding `student`'s current weights."""
         data, s = config.data, config.sampling
         if s.temperature == 0 and s.n > 1:
@@ -200,7 +191,6 @@ class VllmSampler:
             seed=config.seed,
         )
         sampler.push_weights(student)  # LoRA adapters and resumed weights are not on disk
-        sampler.stop_ids = stop_token_ids(tokenizer, student)
         return sampler
 
     def __init__(self, path: str, *, dtype: str, settings, max_model_len: int, seed: int):
@@ -213,7 +203,6 @@ class VllmSampler:
             logprobs_mode="processed_logprobs",
         )
         self.pushes = 0
-        self.stop_ids: list[int] = []  # set by for_run: every id that ends a completion
 
     @torch.no_grad()
     def push_weights(self, model) -> None:

@@ -17,7 +17,7 @@ import math
 import torch
 
 from opd.batch import SequenceBatch
-from opd.teachers.base import TeacherScores, check_need
+from opd.teachers.base import TeacherScores, check_need, check_untempered
 from opd.teachers.remote import sequences_of
 
 FULL_VOCAB_REFUSAL = (
@@ -30,10 +30,14 @@ class VllmTeacher:
     def __init__(self, llm, vocab_size: int, max_logprobs: int):
         self.llm, self.vocab_size, self.max_logprobs = llm, vocab_size, max_logprobs
 
-    def score(self, batch: SequenceBatch, need: str, topk: int = 0) -> TeacherScores:
+    def score(
+        self, batch: SequenceBatch, need: str, topk: int = 0, temperature: float = 1.0
+    ) -> TeacherScores:
         from vllm import SamplingParams
 
         check_need(need, topk)
+        if need == "topk":
+            check_untempered("vllm", temperature)  # prompt_logprobs are at temperature 1
         if need == "logits":
             raise ValueError(FULL_VOCAB_REFUSAL)
         k = min(topk, self.vocab_size) if need == "topk" else 0
@@ -82,7 +86,8 @@ def unpack_prompt_logprobs(plp, seq: list[int], start: int, k: int):
 
 def build_vllm_teacher(config, tokenizer) -> VllmTeacher:
     """The `teacher.kind: vllm` of a run config; refuses full-vocabulary objectives first."""
-    from opd.modeling.hf import check_same_tokenizer, load_tokenizer
+    from opd.modeling.hf import load_tokenizer
+    from opd.modeling.vocab import check_same_tokenizer
     from opd.objectives.plain import teacher_need
     from opd.sampling.vllm import start_engine
 
@@ -119,7 +124,7 @@ def cache_records(
     teacher_path: str,
     spec,
     settings,
-    eos_id: int,
+    end_ids: list[int],
     prompts: list[list[int]],
     completions: list[list[int]] | None,
     seeds: list[int],
@@ -153,7 +158,7 @@ def cache_records(
                 top_k=spec.top_k,
                 top_p=spec.top_p,
                 max_tokens=spec.max_new_tokens,
-                stop_token_ids=[eos_id],
+                stop_token_ids=list(end_ids),
                 logprobs=topk,
                 detokenize=False,
                 seed=int(s),
