@@ -38,3 +38,12 @@ PYTHONUNBUFFERED=1 python3 "$here/benchmarks/onpolicy_vs_trl.py" --size "$size" 
   --device "${DEVICE:-cuda}" --rounds "${ROUNDS:-2}" --steps "${STEPS:-5}" --warmup 2 \
   --threads "${THREADS:-4}" --sides "$sides" --workdir /tmp/opd-gpu \
   --json "$out/onpolicy_$size.json" 2>&1 | tee "$out/onpolicy_$size.log"
+# Student sampling, opd's samplers vs a colocated vLLM engine (Qwen3-0.6B shape, bf16).
+# Needs vllm==0.32.0 on the machine (`pip install -e ".[vllm]"`, or its wheels in .whl/).
+if python3 -c 'import vllm' 2>/dev/null; then
+  PYTHONUNBUFFERED=1 python3 "$here/benchmarks/vllm_sampling.py" --size "$size" \
+    --device "${DEVICE:-cuda}" --dtype bfloat16 --rounds "${ROUNDS:-2}" --threads "${THREADS:-4}" \
+    --workdir /tmp/opd-gpu --json "$out/vllm_sampling_$size.json" 2>&1 | tee "$out/vllm_sampling_$size.log"
+else
+  echo "vllm is not installed: benchmarks/vllm_sampling.py skipped" | tee "$out/vllm_sampling_$size.log"
+fi

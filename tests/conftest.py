@@ -28,6 +28,14 @@ def tiny_pair(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def vllm_pair(tmp_path_factory):
+    """(teacher_dir, student_dir) that vLLM's CPU kernels can run (see tests/vllm_util.py)."""
+    from vllm_util import save_vllm_pair
+
+    return save_vllm_pair(tmp_path_factory.mktemp("vllm_models"))
+
+
+@pytest.fixture(scope="session")
 def addition_data(tmp_path_factory):
     """A JSONL file of short addition problems with answers."""
     path = tmp_path_factory.mktemp("data") / "train.jsonl"

@@ -140,7 +140,8 @@ class TeacherConfig:
 
     Attributes:
         kind: local model | self (the student with privileged context) | remote server |
-            cached log-probs from `opd generate` / `opd score`
+            cached log-probs from `opd generate` / `opd score` | vllm (a local vLLM engine
+            scoring with prompt_logprobs: pg and topk estimators only)
         path: local: model directory or hub id
         dtype: local: dtype the teacher's weights are loaded in
         url: remote: base URL of an `opd serve` or vLLM server
@@ -157,7 +158,7 @@ class TeacherConfig:
             instead of one full copy per rank
     """
 
-    kind: Literal["local", "self", "remote", "cached"] = "local"
+    kind: Literal["local", "self", "remote", "cached", "vllm"] = "local"
     path: str = ""
     dtype: DType = "float32"
     url: str = ""
@@ -232,7 +233,8 @@ class SamplingConfig:
         stop: strings that end a sampled completion (besides EOS)
         eos_token_ids: token ids that end a completion, besides the student's
             generation_config, its tokenizer's EOS and the chat template's turn end
-        engine: hf (the reference sampler, plain HF forward) | lean (opd.modeling.lean's
+        engine: hf (the reference sampler, plain HF forward) | vllm (a colocated vLLM engine
+            holding the student, weights pushed after every optimizer step) | lean (opd.modeling.lean's
             Llama/Qwen decoder on a static KV cache, checked against hf on the first batch)
         cuda_graphs: lean on CUDA: replay decode steps as a CUDA graph (opt-in; never yet
             checked on a GPU)
@@ -244,7 +246,7 @@ class SamplingConfig:
     max_new_tokens: int = 128
     n: int = 1
     stop: list[str] = field(default_factory=list)
-    engine: Literal["hf", "lean"] = "hf"
+    engine: Literal["hf", "lean", "vllm"] = "hf"
     cuda_graphs: bool = False
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -277,6 +279,8 @@ class LossConfig:
             teacher, else 64 (capped at a remote server's limit)
         kd_temperature: divides both models' logits in the loss (not sampling.temperature)
         discount: pg: discount of the per-token advantage to go
+        ratio_cap: pg: cap the importance ratio p_S/q at this value (TRL's truncated
+            importance sampling for vLLM samples); 0 leaves it uncapped
         fused: every objective from the student's hidden states and LM head in tiles, never
             materializing [tokens, vocab] logits (same result as the plain path); kd + full
             also needs a local or self teacher
@@ -294,6 +298,7 @@ class LossConfig:
     discount: float = 0.0
     fused: bool = True
     fused_forward: Literal["hf", "lean"] = "hf"
+    ratio_cap: float = 0.0
 
     def __post_init__(self):
         _check_choices(self)
@@ -305,6 +310,7 @@ class LossConfig:
         _in_range("loss.topk", self.topk, 0)
         _in_range("loss.kd_temperature", self.kd_temperature, 0.0, lo_open=True)
         _in_range("loss.discount", self.discount, 0.0, 1.0)
+        _in_range("loss.ratio_cap", self.ratio_cap, 0.0)
 
 
 @dataclass
@@ -379,6 +385,26 @@ class OptimConfig:
 
 
 @dataclass
+class VllmConfig:
+    """Each vLLM engine a run starts (sampling.engine=vllm, teacher.kind=vllm).
+
+    Attributes:
+        gpu_memory_utilization: GPU: share of its memory each engine may hold
+        kv_cache_gb: KV cache per engine in GiB; 0: sized by gpu_memory_utilization on GPU,
+            1 GiB on CPU (where vLLM's share would mean a share of all RAM)
+    """
+
+    gpu_memory_utilization: float = 0.3
+    kv_cache_gb: float = 0.0
+
+    def __post_init__(self):
+        _in_range(
+            "vllm.gpu_memory_utilization", self.gpu_memory_utilization, 0.0, 1.0, lo_open=True
+        )
+        _in_range("vllm.kv_cache_gb", self.kv_cache_gb, 0.0)
+
+
+@dataclass
 class TrainConfig:
     """One distillation run.
 
@@ -402,6 +428,7 @@ class TrainConfig:
         device: auto (CUDA if available, else CPU) | cpu | cuda | cuda:N
         bf16: bfloat16 autocast of the forward and loss (CUDA only)
         max_bad_steps: consecutive non-finite steps before the run stops
+        vllm: settings of each vLLM engine (sampling.engine=vllm, teacher.kind=vllm)
         resume_allow_changes: keys (or sections, e.g. optim) whose change since the
             checkpoint a resume accepts; any other change to what the run computes is refused
         report_to: where metrics go besides metrics.jsonl (always written): tensorboard
@@ -419,6 +446,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    vllm: VllmConfig = field(default_factory=VllmConfig)
     steps: int = 100
     batch_size: int = 8
     micro_batch_size: int = 8

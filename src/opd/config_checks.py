@@ -45,7 +45,7 @@ def check_combinations(config: TrainConfig) -> None:
             f"loss.objective=kd with loss.divergence={loss.divergence}"
         )
     tempered_topk = loss.objective == "kd" and loss.estimator == "topk" and loss.kd_temperature != 1
-    if tempered_topk and kind in ("remote", "cached"):
+    if tempered_topk and kind in ("remote", "cached", "vllm"):
         raise ValueError(
             f"loss.kd_temperature={loss.kd_temperature} with loss.estimator=topk and "
             f"teacher.kind={kind}: that teacher's top-k log-probs are at temperature 1 and "
@@ -56,6 +56,11 @@ def check_combinations(config: TrainConfig) -> None:
         raise ValueError(
             "teacher.kind=cached scores only the completions it stored: set source.lmbda=0 and "
             "source.off_policy=dataset (with data.train the cache directory)"
+        )
+    if kind == "vllm" and loss.objective == "kd" and loss.estimator == "full":
+        raise ValueError(
+            "teacher.kind='vllm' returns token and top-k log-probs, not full logits: use "
+            "loss.objective=pg (sampled token) or loss.estimator=topk (with loss.topk)"
         )
     if kind == "cached" and loss.objective == "kd" and loss.estimator == "full":
         raise ValueError(

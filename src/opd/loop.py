@@ -38,6 +38,7 @@ from opd.parallel import NullMetricsLog, aggregate_step
 from opd.progress import Progress
 from opd.rewards import resolve_metric
 from opd.run_setup import RunSetup, build_run
+from opd.sampling.vllm import logprob_gap_sum
 from opd.sources import (
     SOURCES,
     loss_denominators,
@@ -60,9 +61,16 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
     objectives = for_step(run)
     loss_total, div_total, teacher_scored = 0.0, 0.0, 0
     loss_by_source = dict.fromkeys(SOURCES, 0.0)
+    gap_sum, gap_tokens = 0.0, 0  # train-inference mismatch of vLLM samples
     run.student.train()
     for i, batch in enumerate(batches):
         batch = batch.to(run.device)
+        if run.rollout_engine is not None and batch.source == "student":
+            with timer.phase("sampler_gap"):  # one extra no-grad forward (as TRL's IS check)
+                g, n = logprob_gap_sum(
+                    world.unwrap(run.student), batch, run.config.sampling, run.vocab_size
+                )
+            gap_sum, gap_tokens = gap_sum + g, gap_tokens + n
         objective = objectives.for_batch(batch)
         with timer.phase("teacher_score"):
             scored = objective.score(batch)
@@ -74,11 +82,14 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
         loss_total += float(loss.detach())
         loss_by_source[batch.source] += float(loss.detach())
         div_total += div_sum
-    loss_total, div_total, *by_source = world.sum_all(
-        [loss_total, div_total, *loss_by_source.values()]
+    loss_total, div_total, gap_sum, gap_tokens, *by_source = world.sum_all(
+        [loss_total, div_total, gap_sum, gap_tokens, *loss_by_source.values()]
     )
     with timer.phase("update"):
         grad_norm, finite = optimizer_step(run, loss_total)
+    if finite and run.rollout_engine is not None:
+        with timer.phase("weight_sync"):  # the next rollouts must come from these weights
+            run.rollout_engine.push_weights(world.unwrap(run.student))
     return aggregate_step(
         world,
         {
@@ -95,6 +106,8 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
             "teacher_tokens_scored": teacher_scored,
             "lr": run.scheduler.get_last_lr()[0],
             **objectives.record(),
+            # mean |log p_S - log q| over vLLM-sampled tokens (absent without such tokens)
+            **({"sampler_logprob_gap": gap_sum / gap_tokens} if gap_tokens else {}),
         },
     )
 
@@ -132,7 +145,8 @@ def evaluate_now(run: RunSetup, metric) -> dict:
         vocab_size=run.vocab_size,
         seed=run.config.seed,
         all_finished=run.world.lockstep(run.student),
-        engine=run.config.sampling.engine,
+        # The vLLM engine serves training rollouts; evaluation samples with the HF forward.
+        engine="hf" if run.config.sampling.engine == "vllm" else run.config.sampling.engine,
     )
     return {"eval_accuracy": acc}
 

@@ -41,6 +41,8 @@ class RunSetup:
     reward_fn: object | None = None  # reward.function resolved: fn(completion_text, row) -> float
     fused: bool = False  # the loss from hidden states (opd.objectives.fused*), not full logits
     world: World = field(default_factory=World)  # this process in a multi-process run
+    # sampling.engine=vllm: the colocated engine that samples the student (opd.sampling.vllm)
+    rollout_engine: object | None = None
 
 
 def lr_lambda(config: TrainConfig):
@@ -109,6 +111,16 @@ def build_run(config: TrainConfig, checked: Checked | None = None) -> RunSetup:
     fused = fused and fused_applies(config.loss, student, teacher)
     student = world.wrap_student(student)  # DDP/FSDP; the model itself in one process
     teacher = world.place_teacher(teacher, config.teacher.shard)
+    rollout_engine = None
+    if config.sampling.engine == "vllm":
+        if world.sharded:
+            raise ValueError(
+                "sampling.engine=vllm with an FSDP-sharded student is not supported: use DDP "
+                "(each process keeps its own engine) or one process"
+            )
+        from opd.sampling.vllm import VllmSampler
+
+        rollout_engine = VllmSampler.for_run(config, world.unwrap(student))
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=config.optim.lr, weight_decay=config.optim.weight_decay
@@ -131,4 +143,5 @@ def build_run(config: TrainConfig, checked: Checked | None = None) -> RunSetup:
         reward_fn,
         fused=fused,
         world=world,
+        rollout_engine=rollout_engine,
     )

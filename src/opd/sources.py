@@ -47,6 +47,26 @@ def make_micro_batch(run: RunSetup, step: int, micro: int, timer: PhaseTimer) ->
     s = config.sampling
     rows = [r for r in rows for _ in range(s.n)]
     prompts = [enc.row_prompt_ids(r) for r in rows]
+    if source == "student" and run.rollout_engine is not None:
+        with timer.phase("generate"):
+            out = run.rollout_engine.sample(
+                prompts,
+                max_new_tokens=s.max_new_tokens,
+                eos_ids=run.encoder.end_ids,
+                temperature=s.temperature,
+                top_k=s.top_k,
+                top_p=s.top_p,
+                stop=tuple(s.stop),
+                seed=step_seed(config.seed, step, micro, world.rank),
+            )
+        return assemble(
+            prompts,
+            out.completions,
+            pad_id=pad,
+            source=source,
+            completion_logprobs=out.logprobs,
+            rows=rows,
+        )
     model = world.sampling_model(run.student if source == "student" else run.teacher.model)
     gen = torch.Generator(device=run.device)
     gen.manual_seed(step_seed(config.seed, step, micro, world.rank))
@@ -54,7 +74,7 @@ def make_micro_batch(run: RunSetup, step: int, micro: int, timer: PhaseTimer) ->
         out = sample(
             model,
             prompts,
-            engine=s.engine,
+            engine="hf" if s.engine == "vllm" else s.engine,  # vllm holds the student only
             cuda_graphs=s.cuda_graphs,
             max_new_tokens=s.max_new_tokens,
             eos_id=run.encoder.end_ids,

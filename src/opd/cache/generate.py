@@ -82,10 +82,12 @@ class CacheSpec:
     seed: int = 0
     shard_size: int = 256  # prompts per shard
     teacher_dtype: str = "float32"
+    engine: str = "hf"  # hf: opd's sampler + a Hugging Face forward | vllm: one vLLM engine
 
     def __post_init__(self):
         checks = {
             "mode": self.mode in ("generate", "score"),
+            "engine": self.engine in ("hf", "vllm"),
             "chat_template": self.chat_template in ("auto", "on", "off"),
             "logprob_dtype": self.logprob_dtype in LOGPROB_DTYPES,
             "teacher_dtype": self.teacher_dtype in ("float32", "bfloat16", "float16"),
@@ -152,8 +154,9 @@ def _shard_seed(seed: int, shard: int, batch: int) -> int:
 class _Job:
     """State shared by the shards of one run: rows, encoder, teacher (loaded on first use)."""
 
-    def __init__(self, teacher_path, rows, spec: CacheSpec, device, batch_size):
+    def __init__(self, teacher_path, rows, spec: CacheSpec, device, batch_size, vllm_settings):
         self.teacher_path, self.rows, self.spec = teacher_path, rows, spec
+        self.vllm_settings = vllm_settings
         self.device, self.batch_size = device, batch_size
         self.tokenizer = load_tokenizer(teacher_path)
         data = DataConfig(
@@ -167,6 +170,18 @@ class _Job:
         self.encoder = Encoder(self.tokenizer, data)
         self.vocab_size = len(self.tokenizer)
         self._model = None
+
+    def _vllm_batch(self, index: int, b: int, prompts, completions):
+        from opd.teachers.vllm import cache_records
+
+        # one seed per row, from (seed, shard, row): a resumed shard samples the same rows
+        seeds = [
+            _shard_seed(self.spec.seed, index, b + i) % (2**31 - 1) for i in range(len(prompts))
+        ]
+        return cache_records(
+            self.teacher_path, self.spec, self.vllm_settings, self.encoder.end_ids,
+            prompts, completions, seeds,
+        )  # fmt: skip
 
     def check_prompts(self, where: str) -> None:
         """Every prompt must fit `max_prompt_tokens` (a cache keeps one row per prompt, so
@@ -205,7 +220,12 @@ class _Job:
             chunk = seqs[b : b + self.batch_size]
             src = [self.rows[p] for p, _ in chunk]
             prompts = [enc.row_prompt_ids(r) for r in src]
-            if spec.mode == "generate":
+            if spec.engine == "vllm":
+                given = None
+                if spec.mode == "score":
+                    given = [enc.completion_ids(enc.row_completion(r)) for r in src]
+                completions, scores = self._vllm_batch(index, b, prompts, given)
+            elif spec.mode == "generate":
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed(_shard_seed(spec.seed, index, b // self.batch_size))
                 out = sample(
@@ -223,8 +243,9 @@ class _Job:
                 completions = out.completions
             else:
                 completions = [enc.completion_ids(enc.row_completion(r)) for r in src]
-            batch = assemble(prompts, completions, pad_id=tok.pad_token_id).to(self.device)
-            scores = score_rows(self.model, batch, self.vocab_size, spec.topk)
+            if spec.engine != "vllm":
+                batch = assemble(prompts, completions, pad_id=tok.pad_token_id).to(self.device)
+                scores = score_rows(self.model, batch, self.vocab_size, spec.topk)
             for (p, j), row, pids, cids, rec in zip(chunk, src, prompts, completions, scores):
                 finished = bool(cids) and cids[-1] in enc.end_ids
                 text_ids = cids[:-1] if finished else cids
@@ -249,9 +270,11 @@ class _Job:
 def _check_resumable(old: dict, new: dict, out: Path) -> None:
     for key in ("spec", "tokenizer", "source"):
         for field, value in new[key].items():
-            if old[key].get(field) != value:
+            # a spec field added later reads as its default in an older manifest
+            theirs = old[key].get(field, getattr(CacheSpec, field, None) if key == "spec" else None)
+            if theirs != value:
                 raise CacheError(
-                    f"{out} holds a cache made with {key}.{field}={old[key].get(field)!r}, "
+                    f"{out} holds a cache made with {key}.{field}={theirs!r}, "
                     f"this run has {value!r}; rerun with the same arguments to resume, or "
                     "choose another --out"
                 )
@@ -328,15 +351,22 @@ def build_cache(
     batch_size: int = 16,
     device: str = "auto",
     on_shard: Callable[[int], None] | None = None,
+    vllm_settings=None,
 ) -> dict:
-    """Write (or finish) the cache in `out`; returns its manifest."""
+    """Write (or finish) the cache in `out`; returns its manifest.
+
+    `vllm_settings` (a `VllmConfig`) sizes the engine of `spec.engine == "vllm"`."""
     out, device = Path(out), resolve_device(device)
     rows = load_rows(prompts)
     completion = spec.completion_field if spec.mode == "score" else None
     check_rows(rows, RowSpec(spec.prompt_field, completion), str(prompts))
     if not rows:
         raise ValueError(f"{prompts} holds no rows")
-    job = _Job(teacher, rows, spec, device, batch_size)
+    if spec.engine == "vllm" and vllm_settings is None:
+        from opd.config import VllmConfig
+
+        vllm_settings = VllmConfig(gpu_memory_utilization=0.9)  # no trainer shares the GPU
+    job = _Job(teacher, rows, spec, device, batch_size, vllm_settings)
     job.check_prompts(str(prompts))  # before the teacher model loads
     vocab = len(job.tokenizer)
     if spec.topk > vocab:
@@ -383,9 +413,10 @@ def build_cache(
                 seconds=round(time.perf_counter() - t0, 3),
             )
             manifest["shards"] = sorted([*manifest["shards"], entry], key=lambda e: e["index"])
-            manifest["teacher"].setdefault(
-                "num_parameters", sum(p.numel() for p in job.model.parameters())
-            )
+            if spec.engine != "vllm":  # the engine's model is not loaded as a torch module
+                manifest["teacher"].setdefault(
+                    "num_parameters", sum(p.numel() for p in job.model.parameters())
+                )
             _summarize(manifest, vocab)
             write_manifest(out, manifest)
             bar.update(entry["prompt_end"] - entry["prompt_start"])

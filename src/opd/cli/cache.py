@@ -35,11 +35,13 @@ def _spec(args, mode: str):
         seed=args.seed,
         shard_size=args.shard_size,
         teacher_dtype=args.dtype,
+        engine=args.engine,
     )
 
 
 def _run(args, mode: str) -> int:
     from opd.cache.generate import build_cache
+    from opd.config import VllmConfig
 
     manifest = build_cache(
         args.teacher,
@@ -48,6 +50,9 @@ def _run(args, mode: str) -> int:
         _spec(args, mode),
         batch_size=args.batch_size,
         device=args.device,
+        vllm_settings=VllmConfig(
+            gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gb=args.kv_cache_gb
+        ),
     )
     print(json.dumps({"out": args.out, "counts": manifest["counts"], "bytes": manifest["bytes"]}))
     return 0
@@ -85,6 +90,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-completion-tokens", type=int, default=512, help="score: truncation")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--engine",
+        default="hf",
+        choices=["hf", "vllm"],
+        help="hf: opd's sampler and a HF forward | vllm: one vLLM engine (opd[vllm])",
+    )
+    p.add_argument(
+        "--gpu-memory-utilization", type=float, default=0.9, help="vllm on GPU: memory share"
+    )
+    p.add_argument(
+        "--kv-cache-gb", type=float, default=0.0, help="vllm: KV cache GiB (CPU default 1)"
+    )
 
 
 def add_cache_commands(sub) -> None:

@@ -66,7 +66,7 @@ def per_token_loss(
     sampler_lp = None
     if batch.sampler_logprobs is not None:
         sampler_lp = batch.sampler_logprobs[:, batch.prompt_width :].to(student_lp.device)
-    value = policy_gradient_loss(student_lp, advantages, sampler_lp)
+    value = policy_gradient_loss(student_lp, advantages, sampler_lp, loss.ratio_cap)
     return value, (student_lp - teacher_lp).detach()  # k1 estimate of KL(S||T)
 
 

