@@ -1,4 +1,4 @@
-"""Multi-process training (issue 8): who am I, sum across ranks, rank-0 guards, wrapping.
+"""Multi-process training: who am I, sum across ranks, rank-0 guards, wrapping.
 
     torchrun --nproc_per_node 8 -m opd.cli train cfg.yaml                       # DDP
     accelerate launch --config_file examples/accelerate_fsdp.yaml -m opd.cli train examples/fsdp_8gpu.yaml

@@ -3,7 +3,7 @@
 Every figure is over held-out problems of fixed lengths (`make_eval_sets`); intervals are
 95% percentile bootstraps over problems (`bootstrap_ci`), the problems being the unit
 that was sampled. Two mechanisms can make a student more accurate on long problems
-(issue 20), and they are measured apart:
+and they are measured apart:
 
 * slipping less: the per-step error on clean prefixes, `1 - p(right value | clean
   prefix)`, read off one teacher-forced forward pass (the error rate of a sampled step);

@@ -4,7 +4,7 @@
     completion  "a1b1c1d2#2"        step i: its label, then how many of x_1..x_i are odd, mod 10
     answer      "2"
 
-Why this task (issue 20): the exposure-bias argument needs a situation where the student's
+Why this task: the exposure-bias argument needs a situation where the student's
 slip leads to a state never seen under teacher forcing, from which a correct answer is
 still reachable, and a teacher that reaches it. Each step is easy from the step before
 (look up term i by its label, add one if it is odd) and hard from the prompt alone (a
