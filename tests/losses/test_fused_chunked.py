@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from opd.losses import KINDS, fused_token_divergence, token_divergence
 from opd.losses import divergence as divergence_module
+from opd.losses import kinds as kinds_module
 from opd.losses.fused_chunked import chunked_token_divergence
 from opd.losses.fused_kinds import _KINDS
 
@@ -82,8 +83,9 @@ def test_generic_path_masked_vocabulary_and_gradcheck():
 
 @pytest.fixture
 def halved_forward_kl(monkeypatch):
-    """A kind added the way a contributor would: only in divergence.py (its kind list and
-    its `divergence_from_logprobs`); nothing in the fused modules knows it."""
+    """A kind added the way a contributor would: its name in losses/kinds.py (the torch-free
+    list the config validates against) and its formula in divergence.py's
+    `divergence_from_logprobs`; nothing in the fused modules knows it."""
     real = divergence_module.divergence_from_logprobs
 
     def with_new_kind(student, teacher, kind, *, beta=None, alpha=None):
@@ -91,7 +93,7 @@ def halved_forward_kl(monkeypatch):
             return 0.5 * divergence_module._kl_terms(teacher, student)
         return real(student, teacher, kind, beta=beta, alpha=alpha)
 
-    monkeypatch.setattr(divergence_module, "KINDS", (*KINDS, "halved_forward_kl"))
+    monkeypatch.setattr(kinds_module, "KINDS", (*KINDS, "halved_forward_kl"))
     monkeypatch.setattr(divergence_module, "divergence_from_logprobs", with_new_kind)
     return "halved_forward_kl"
 
