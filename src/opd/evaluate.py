@@ -150,8 +150,41 @@ def mean_divergences(
     """Mean per-token divergence of the student from `teacher` (an `opd.teachers` teacher)
     on these sequences, one figure per kind, over all completion tokens. `precomputed`:
     the teacher's logits from `teacher_logits` on the same sequences and `batch_size`."""
-    device = next(student.parameters()).device
     totals, count = dict.fromkeys(kinds, 0.0), 0
+    chunks = _divergence_chunks(
+        student,
+        teacher,
+        prompts,
+        completions,
+        pad_id,
+        vocab_size,
+        kinds,
+        beta,
+        batch_size,
+        precomputed,
+    )
+    for mask, values in chunks:
+        for kind in kinds:
+            totals[kind] += float(masked_sum(values[kind], mask))
+        count += int(mask.sum())
+    return {kind: total / max(count, 1) for kind, total in totals.items()}
+
+
+def _divergence_chunks(
+    student,
+    teacher,
+    prompts,
+    completions,
+    pad_id,
+    vocab_size,
+    kinds,
+    beta,
+    batch_size,
+    precomputed,
+):
+    """Per chunk of sequences: `(loss mask [B, L], {kind: divergence per token [B, L]})`,
+    the student in eval mode meanwhile (shared by the mean and per-position views)."""
+    device = next(student.parameters()).device
     was_training = student.training
     student.eval()
     try:
@@ -162,14 +195,10 @@ def mean_divergences(
                 t_logits = teacher.score(batch, "logits").logits.to(device)
             else:
                 t_logits = precomputed[i].to(device)
-            mask = batch.loss_mask()
-            for kind in kinds:
-                values = token_divergence(s_logits, t_logits, kind, beta=beta)
-                totals[kind] += float(masked_sum(values, mask))
-            count += int(mask.sum())
+            values = {k: token_divergence(s_logits, t_logits, k, beta=beta) for k in kinds}
+            yield batch.loss_mask(), values
     finally:
         student.train(was_training)
-    return {kind: total / max(count, 1) for kind, total in totals.items()}
 
 
 def exposure_bias(
@@ -222,28 +251,26 @@ def divergence_by_position(
 
     The per-position view of `mean_divergences` (same arguments): why exposure bias grows
     with length shows as the gap between own and teacher prefixes widening with j."""
-    device = next(student.parameters()).device
     width = max((len(c) for c in completions), default=0)
     sums = {kind: torch.zeros(width, dtype=torch.float64) for kind in kinds}
     counts = torch.zeros(width, dtype=torch.float64)
-    was_training = student.training
-    student.eval()
-    try:
-        chunks = _chunks(prompts, completions, pad_id, batch_size, device)
-        for i, batch in enumerate(chunks):
-            s_logits = completion_logits(student, batch, vocab_size)
-            if precomputed is None:
-                t_logits = teacher.score(batch, "logits").logits.to(device)
-            else:
-                t_logits = precomputed[i].to(device)
-            mask = batch.loss_mask()
-            n = mask.shape[1]
-            counts[:n] += mask.sum(0).double().cpu()
-            for kind in kinds:
-                values = token_divergence(s_logits, t_logits, kind) * mask
-                sums[kind][:n] += values.sum(0).double().cpu()
-    finally:
-        student.train(was_training)
+    chunks = _divergence_chunks(
+        student,
+        teacher,
+        prompts,
+        completions,
+        pad_id,
+        vocab_size,
+        kinds,
+        None,
+        batch_size,
+        precomputed,
+    )
+    for mask, values in chunks:
+        n = mask.shape[1]
+        counts[:n] += mask.sum(0).double().cpu()
+        for kind in kinds:
+            sums[kind][:n] += (values[kind] * mask).sum(0).double().cpu()
     out = {kind: (s / counts.clamp(min=1)).tolist() for kind, s in sums.items()}
     out["count"] = [int(c) for c in counts.tolist()]
     return out
