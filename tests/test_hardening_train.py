@@ -132,14 +132,14 @@ def test_resume_applies_an_allowed_lr_change(base_config):
 
 def test_nan_teacher_on_the_topk_path_skips_the_step(base_config, monkeypatch):
     """A NaN teacher (cached, remote) used to become a zero forward-KL loss."""
-    real = local_teacher.scores_from_logits
+    real = local_teacher.LocalTeacher.score
 
-    def nan_rows(logits, batch, need, topk, *rest):
-        scores = real(logits, batch, need, topk, *rest)
+    def nan_rows(self, batch, need, topk=0, *rest, **kw):
+        scores = real(self, batch, need, topk, *rest, **kw)
         scores.topk_logprobs[0, 0] = math.nan  # one entry of one supervised position
         return scores
 
-    monkeypatch.setattr(local_teacher, "scores_from_logits", nan_rows)
+    monkeypatch.setattr(local_teacher.LocalTeacher, "score", nan_rows)
     cfg = base_config(
         preset="supervised_kd", steps=2, max_bad_steps=5, loss__estimator="topk", loss__topk=4
     )
