@@ -276,6 +276,7 @@ def _run_demo(
         "batch_size": settings.batch_size,
         "micro_batch_size": settings.batch_size,
         "eval_every": settings.eval_every,
+        "log_every": settings.eval_every,  # one progress line per evaluation, not per step
         "seed": seed,
     }
     results: dict = {
