@@ -179,7 +179,12 @@ class RunData:
     eval_rows: list[dict]  # each with `prompt_ids`
 
 
-def load_run_data(config: TrainConfig, tokenizer) -> RunData:
+def load_run_data(
+    config: TrainConfig,
+    tokenizer,
+    read_train: list[dict] | None = None,
+    read_eval: list[dict] | None = None,
+) -> RunData:
     """Load, check and encode the train and eval rows: every row is checked (fields, types,
     lengths) and cut/dropped rows are counted and logged, before any model loads."""
     from opd.cache.format import check_cache_tokenizer
@@ -210,7 +215,8 @@ def load_run_data(config: TrainConfig, tokenizer) -> RunData:
         d.answer_field if rewarded else None,
         extra,
     )
-    rows = load_rows(d.train, d.split)
+    # `read_train` / `read_eval`: the rows `opd.preflight` already read (not read twice).
+    rows = read_train if read_train is not None else load_rows(d.train, d.split)
     check_rows(rows, spec, d.train)
     train_rows, report = encoder.encode_rows(
         rows, with_completion=with_completion, where=d.train, extra_prompt=privileged
@@ -218,7 +224,8 @@ def load_run_data(config: TrainConfig, tokenizer) -> RunData:
     _log_report(report, d.train, d)
     eval_rows = []
     if d.eval:
-        rows = load_rows(d.eval, d.eval_split)[: config.eval_size]
+        rows = read_eval if read_eval is not None else load_rows(d.eval, d.eval_split)
+        rows = rows[: config.eval_size]
         answer = d.answer_field if metric_reads_answer(config.eval_metric) else None
         check_rows(rows, RowSpec(d.prompt_field, None, answer), d.eval)
         eval_rows, report = encoder.encode_rows(rows, with_completion=False, where=d.eval)

@@ -100,7 +100,8 @@ def build_run(config: TrainConfig, checked: Checked | None = None) -> RunSetup:
             config.reward.function, config.reward.pattern, config.data.answer_field
         )
     tokenizer = load_tokenizer(config.student.path)
-    data = load_run_data(config, tokenizer)  # every row checked and encoded: before the models
+    # every row checked and encoded, before the models load
+    data = load_run_data(config, tokenizer, checked.train_rows, checked.eval_rows)
     encoder, train_rows, eval_rows = data.encoder, data.train_rows, data.eval_rows
     order = PromptOrder(len(train_rows), config.seed)
     student = build_student(config, device, resume_from)
