@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-from opd.cache.generate import CacheSpec, build_cache
-from opd.config import config_from_dict
-from opd.demo.tiny import build_char_tokenizer, tiny_causal_lm
-from opd.loop import train
-from opd.metrics import read_metrics
+from opd.cli.demo.tiny import build_char_tokenizer, tiny_causal_lm
+from opd.config.parse import config_from_dict
+from opd.run.loop import train
+from opd.run.metrics import read_metrics
+from opd.teachers.cache.generate import CacheSpec, build_cache
 
 WORDS = [
     "alpha",

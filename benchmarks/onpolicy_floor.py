@@ -123,9 +123,9 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     paths = build(Path(args.workdir) / args.size, args.size, "float32")
 
-    from opd.metrics import PhaseTimer
-    from opd.run_setup import build_run
-    from opd.sources import make_micro_batch
+    from opd.run.metrics import PhaseTimer
+    from opd.run.setup import build_run
+    from opd.run.sources import make_micro_batch
 
     config = opd_config(
         paths, tempfile.mkdtemp(), steps=args.steps + 1, teacher_dtype=args.teacher_dtype

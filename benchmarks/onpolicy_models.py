@@ -80,7 +80,7 @@ def build(workdir: Path, size: str, dtype: str, device: str = "cpu") -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from opd.demo.tiny import build_char_tokenizer, tiny_causal_lm
+    from opd.cli.demo.tiny import build_char_tokenizer, tiny_causal_lm
 
     spec = SIZES[size]
     paths = {"teacher": workdir / "teacher", "student": workdir / "student"}
@@ -128,7 +128,7 @@ def opd_config(paths: dict, output_dir, *, steps: int, dtype: str = "float32",
     reverse KL), batch 32, up to 48 new tokens at temperature 1, AdamW lr 1e-6 with
     clipping at 1.0 as TRL, nothing saved. The lean engine (opt-in in opd) samples and runs
     the packed training forward, as in every figure recorded in benchmarks/README.md."""
-    from opd.config import config_from_dict
+    from opd.config.parse import config_from_dict
 
     return config_from_dict(
         {
@@ -155,8 +155,8 @@ def time_steps(run, steps: int, clock=time.perf_counter) -> dict[str, list[float
     """Run opd's `train_step` `steps` times; per phase (opd's own phase timer) and for the
     whole step ("total", by `clock`), the seconds of every step after the first, which
     warms the allocator and the kernels."""
-    from opd.loop import train_step
-    from opd.metrics import PhaseTimer
+    from opd.run.loop import train_step
+    from opd.run.metrics import PhaseTimer
 
     timer, phases = PhaseTimer(), {}
     for step in range(steps):

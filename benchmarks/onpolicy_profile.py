@@ -8,7 +8,7 @@ missing) and the same settings. Each side runs in its own subprocess with one th
 reports the median process CPU time per phase over the steps after the first (CPU time,
 not wall time, so that a shared machine's load does not blur the split):
 
-  opd   its own phase timer (`opd.metrics.PhaseTimer`): generate (student sampling),
+  opd   its own phase timer (`opd.run.metrics.PhaseTimer`): generate (student sampling),
         teacher_score (teacher forward), update (student forward/backward, fused loss,
         clipping, AdamW)
   trl   wrapped methods of DistillationTrainer: generate (`_generate_single_turn`),
@@ -34,10 +34,10 @@ from onpolicy_models import BATCH, MAX_NEW, build, opd_config, time_steps
 
 
 def profile_ours(paths: dict, steps: int) -> dict:
-    import opd.metrics
+    import opd.run.metrics
 
-    opd.metrics.time = types.SimpleNamespace(perf_counter=time.process_time)  # CPU time
-    from opd.run_setup import build_run
+    opd.run.metrics.time = types.SimpleNamespace(perf_counter=time.process_time)  # CPU time
+    from opd.run.setup import build_run
 
     run = build_run(opd_config(paths, tempfile.mkdtemp(), steps=steps))
     phases = time_steps(run, steps, clock=time.process_time)

@@ -60,7 +60,7 @@ def _status_kb(key: str) -> int:
 
 
 def run_ours(args, paths: dict, out: Path) -> dict:
-    import opd.loop
+    import opd.run.loop
 
     config = opd_config(
         paths,
@@ -72,7 +72,7 @@ def run_ours(args, paths: dict, out: Path) -> dict:
         seed=args.seed,
     )
     ends, cpu, tokens = [], [], []
-    inner = opd.loop.train_step
+    inner = opd.run.loop.train_step
 
     def timed_step(run, step, timer):
         record = inner(run, step, timer)
@@ -82,14 +82,14 @@ def run_ours(args, paths: dict, out: Path) -> dict:
         tokens.append(record["student_tokens_generated"])
         return record
 
-    opd.loop.train_step = timed_step
-    opd.loop._save = lambda *a, **k: None  # TRL side saves nothing either
+    opd.run.loop.train_step = timed_step
+    opd.run.loop._save = lambda *a, **k: None  # TRL side saves nothing either
     _reset_peaks(args.device)
     rss_before = _status_kb("VmRSS")
     _sync(args.device)
     ends.append(time.perf_counter())
     cpu.append(time.process_time())
-    opd.loop.train(config)
+    opd.run.loop.train(config)
     return _summary(args, ends, cpu, tokens, rss_before)
 
 
@@ -212,11 +212,11 @@ def check(args, paths: dict, out: Path) -> dict:
     from transformers import AutoTokenizer
     from trl import DistillationConfig, DistillationTrainer
 
-    from opd.batch import assemble
+    from opd.data.batch import assemble
     from opd.modeling.hf import completion_logits
     from opd.objectives.fused import fused_batch_loss, teacher_hidden
     from opd.objectives.plain import batch_loss
-    from opd.run_setup import build_run
+    from opd.run.setup import build_run
     from opd.sampling.fast import sample_fast
     from opd.sampling.reference import sample
 

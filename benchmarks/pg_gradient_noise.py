@@ -1,6 +1,6 @@
 """How noisy is the sampled-token reverse-KL gradient? Cosine with the full-vocabulary one.
 
-    python benchmarks/pg_gradient_noise.py --models ~/.cache/opd/demo/models-<hash>
+    python benchmarks/pg_gradient_noise.py --models ~/.cache/opd/cli/demo/models-<hash>
 
 On the same student samples, computes the gradient of the full-vocabulary reverse KL
 (`minillm_like`'s loss) and of the policy-gradient loss with the sampled-token advantage
@@ -15,8 +15,8 @@ import argparse
 
 import torch
 
-from opd.batch import assemble
-from opd.demo.task import make_examples
+from opd.cli.demo.task import make_examples
+from opd.data.batch import assemble
 from opd.losses import distill_advantages, masked_sum, policy_gradient_loss, token_divergence
 from opd.modeling.hf import completion_logits, load_causal_lm, load_tokenizer, token_logprobs
 from opd.sampling.reference import sample

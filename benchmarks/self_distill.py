@@ -6,7 +6,7 @@
 
 With the models built, one seed of all five methods takes about 2 minutes on 2 CPU cores.
 
-Every method starts from the demo's weak student (`opd.demo.build.build_models`, no bigger
+Every method starts from the demo's weak student (`opd.cli.demo.build.build_models`, no bigger
 teacher involved unless named) and makes the same number of optimizer updates on the same
 prompts (`--steps` x `--batch-size`):
 
@@ -33,15 +33,15 @@ from pathlib import Path
 
 import torch
 
-from opd.batch import assemble
-from opd.config import DataConfig, config_from_dict
-from opd.data import Encoder
-from opd.demo.build import BuildConfig, ModelSpec, build_models
-from opd.demo.task import exact_match, make_examples
-from opd.evaluate import task_accuracy
-from opd.loop import train
-from opd.metrics import read_metrics
+from opd.cli.demo.build import BuildConfig, ModelSpec, build_models
+from opd.cli.demo.task import exact_match, make_examples
+from opd.config.parse import DataConfig, config_from_dict
+from opd.data.batch import assemble
+from opd.data.rows import Encoder
+from opd.evaluation.generation import task_accuracy
 from opd.modeling.hf import completion_logits, load_causal_lm, load_tokenizer, token_logprobs
+from opd.run.loop import train
+from opd.run.metrics import read_metrics
 from opd.teachers.self_teacher import render_privileged
 
 # The reference solution, then the question again: the teacher sees the worked answer
@@ -55,7 +55,7 @@ METHODS: dict[str, dict] = {
     "sdft_live": {"preset": "sdft", "teacher": {"self_weights": "live"}},
     "rl_kd": {
         "preset": "minillm_like",
-        "reward": {"function": "opd.demo.task:exact_match", "distill_weight": 0.5},
+        "reward": {"function": "opd.cli.demo.task:exact_match", "distill_weight": 0.5},
         "sampling": {"n": 4},
     },
 }
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
         "micro_batch_size": args.batch_size,
         "eval_every": args.steps,
         "eval_size": args.eval_size,
-        "eval_metric": "opd.demo.task:exact_match",
+        "eval_metric": "opd.cli.demo.task:exact_match",
         "device": args.device,
     }
     report = {

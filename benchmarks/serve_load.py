@@ -38,7 +38,7 @@ from opd.teachers.remote import unpack_prompt_logprobs, unpack_score
 
 
 def build_tiny(root: Path, vocab: int, hidden: int, layers: int) -> Path:
-    from opd.demo.tiny import DEFAULT_CHARS, build_char_tokenizer, tiny_causal_lm
+    from opd.cli.demo.tiny import DEFAULT_CHARS, build_char_tokenizer, tiny_causal_lm
 
     need = max(0, vocab - len(DEFAULT_CHARS) - 3)  # 3 special tokens
     codes = (c for c in range(0x3400, 0x3400 + need + 2048) if not 0xD800 <= c <= 0xDFFF)

@@ -41,10 +41,10 @@ def _status_kb(key: str) -> int:
 def worker(args) -> dict:
     import torch
 
-    from opd.config import config_from_dict
-    from opd.loop import train_step
-    from opd.metrics import PhaseTimer
-    from opd.run_setup import build_run
+    from opd.config.parse import config_from_dict
+    from opd.run.loop import train_step
+    from opd.run.metrics import PhaseTimer
+    from opd.run.setup import build_run
 
     torch.manual_seed(0)
     paths = build(Path(args.workdir), "tiny-152k", "float32")

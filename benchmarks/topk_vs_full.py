@@ -3,7 +3,7 @@
     python benchmarks/topk_vs_full.py --quick          # demo's quick models, 150 steps
     python benchmarks/topk_vs_full.py --steps 400 --ks 64 16 4
 
-Both start from the demo's weak student (`opd.demo.build.build_models`) and train for the
+Both start from the demo's weak student (`opd.cli.demo.build.build_models`) and train for the
 same steps on the same ground-truth batches (supervised KD, forward KL):
 
   full       teacher.kind=local, loss.estimator=full (the `supervised_kd` preset)
@@ -27,17 +27,17 @@ from pathlib import Path
 
 import torch
 
-from opd.batch import assemble
-from opd.cache.generate import CacheSpec, build_cache
-from opd.checkpoint import latest_checkpoint
-from opd.config import DataConfig, config_from_dict
-from opd.data import Encoder
-from opd.demo.build import build_models, greedy_accuracy
-from opd.demo.task import make_examples
-from opd.loop import train
+from opd.cli.demo.build import build_models, greedy_accuracy
+from opd.cli.demo.task import make_examples
+from opd.config.parse import DataConfig, config_from_dict
+from opd.data.batch import assemble
+from opd.data.rows import Encoder
 from opd.losses import token_divergence
-from opd.metrics import read_metrics
 from opd.modeling.hf import completion_logits, load_causal_lm, load_tokenizer
+from opd.run.checkpoint import latest_checkpoint
+from opd.run.loop import train
+from opd.run.metrics import read_metrics
+from opd.teachers.cache.generate import CacheSpec, build_cache
 
 
 @torch.no_grad()
@@ -67,12 +67,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="default 150 quick, 400 full")
     parser.add_argument("--ks", type=int, nargs="+", default=[64, 8])
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-4, help="as opd.demo.run")
-    parser.add_argument("--warmup", type=int, default=10, help="warm-up steps, as opd.demo.run")
+    parser.add_argument("--lr", type=float, default=3e-4, help="as opd.cli.demo.run")
+    parser.add_argument("--warmup", type=int, default=10, help="warm-up steps, as opd.cli.demo.run")
     parser.add_argument("--num-train", type=int, default=4096)
     parser.add_argument("--num-eval", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", default="~/.cache/opd/demo", help="demo model cache")
+    parser.add_argument("--cache-dir", default="~/.cache/opd/cli/demo", help="demo model cache")
     parser.add_argument("--max-kl-gap", type=float, default=0.02, help="nats/token, k=64")
     parser.add_argument("--max-acc-gap", type=float, default=0.05, help="accuracy, k=64")
     parser.add_argument("--out", default="", help="write the results as JSON here")
@@ -113,7 +113,7 @@ def main() -> None:
         "seed": args.seed,
         "eval_every": steps,
         "eval_size": args.num_eval,
-        "eval_metric": "opd.demo.task:exact_match",
+        "eval_metric": "opd.cli.demo.task:exact_match",
         "sampling": {"max_new_tokens": 80},
         "log_every": 10,
     }

@@ -42,8 +42,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)  # before vLLM, which freezes the thread count
-    from opd.batch import assemble
-    from opd.config import VllmConfig
+    from opd.config.parse import VllmConfig
+    from opd.data.batch import assemble
     from opd.modeling.hf import load_causal_lm, load_tokenizer
     from opd.sampling import sample
     from opd.sampling.vllm import VllmSampler, logprob_gap_sum

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from opd.demo.tiny import build_char_tokenizer, save_tiny_pair, tiny_causal_lm
+from opd.cli.demo.tiny import build_char_tokenizer, save_tiny_pair, tiny_causal_lm
 
 torch.set_num_threads(2)
 

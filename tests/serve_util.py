@@ -7,8 +7,8 @@ import random
 import torch
 
 from opd.modeling.hf import load_causal_lm, load_tokenizer
-from opd.serve.app import BackgroundServer, ServeSettings, TeacherService, create_app
-from opd.serve.protocol import Limits
+from opd.teachers.server.app import BackgroundServer, ServeSettings, TeacherService, create_app
+from opd.teachers.server.protocol import Limits
 
 TOKEN = "s3cret-token"
 LIMITS = Limits(

@@ -2,7 +2,7 @@
 
 import pytest
 
-from opd.rewards import last_boxed, normalize_answer, resolve_metric, resolve_reward
+from opd.evaluation.rewards import last_boxed, normalize_answer, resolve_metric, resolve_reward
 
 
 @pytest.mark.parametrize(

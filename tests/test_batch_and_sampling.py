@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from opd.batch import assemble
+from opd.data.batch import assemble
 from opd.modeling.hf import completion_logits, load_causal_lm, load_tokenizer, token_logprobs
 from opd.sampling.draw import draw_tokens
 from opd.sampling.reference import process_logits, sample

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from opd.config_docs import key_docs
+from opd.config.docs import key_docs
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "COLUMNS": "100"}
 OPD = [sys.executable, "-c", "import sys; from opd.cli import main; sys.exit(main())"]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from opd.config import config_from_dict
+from opd.config.parse import config_from_dict
 
 BASE = {"student": {"path": "s"}, "teacher": {"path": "t"}, "data": {"train": "d.jsonl"}}
 

@@ -5,8 +5,8 @@ import typing
 
 import pytest
 
-from opd.config import TrainConfig, config_from_dict, load_config, parse_override
-from opd.config_docs import attribute_docs, format_keys, key_docs
+from opd.config.docs import attribute_docs, format_keys, key_docs
+from opd.config.parse import TrainConfig, config_from_dict, load_config, parse_override
 
 BASE = {"student": {"path": "s"}, "data": {"train": "t.jsonl"}}
 

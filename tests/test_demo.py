@@ -6,7 +6,7 @@ import math
 import pytest
 
 from opd.cli import main
-from opd.demo.run import METHODS, OFFLINE
+from opd.cli.demo.run import METHODS, OFFLINE
 
 
 def _finite_interval(stat: dict) -> bool:

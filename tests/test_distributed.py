@@ -2,7 +2,7 @@
 
 DDP runs are launched with `torchrun`, FSDP runs with `accelerate launch --use_fsdp`
 (accelerate does not shard on CPU, so opd shards with torch FSDP2 itself; see
-`opd.parallel`). A run over W processes must equal the single-process run on the same
+`opd.run.world`). A run over W processes must equal the single-process run on the same
 global batch: the single run uses `micro_batch_size = W * m` so its lambda draws (one per
 global micro-batch) are the same ones.
 """
@@ -20,13 +20,13 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from opd.checkpoint import latest_checkpoint, load_trainer_state
-from opd.config import config_from_dict
-from opd.loop import train
-from opd.metrics import PhaseTimer, read_metrics
-from opd.parallel import World
-from opd.run_setup import build_run
-from opd.sources import make_micro_batch, step_seed
+from opd.config.parse import config_from_dict
+from opd.run.checkpoint import latest_checkpoint, load_trainer_state
+from opd.run.loop import train
+from opd.run.metrics import PhaseTimer, read_metrics
+from opd.run.setup import build_run
+from opd.run.sources import make_micro_batch, step_seed
+from opd.run.world import World
 from serve_util import TOKEN, start_server
 
 TIMEOUT_S = 240  # per launch; a launch takes ~20 s on 2 idle cores

@@ -1,4 +1,4 @@
-"""opd.evaluate: sampling helpers, mean divergences and the exposure-bias gap."""
+"""opd.evaluation: sampling helpers, mean divergences and the exposure-bias gap."""
 
 import json
 import math
@@ -6,16 +6,11 @@ import math
 import pytest
 import torch
 
-from opd.batch import assemble
-from opd.config import DataConfig
-from opd.data import Encoder
-from opd.evaluate import (
-    exposure_bias,
-    mean_divergences,
-    sample_completions,
-    task_accuracy,
-    teacher_logits,
-)
+from opd.config.parse import DataConfig
+from opd.data.batch import assemble
+from opd.data.rows import Encoder
+from opd.evaluation.divergence import exposure_bias, mean_divergences, teacher_logits
+from opd.evaluation.generation import sample_completions, task_accuracy
 from opd.modeling.hf import completion_logits, load_causal_lm, load_tokenizer
 from opd.teachers.local import LocalTeacher
 

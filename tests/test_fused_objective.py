@@ -6,24 +6,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from opd.batch import assemble
-from opd.checkpoint import latest_checkpoint
-from opd.config import LossConfig, config_from_dict
-from opd.data import Encoder
-from opd.demo.tiny import build_char_tokenizer, tiny_causal_lm
-from opd.loop import train
+from opd.cli.demo.tiny import build_char_tokenizer, tiny_causal_lm
+from opd.config.parse import LossConfig, config_from_dict
+from opd.data.batch import assemble
+from opd.data.rows import Encoder
 from opd.modeling.hf import completion_logits, load_causal_lm, load_tokenizer
-from opd.objectives import for_step
+from opd.objectives import build_objective, for_step
 from opd.objectives.fused import (
     FusedObjective,
     fused_applies,
     fused_batch_loss,
-    fused_objective,
     teacher_hidden,
 )
 from opd.objectives.fused_tokens import FusedTokenObjective
 from opd.objectives.plain import PlainObjective, batch_loss
-from opd.run_setup import build_run
+from opd.run.checkpoint import latest_checkpoint
+from opd.run.loop import train
+from opd.run.path import objective_path
+from opd.run.setup import build_run
 from opd.teachers.base import scores_from_logits
 from opd.teachers.local import LocalTeacher
 from opd.teachers.self_teacher import SelfTeacher
@@ -121,6 +121,13 @@ def _loss_and_grads(objective, student, batch, n):
     return loss, div, torch.autograd.grad(loss, list(student.parameters()), allow_unused=True)
 
 
+def fused_objective(student, teacher, loss_cfg, vocab_size):
+    """The objective one process would run for this loss (opd.run.path decides)."""
+    kind, _ = objective_path(loss_cfg, distributed=False, student=student, teacher=teacher)
+    assert kind != "plain"
+    return build_objective(kind, student, teacher, loss_cfg, vocab_size)
+
+
 @pytest.mark.parametrize("overrides,sampled", CASES)
 def test_every_objective_fused_equals_plain(overrides, sampled):
     student, teacher_model = _models()
@@ -214,12 +221,12 @@ def test_remote_style_teacher_gets_the_token_objective_and_full_kd_needs_hidden_
 
 def test_loop_uses_fused_path_and_matches_plain_run(base_config, tmp_path):
     fused_cfg = config_from_dict(base_config(preset="gkd", steps=3, output_dir=str(tmp_path / "f")))
-    assert build_run(fused_cfg).fused
+    assert build_run(fused_cfg).path.fused
     train(fused_cfg)
     plain_cfg = config_from_dict(
         base_config(preset="gkd", steps=3, loss__fused=False, output_dir=str(tmp_path / "p"))
     )
-    assert not build_run(plain_cfg).fused
+    assert not build_run(plain_cfg).path.fused
     train(plain_cfg)
     a = load_file(str(Path(latest_checkpoint(tmp_path / "f")) / "model.safetensors"))
     b = load_file(str(Path(latest_checkpoint(tmp_path / "p")) / "model.safetensors"))
@@ -230,5 +237,5 @@ def test_loop_uses_fused_path_and_matches_plain_run(base_config, tmp_path):
 
 def test_on_policy_pg_run_picks_the_token_objective(base_config, tmp_path):
     run = build_run(config_from_dict(base_config(preset="on_policy", output_dir=str(tmp_path))))
-    assert run.fused
+    assert run.path.fused
     assert isinstance(for_step(run).distill, FusedTokenObjective)

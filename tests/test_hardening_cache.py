@@ -6,13 +6,13 @@ import shutil
 
 import pytest
 
-from opd.cache.format import CacheError, CacheReader, read_manifest
-from opd.cache.generate import CacheSpec, build_cache
-from opd.cache.inspect import cache_report
 from opd.cli import main as cli_main
-from opd.config import config_from_dict
-from opd.demo.tiny import save_tiny_pair
-from opd.loop import train
+from opd.cli.demo.tiny import save_tiny_pair
+from opd.config.parse import config_from_dict
+from opd.data.cache_format import CacheError, CacheReader, read_manifest
+from opd.run.loop import train
+from opd.teachers.cache.generate import CacheSpec, build_cache
+from opd.teachers.cache.inspect import cache_report
 
 
 @pytest.fixture(scope="module")

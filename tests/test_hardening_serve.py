@@ -12,9 +12,9 @@ import time
 import httpx
 import pytest
 
-import opd.serve.app as serve_mod
-from opd.serve.protocol import Limits
+import opd.teachers.server.app as serve_mod
 from opd.teachers.remote import request_chunks
+from opd.teachers.server.protocol import Limits
 from serve_util import TOKEN, auth, random_seqs, start_server
 
 PARTIAL_HEADERS = b"POST /opd/v1/score HTTP/1.1\r\nHost: x\r\nContent-Le"  # ...and nothing more
@@ -185,7 +185,7 @@ def test_client_splits_requests_by_the_servers_logprob_limit():
 
 
 def test_remote_teacher_scores_a_batch_larger_than_one_request(small, tiny_pair):
-    from opd.batch import assemble
+    from opd.data.batch import assemble
     from opd.modeling.hf import load_causal_lm
     from opd.teachers.local import LocalTeacher
     from opd.teachers.remote import RemoteTeacher

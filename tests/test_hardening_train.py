@@ -16,9 +16,11 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-import opd.config
+import opd.config.parse
 import opd.teachers.local as local_teacher
-from opd.checkpoint import (
+from opd.cli import main
+from opd.config.parse import config_from_dict
+from opd.run.checkpoint import (
     STATE_FILE,
     CheckpointError,
     OutOfSpace,
@@ -29,10 +31,8 @@ from opd.checkpoint import (
     rng_state,
     write_trainer_state,
 )
-from opd.cli import main
-from opd.config import config_from_dict
-from opd.loop import train
-from opd.metrics import read_metrics
+from opd.run.loop import train
+from opd.run.metrics import read_metrics
 
 
 class _Planted:
@@ -88,7 +88,7 @@ def test_overflowing_update_is_never_checkpointed(base_config, capsys, tmp_path,
     API user could): step 1 has a finite loss and makes every weight inf."""
     cfg = config_from_dict(base_config(preset="supervised_kd", steps=3, save_every=1))
     cfg.optim.lr = math.inf
-    monkeypatch.setattr(opd.config, "load_config", lambda *a, **kw: cfg)
+    monkeypatch.setattr(opd.config.parse, "load_config", lambda *a, **kw: cfg)
     assert main(["train"]) == 4
     err = capsys.readouterr().err
     assert "weights are non-finite after step 1" in err and "Traceback" not in err
@@ -239,7 +239,7 @@ def test_metrics_rewrite_that_fails_midway_keeps_the_history(tmp_path):
     script = textwrap.dedent(
         f"""
         import resource, signal
-        from opd.metrics import MetricsLog
+        from opd.run.metrics import MetricsLog
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
         try:

@@ -8,9 +8,9 @@ import torch
 import opd.modeling.hf as lean_check_hf
 import opd.modeling.lean as lean_module
 import opd.objectives.fused as fused_module
-from opd.batch import assemble
-from opd.config import LossConfig, SamplingConfig
-from opd.demo.tiny import build_char_tokenizer, tiny_causal_lm
+from opd.cli.demo.tiny import build_char_tokenizer, tiny_causal_lm
+from opd.config.parse import LossConfig, SamplingConfig
+from opd.data.batch import assemble
 from opd.modeling.hf import completion_hidden
 from opd.modeling.lean import LeanDecoder, lean_supported, packed_supervised_hidden
 from opd.modeling.lean_check import LeanMismatch, relative_error

@@ -14,19 +14,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import opd.cache.generate as generate_mod
-import opd.run_setup as setup_mod
-from opd.batch import assemble
-from opd.cache.format import CacheError, CacheReader, read_manifest
-from opd.cache.generate import CacheSpec, build_cache
-from opd.cache.inspect import cache_report, inspect_cache
+import opd.run.setup as setup_mod
+import opd.teachers.cache.generate as generate_mod
 from opd.cli import main as cli_main
-from opd.config import config_from_dict
-from opd.data import load_run_data
-from opd.demo.tiny import build_char_tokenizer, save_tiny_pair, tiny_causal_lm
-from opd.loop import train
-from opd.metrics import read_metrics
+from opd.cli.demo.tiny import build_char_tokenizer, save_tiny_pair, tiny_causal_lm
+from opd.config.parse import config_from_dict
+from opd.data.batch import assemble
+from opd.data.cache_format import CacheError, CacheReader, read_manifest
+from opd.data.rows import load_run_data
 from opd.modeling.hf import load_tokenizer
+from opd.run.loop import train
+from opd.run.metrics import read_metrics
+from opd.teachers.cache.generate import CacheSpec, build_cache
+from opd.teachers.cache.inspect import cache_report, inspect_cache
 from opd.teachers.cached import CachedTeacher
 
 torch.set_num_threads(2)
@@ -131,8 +131,8 @@ def test_round_trip_generate_inspect_train(models, pairs, tmp_path, monkeypatch,
     rows = CacheReader(cache).rows()
     assert sorted(r["cache_row"] for r in rows) == list(range(2 * N_PROMPTS))
     tok = load_tokenizer(str(teacher))
-    from opd.config import DataConfig
-    from opd.data import Encoder
+    from opd.config.parse import DataConfig
+    from opd.data.rows import Encoder
 
     enc = Encoder(tok, DataConfig())
     for r in rows:  # prompts tokenized exactly as the training loop does, chat template on
@@ -173,8 +173,8 @@ def test_stored_ids_are_used_and_align_with_teacher(models, pairs, tmp_path, mon
     run = setup_mod.build_run(cfg)
     for r in run.train_rows:  # make the text useless: only the ids can give the right batch
         r["completion"] = "#"
-    from opd.metrics import PhaseTimer
-    from opd.sources import make_micro_batch
+    from opd.run.metrics import PhaseTimer
+    from opd.run.sources import make_micro_batch
 
     batch = make_micro_batch(run, 0, 0, PhaseTimer())
     scores = run.teacher.score(batch, "topk", 8)

@@ -6,9 +6,9 @@ import shutil
 import pytest
 import torch
 
-import opd.extras
-from opd.config import config_from_dict
-from opd.preflight import preflight
+import opd.config.extras
+from opd.config.parse import config_from_dict
+from opd.run.preflight import preflight
 
 
 def check(data: dict):
@@ -80,13 +80,13 @@ def test_resume_with_nothing_left_and_existing_run(base_config, tmp_path):
 
 
 def test_missing_extra_says_what_to_install(base_config, monkeypatch):
-    real = opd.extras.importlib.util.find_spec
+    real = opd.config.extras.importlib.util.find_spec
     monkeypatch.setattr(
-        opd.extras.importlib.util,
+        opd.config.extras.importlib.util,
         "find_spec",
         lambda name: None if name == "peft" else real(name),
     )
-    with pytest.raises(opd.extras.MissingExtra, match=r"pip install 'opd\[lora\]'"):
+    with pytest.raises(opd.config.extras.MissingExtra, match=r"pip install 'opd\[lora\]'"):
         check(base_config(lora__enabled=True))
 
 
@@ -111,7 +111,7 @@ def test_remote_server_limits_from_its_info(base_config, tiny_pair, monkeypatch)
 
 
 def test_cached_teacher_checks_and_topk_default(tiny_pair, addition_data, tmp_path):
-    from opd.cache.generate import CacheSpec, build_cache
+    from opd.teachers.cache.generate import CacheSpec, build_cache
 
     cache = tmp_path / "cache"
     spec = CacheSpec(topk=8, max_new_tokens=4, shard_size=16, n=1, seed=0)

@@ -11,19 +11,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import opd.run_setup as run_setup_mod
-from opd.batch import assemble
-from opd.config import DataConfig, config_from_dict
-from opd.data import RowSpec, check_rows, load_rows, load_run_data
-from opd.encoding import Encoder
-from opd.loop import train
-from opd.metrics import read_metrics
+import opd.run.setup as run_setup_mod
+from opd.config.parse import DataConfig, config_from_dict
+from opd.config.presets import PRESETS
+from opd.data.batch import assemble
+from opd.data.encoding import Encoder
+from opd.data.rows import RowSpec, check_rows, load_rows, load_run_data
 from opd.modeling.vocab import check_same_tokenizer
-from opd.parallel import World
-from opd.presets import PRESETS
+from opd.run.loop import train
+from opd.run.metrics import read_metrics
+from opd.run.sources import loss_denominators
+from opd.run.world import World
 from opd.sampling import sample
 from opd.sampling.stops import mark_stop_strings
-from opd.sources import loss_denominators
 from real_format import build_pair, build_tokenizer, eos_ids, rows, save_checkpoint, write_data
 
 torch.set_num_threads(2)
@@ -279,8 +279,8 @@ def test_dataset_batches_supervise_the_end_and_cut_ones_do_not(pairs, data, tmp_
 
 @pytest.mark.parametrize("mode", ["score", "generate"])
 def test_cache_reads_messages(pairs, data, tmp_path, mode):
-    from opd.cache.format import CacheReader
-    from opd.cache.generate import CacheSpec, build_cache
+    from opd.data.cache_format import CacheReader
+    from opd.teachers.cache.generate import CacheSpec, build_cache
 
     teacher = str(pairs["qwen3"][0])
     spec = CacheSpec(mode=mode, prompt_field="messages", topk=8, max_new_tokens=4, shard_size=8)

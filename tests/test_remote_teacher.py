@@ -11,19 +11,19 @@ import pytest
 import torch
 import yaml
 
-from opd.batch import assemble
-from opd.checkpoint import latest_checkpoint, load_trainer_state
 from opd.cli import main as cli_main
-from opd.config import config_from_dict
-from opd.demo.tiny import DEFAULT_CHARS, build_char_tokenizer
-from opd.loop import train
-from opd.metrics import read_metrics
+from opd.cli.demo.tiny import DEFAULT_CHARS, build_char_tokenizer
+from opd.config.parse import config_from_dict
+from opd.data.batch import assemble
 from opd.modeling.hf import load_causal_lm, load_tokenizer, tokenizer_fingerprint
-from opd.run_setup import build_run
-from opd.serve.protocol import RequestError
+from opd.run.checkpoint import latest_checkpoint, load_trainer_state
+from opd.run.loop import train
+from opd.run.metrics import read_metrics
+from opd.run.setup import build_run
 from opd.teachers.errors import TeacherRequestError, TeacherUnavailable
 from opd.teachers.local import LocalTeacher
 from opd.teachers.remote import RemoteTeacher
+from opd.teachers.server.protocol import RequestError
 from serve_util import LIMITS, TOKEN, random_seqs, start_server
 
 

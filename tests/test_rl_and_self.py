@@ -6,19 +6,20 @@ import math
 import pytest
 import torch
 
-from opd.batch import SequenceBatch, assemble
-from opd.config import LossConfig, config_from_dict
-from opd.data import Encoder
-from opd.loop import train
-from opd.metrics import read_metrics
+from opd.config.parse import LossConfig, config_from_dict
+from opd.data.batch import SequenceBatch, assemble
+from opd.data.privileged import render_privileged
+from opd.data.rows import Encoder
+from opd.evaluation.rewards import resolve_reward
 from opd.modeling.hf import completion_logits, load_causal_lm, load_tokenizer, token_logprobs
 from opd.objectives.plain import batch_loss
 from opd.objectives.rl import group_advantages, mixed_batch_loss, reward_pg_loss, sequence_rewards
-from opd.rewards import resolve_reward
-from opd.run_setup import build_run
+from opd.run.loop import train
+from opd.run.metrics import read_metrics
+from opd.run.setup import build_run
 from opd.sampling.reference import sample
 from opd.teachers.local import LocalTeacher
-from opd.teachers.self_teacher import SelfTeacher, render_privileged
+from opd.teachers.self_teacher import SelfTeacher
 
 TEMPLATE = "{answer}|{prompt}"  # the answer first: a privileged prompt much longer than x
 ROWS = [
@@ -390,7 +391,7 @@ def test_self_teacher_pg_sees_the_privileged_context(base_config, tmp_path):
 
 
 def test_ema_self_teacher_resumes_exactly(base_config, tmp_path):
-    from opd.checkpoint import latest_checkpoint, load_trainer_state
+    from opd.run.checkpoint import latest_checkpoint, load_trainer_state
 
     kw = {"teacher__self_weights": "ema", "teacher__ema_decay": 0.5}
     train(self_config(base_config, tmp_path, "a", steps=4, **kw))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from opd.demo.tiny import build_char_tokenizer, tiny_causal_lm
+from opd.cli.demo.tiny import build_char_tokenizer, tiny_causal_lm
 from opd.modeling import lean
 from opd.modeling.hf import load_causal_lm, load_tokenizer
 from opd.sampling.fast import sample_fast
@@ -163,7 +163,7 @@ def test_restores_training_mode():
 def test_engine_and_cuda_graphs_keys_choose_the_path(monkeypatch):
     """`sampling.engine=hf` (the default) never builds the lean decoder; `lean` does, with the
     growing-cache step unless `sampling.cuda_graphs` asks for the fixed-shape (graph) step."""
-    from opd.config import SamplingConfig
+    from opd.config.parse import SamplingConfig
     from opd.sampling import sample as sample_engine
 
     calls = []

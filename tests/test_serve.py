@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from opd.cli import main as cli_main
-from opd.serve.app import check_exposure
-from opd.serve.protocol import array_b64
+from opd.teachers.server.app import check_exposure
+from opd.teachers.server.protocol import array_b64
 from serve_util import LIMITS, TOKEN, auth, close, local_logprobs, random_seqs, start_server
 
 

@@ -7,9 +7,9 @@ A top-k teacher that returned temperature-1 log-probs while the student is tempe
 import pytest
 import torch
 
-from opd.batch import assemble
-from opd.config import LossConfig, config_from_dict
-from opd.data import Encoder
+from opd.config.parse import LossConfig, config_from_dict
+from opd.data.batch import assemble
+from opd.data.rows import Encoder
 from opd.modeling.hf import completion_logits, load_causal_lm, load_tokenizer
 from opd.objectives.plain import per_token_loss
 from opd.teachers.base import check_untempered

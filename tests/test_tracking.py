@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from opd.config import config_from_dict
-from opd.interrupt import Interrupted, StopFlag
-from opd.loop import train
-from opd.progress import Progress
+from opd.config.parse import config_from_dict
+from opd.run.interrupt import Interrupted, StopFlag
+from opd.run.loop import train
+from opd.run.progress import Progress
 
 
 def test_wandb_offline_run_holds_the_metrics(base_config, monkeypatch):
@@ -63,7 +63,7 @@ def test_sigterm_sets_the_stop_flag_then_a_second_one_aborts():
 
 
 def test_interrupt_saves_at_the_end_of_the_step(base_config, monkeypatch):
-    import opd.loop as loop
+    import opd.run.loop as loop
 
     cfg = config_from_dict(base_config(preset="supervised_kd", steps=50))
     real_step = loop.train_step

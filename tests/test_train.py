@@ -10,17 +10,17 @@ from safetensors.torch import load_file
 from tests.conftest import save_model_with_tokenizer
 from transformers import AutoModelForCausalLM
 
-import opd.checkpoint as checkpoint_mod
 import opd.objectives.plain as plain_mod
-from opd.batch import assemble
-from opd.checkpoint import latest_checkpoint
-from opd.config import config_from_dict
-from opd.data import Encoder, load_rows
-from opd.loop import train
+import opd.run.checkpoint as checkpoint_mod
+from opd.config.parse import config_from_dict
+from opd.data.batch import assemble
+from opd.data.rows import Encoder, load_rows
 from opd.losses import token_divergence
-from opd.metrics import read_metrics
 from opd.modeling.hf import completion_logits, load_causal_lm, load_tokenizer
-from opd.run_setup import build_run
+from opd.run.checkpoint import latest_checkpoint
+from opd.run.loop import train
+from opd.run.metrics import read_metrics
+from opd.run.setup import build_run
 
 PRESETS = ["seqkd", "supervised_kd", "gkd", "on_policy", "minillm_like"]
 
@@ -268,7 +268,7 @@ def test_tensorboard_mirror(base_config):
 
 
 def test_example_configs_parse():
-    from opd.config import load_config
+    from opd.config.parse import load_config
 
     for path in sorted(Path(__file__).parents[1].joinpath("examples").glob("*.yaml")):
         if path.name.startswith("accelerate"):

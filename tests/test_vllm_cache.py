@@ -10,10 +10,10 @@ import json
 import numpy as np
 import pytest
 
-from opd.cache.format import CacheReader, read_manifest
-from opd.cache.generate import CacheSpec, build_cache
 from opd.cli import main as cli_main
-from opd.config import VllmConfig
+from opd.config.parse import VllmConfig
+from opd.data.cache_format import CacheReader, read_manifest
+from opd.teachers.cache.generate import CacheSpec, build_cache
 from vllm_util import SETTINGS, vllm_or_skip
 
 vllm_or_skip()

@@ -9,8 +9,8 @@ attention and separate matmuls), i.e. in summation order: ~1e-6 relative on the 
 import pytest
 import torch
 
-from opd.batch import assemble
-from opd.config import VllmConfig
+from opd.config.parse import VllmConfig
+from opd.data.batch import assemble
 from opd.modeling.hf import completion_logits, load_causal_lm, load_tokenizer
 from opd.sampling.reference import process_logits
 from vllm_util import SETTINGS, vllm_or_skip

@@ -16,11 +16,11 @@ import httpx
 import pytest
 import torch
 
-from opd.batch import assemble
-from opd.config import config_from_dict
-from opd.loop import train
-from opd.metrics import read_metrics
+from opd.config.parse import config_from_dict
+from opd.data.batch import assemble
 from opd.modeling.hf import load_causal_lm
+from opd.run.loop import train
+from opd.run.metrics import read_metrics
 from opd.teachers.local import LocalTeacher
 from opd.teachers.remote import RemoteTeacher
 from test_vllm_train import config

@@ -10,8 +10,8 @@ import random
 import pytest
 import torch
 
-from opd.batch import assemble
-from opd.config import VllmConfig, config_from_dict
+from opd.config.parse import VllmConfig, config_from_dict
+from opd.data.batch import assemble
 from opd.modeling.hf import load_causal_lm
 from opd.teachers.local import LocalTeacher
 from vllm_util import SETTINGS, vllm_or_skip

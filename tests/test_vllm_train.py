@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from opd.checkpoint import latest_checkpoint
-from opd.config import config_from_dict
-from opd.loop import train
+from opd.config.parse import config_from_dict
 from opd.losses.sampled import policy_gradient_loss
-from opd.metrics import read_metrics
+from opd.run.checkpoint import latest_checkpoint
+from opd.run.loop import train
+from opd.run.metrics import read_metrics
 from test_train import fixed_batch, reverse_kl_on
 from vllm_util import SETTINGS, vllm_or_skip
 
@@ -118,8 +118,8 @@ def test_vllm_teacher_trains_pg_and_topk(vllm_pair, addition_data, tmp_path):
 KILL_AT_STEP_2 = textwrap.dedent(
     """
     import os, signal, sys
-    import opd.loop as loop
-    from opd.config import load_config
+    import opd.run.loop as loop
+    from opd.config.parse import load_config
 
     real_save = loop._save
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from opd.demo.tiny import save_tiny_pair
+from opd.cli.demo.tiny import save_tiny_pair
 
 
 def vllm_or_skip():

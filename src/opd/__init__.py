@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 # Imported on first use, so that `opd --help` and `opd config` start without torch.
-_LAZY = {"TrainConfig": "opd.config", "load_config": "opd.config", "train": "opd.loop"}
+_LAZY = {"TrainConfig": "opd.config.parse", "load_config": "opd.config.parse", "train": "opd.run.loop"}
 
 
 def __getattr__(name: str):

@@ -5,13 +5,14 @@ import math
 import pytest
 import torch
 
-from opd.batch import assemble
-from opd.config import DataConfig
-from opd.data import Encoder
-from opd.demo import probes
-from opd.demo.task import make_examples, render
-from opd.demo.tiny import build_char_tokenizer, tiny_causal_lm
-from opd.evaluate import divergence_by_position, mean_divergences, sample_completions
+from opd.cli.demo import probes
+from opd.cli.demo.task import make_examples, render
+from opd.cli.demo.tiny import build_char_tokenizer, tiny_causal_lm
+from opd.config.parse import DataConfig
+from opd.data.batch import assemble
+from opd.data.rows import Encoder
+from opd.evaluation.divergence import divergence_by_position, mean_divergences
+from opd.evaluation.generation import sample_completions
 from opd.teachers.local import LocalTeacher
 
 

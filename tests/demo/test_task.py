@@ -7,15 +7,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opd.demo import build
-from opd.demo.build import BuildConfig, ModelSpec, build_models
-from opd.demo.pretrain import (
+from opd.cli.demo import build
+from opd.cli.demo.build import BuildConfig, ModelSpec, build_models
+from opd.cli.demo.pretrain import (
     collate_right_padded,
     encode_example,
     greedy_generate,
     pretrain_causal_lm,
 )
-from opd.demo.task import (
+from opd.cli.demo.task import (
     TaskSpec,
     accuracy,
     attempts,
@@ -30,7 +30,7 @@ from opd.demo.task import (
     split_of,
     step_correct,
 )
-from opd.demo.tiny import DEFAULT_CHARS, build_char_tokenizer, tiny_causal_lm
+from opd.cli.demo.tiny import DEFAULT_CHARS, build_char_tokenizer, tiny_causal_lm
 
 
 @pytest.fixture(autouse=True)

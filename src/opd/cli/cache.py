@@ -15,7 +15,7 @@ import json
 
 
 def _spec(args, mode: str):
-    from opd.cache.generate import CacheSpec
+    from opd.teachers.cache.generate import CacheSpec
 
     return CacheSpec(
         mode=mode,
@@ -40,8 +40,8 @@ def _spec(args, mode: str):
 
 
 def _run(args, mode: str) -> int:
-    from opd.cache.generate import build_cache
-    from opd.config import VllmConfig
+    from opd.config.parse import VllmConfig
+    from opd.teachers.cache.generate import build_cache
 
     manifest = build_cache(
         args.teacher,
@@ -67,7 +67,7 @@ def _cmd_score(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    from opd.cache.inspect import inspect_cache
+    from opd.teachers.cache.inspect import inspect_cache
 
     print(inspect_cache(args.dir, samples=args.samples, tokenizer_path=args.tokenizer))
     return 0

@@ -7,7 +7,7 @@ the task metric on greedy completions (`eval_metric`), the held-out loss (mean p
 cross-entropy of the rows' completions, when they have them), and, with a local teacher
 (`teacher.path`) other than the model, the exposure-bias probe: the mean per-token
 divergence to the teacher on prefixes the model sampled itself and on prefixes the
-teacher sampled, and their difference (opd.evaluate.exposure_bias).
+teacher sampled, and their difference (opd.evaluation.exposure_bias).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def add_eval_command(sub) -> None:
 def load_model(path: str, dtype: str, device):
     """A full model or a LoRA checkpoint (adapter_config.json) with its base."""
     if (Path(path) / "adapter_config.json").is_file():
-        from opd.extras import require
+        from opd.config.extras import require
 
         require("peft", f"scoring the LoRA checkpoint {path}")
         from peft import AutoPeftModelForCausalLM
@@ -48,12 +48,14 @@ def load_model(path: str, dtype: str, device):
 def evaluate_model(config, model_path: str) -> dict:
     import torch
 
-    from opd.data import Encoder, load_rows
-    from opd.evaluate import exposure_bias, heldout_loss, sample_completions, task_accuracy
+    from opd.data.checks import check_columns
+    from opd.data.rows import Encoder, load_rows
+    from opd.evaluation.divergence import exposure_bias, heldout_loss
+    from opd.evaluation.generation import sample_completions, task_accuracy
+    from opd.evaluation.rewards import resolve_metric
+    from opd.modeling.checks import check_device, check_model_path
     from opd.modeling.hf import load_tokenizer, resolve_device, shared_vocab_size
     from opd.modeling.vocab import check_same_tokenizer
-    from opd.preflight import check_columns, check_device, check_model_path
-    from opd.rewards import resolve_metric
     from opd.teachers.local import LocalTeacher
 
     data = config.data
@@ -116,7 +118,7 @@ def evaluate_model(config, model_path: str) -> dict:
 
 
 def _cmd_eval(args) -> int:
-    from opd.config import config_from_dict, read_config_file
+    from opd.config.parse import config_from_dict, read_config_file
 
     data = read_config_file(args.config) if args.config else {}
     overrides = [*args.overrides, *([f"student.path={args.model}"] if args.model else [])]
@@ -132,7 +134,7 @@ def _cmd_eval(args) -> int:
 def eval_mapping(data: dict, overrides: list[str]) -> dict:
     """The mapping with overrides applied; data.train defaults to data.eval, which is all
     an evaluation reads (a run config's validation asks for training rows)."""
-    from opd.config import _deep_merge, parse_override
+    from opd.config.parse import _deep_merge, parse_override
 
     for item in overrides:
         data = _deep_merge(data, parse_override(item))

@@ -17,7 +17,7 @@ import os
 import shlex
 import sys
 
-from opd.interrupt import Interrupted
+from opd.run.interrupt import Interrupted
 
 EPILOG = """\
 exit codes:
@@ -56,7 +56,7 @@ config keys:
 
 
 def _cmd_train(args) -> int:
-    from opd.config import config_to_dict, load_config
+    from opd.config.parse import config_to_dict, load_config
 
     config = load_config(args.config, args.overrides)
     if args.print_config:
@@ -64,21 +64,21 @@ def _cmd_train(args) -> int:
 
         print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
         return 0
-    from opd.preflight import preflight
+    from opd.run.preflight import preflight
 
     checked = preflight(config)  # before torch is even imported: mistakes fail in a second
-    from opd.loop import train
-    from opd.progress import summary_json
-    from opd.run_setup import build_run
+    from opd.run.loop import train
+    from opd.run.progress import summary_json
+    from opd.run.setup import build_run
 
     result = train(checked.config, build_run(checked.config, checked))
-    if os.environ.get("RANK", "0") == "0":  # multi-process runs (opd.parallel): one summary
+    if os.environ.get("RANK", "0") == "0":  # multi-process runs (opd.run.world): one summary
         print(summary_json(result))
     return 0
 
 
 def _cmd_config(args) -> int:
-    from opd.config_docs import format_keys
+    from opd.config.docs import format_keys
 
     print(format_keys(args.query))
     return 0
@@ -87,7 +87,7 @@ def _cmd_config(args) -> int:
 def _cmd_demo(args) -> int:
     from dataclasses import replace
 
-    from opd.demo.run import METHODS, DemoSettings, run_demo
+    from opd.cli.demo.run import METHODS, DemoSettings, run_demo
 
     methods = args.methods.split(",") if args.methods else None
     unknown = sorted(set(methods or ()) - set(METHODS))
@@ -114,7 +114,7 @@ def _cmd_demo(args) -> int:
 
 
 def _add_train(sub) -> None:
-    from opd.config_docs import format_keys
+    from opd.config.docs import format_keys
 
     p = sub.add_parser(
         "train",
@@ -149,7 +149,7 @@ def _add_demo(sub) -> None:
     p.add_argument(
         "--cache-dir",
         default=None,
-        help="where built models are cached (default ~/.cache/opd/demo)",
+        help="where built models are cached (default ~/.cache/opd/cli/demo)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
@@ -192,11 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
 def exit_code(err: BaseException) -> int | None:
     """2 for what a user can fix (message only), 3 for a teacher server that stayed down,
     None for anything else (a bug: the traceback is shown)."""
-    from opd.extras import INSTALL, MissingExtra
+    from opd.config.extras import INSTALL, MissingExtra
 
     if type(err).__name__ == "TeacherUnavailable":  # opd.teachers.errors; torch-free check
         return 3
-    if type(err).__name__ in ("TrainingStopped", "OutOfSpace"):  # opd.checkpoint
+    if type(err).__name__ in ("TrainingStopped", "OutOfSpace"):  # opd.run.checkpoint
         return 4  # a non-finite run or a full disk; the named checkpoint is intact
     if isinstance(err, ModuleNotFoundError):
         return 2 if (err.name or "").split(".")[0] in INSTALL else None
@@ -206,7 +206,7 @@ def exit_code(err: BaseException) -> int | None:
 
 def error_message(err: BaseException) -> str:
     if isinstance(err, ModuleNotFoundError):
-        from opd.extras import install_hint
+        from opd.config.extras import install_hint
 
         return f"{err}: {install_hint(err.name)}"
     return str(err)
@@ -220,7 +220,7 @@ def resume_command(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from opd.quiet import quiet_http_logs
+    from opd.modeling.quiet import quiet_http_logs
 
     quiet_http_logs()
     parser = build_parser()

@@ -1,4 +1,4 @@
-"""`opd serve`: the command line of the teacher server (see `opd.serve`)."""
+"""`opd serve`: the command line of the teacher server (see `opd.teachers.server`)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import os
 
 
 def _cmd_serve(args) -> int:
-    from opd.serve.app import ServeSettings, check_exposure, serve
-    from opd.serve.protocol import Limits
+    from opd.teachers.server.app import ServeSettings, check_exposure, serve
+    from opd.teachers.server.protocol import Limits
 
     token = os.environ.get(args.token_env) or None
     check_exposure(args.host, token, args.token_env)  # before the (slow) model load

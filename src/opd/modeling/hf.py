@@ -6,12 +6,15 @@ import hashlib
 import json
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opd.batch import SequenceBatch
-from opd.quiet import transformers_bars_off
+from opd.modeling.quiet import transformers_bars_off
+
+if TYPE_CHECKING:  # annotations only: modeling sits below the data room
+    from opd.data.batch import SequenceBatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -27,10 +27,14 @@ model, stopping the run on a mismatch.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-from opd.batch import SequenceBatch
+if TYPE_CHECKING:  # annotations only: modeling sits below the data room
+    from opd.data.batch import SequenceBatch
+
 
 # Decoder layer exactly: x += o(attn(rope(q, k), v)) on input_layernorm(x), then
 # x += down(act(gate(h)) * up(h)) on post_attention_layernorm(x); Qwen3 adds per-head q/k norms.

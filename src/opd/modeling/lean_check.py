@@ -12,11 +12,14 @@ that turns the lean path off.
 from __future__ import annotations
 
 import weakref
+from typing import TYPE_CHECKING
 
 import torch
 import transformers
 
-from opd.batch import SequenceBatch
+if TYPE_CHECKING:  # annotations only: modeling sits below the data room
+    from opd.data.batch import SequenceBatch
+
 
 # Relative L2 error allowed between the two forwards: float32 rounding in a different order
 # of operations (joint projections, fused norms) stays near 1e-6; low-precision dtypes round

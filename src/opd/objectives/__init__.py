@@ -12,66 +12,30 @@ mixed with distillation, GKD's α). `for_step` picks one per micro-batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+from opd.objectives.base import Objective, Scored, StepObjectives
+from opd.objectives.fused import FusedObjective
+from opd.objectives.fused_tokens import FusedTokenObjective
+from opd.objectives.plain import PlainObjective
+from opd.objectives.rl import RewardObjective
 
-import torch
+__all__ = ["Objective", "Scored", "StepObjectives", "build_objective", "for_step"]
 
-from opd.batch import SequenceBatch
-
-
-@dataclass
-class Scored:
-    """What an objective's `score` produced for one micro-batch."""
-
-    value: Any  # teacher output the loss reads (TeacherScores, hidden states, rewards...)
-    tokens_scored: int = 0  # completion tokens the teacher scored (cost accounting)
-
-
-class Objective(Protocol):
-    def score(self, batch: SequenceBatch) -> Scored: ...
-
-    def loss(
-        self, batch: SequenceBatch, scored: Scored, num_tokens: float
-    ) -> tuple[torch.Tensor, float]:
-        """`(summed token losses / num_tokens, summed divergence estimate)`. The loop passes
-        the batch's source denominator (`opd.sources.loss_denominators`: that source's
-        tokens in the step over its weight), so GKD's λ weighs sources, not tokens."""
-        ...
+IMPLEMENTATIONS = {
+    "fused_full": FusedObjective,
+    "fused_tokens": FusedTokenObjective,
+    "plain": PlainObjective,
+}
 
 
-class StepObjectives:
-    """The objectives of one optimizer step: which one scores and backs each micro-batch.
-
-    Student micro-batches of an RL + distillation run carry a reward term (`opd.objectives.rl`);
-    every other micro-batch uses the run's distillation objective (fused or plain)."""
-
-    def __init__(self, distill: Objective, rewarded: Objective | None = None):
-        self.distill, self.rewarded = distill, rewarded
-
-    def for_batch(self, batch: SequenceBatch) -> Objective:
-        if self.rewarded is not None and batch.source == "student":
-            return self.rewarded
-        return self.distill
-
-    def record(self) -> dict:
-        """Per-step JSONL fields the objectives add (the reward terms of RL + KD)."""
-        return self.rewarded.record() if self.rewarded is not None else {}
+def build_objective(implementation: str, student, teacher, loss, vocab_size: int) -> Objective:
+    """The distillation objective by implementation name (`opd.run.path.RunPath.objective`)."""
+    return IMPLEMENTATIONS[implementation](student, teacher, loss, vocab_size)
 
 
 def for_step(run) -> StepObjectives:
-    """This step's objectives for `run` (an `opd.run_setup.RunSetup`)."""
-    from opd.objectives.fused import fused_objective
-    from opd.objectives.plain import PlainObjective
-    from opd.objectives.rl import RewardObjective
-
-    if run.fused:
-        distill = fused_objective(run.student, run.teacher, run.config.loss, run.vocab_size)
-    else:
-        distill = PlainObjective(run.student, run.teacher, run.config.loss, run.vocab_size)
+    """This step's objectives for `run` (an `opd.run.setup.RunSetup`), as `run.path` decided."""
+    args = (run.student, run.teacher, run.config.loss, run.vocab_size)
     rewarded = None
-    if run.reward_fn is not None:
-        rewarded = RewardObjective(
-            run, PlainObjective(run.student, run.teacher, run.config.loss, run.vocab_size)
-        )
-    return StepObjectives(distill, rewarded)
+    if run.path.rewarded is not None:
+        rewarded = RewardObjective(run, PlainObjective(*args))
+    return StepObjectives(build_objective(run.path.objective, *args), rewarded)

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import torch
 
-from opd.batch import SequenceBatch
-from opd.config import LossConfig
+from opd.config.parse import LossConfig
+from opd.data.batch import SequenceBatch
 from opd.losses import fused_token_divergence
 from opd.modeling.hf import completion_hidden, lm_head, supports_fused_head
 from opd.modeling.lean import lean_supported, packed_supervised_hidden
 from opd.modeling.lean_check import check_packed_forward
-from opd.objectives import Scored
+from opd.objectives.base import Scored
 
 
 def fused_applies(loss: LossConfig, student, teacher) -> bool:
@@ -35,15 +35,6 @@ def fused_applies(loss: LossConfig, student, teacher) -> bool:
     return (
         hasattr(teacher, "supervised_hidden") and model is not None and supports_fused_head(model)
     )
-
-
-def fused_objective(student, teacher, loss: LossConfig, vocab_size: int):
-    """The fused implementation of `loss` (callers check `fused_applies` first)."""
-    if loss.objective == "kd" and loss.estimator == "full":
-        return FusedObjective(student, teacher, loss, vocab_size)
-    from opd.objectives.fused_tokens import FusedTokenObjective
-
-    return FusedTokenObjective(student, teacher, loss, vocab_size)
 
 
 def supervised_hidden(model, batch: SequenceBatch, forward: str = "hf") -> torch.Tensor:

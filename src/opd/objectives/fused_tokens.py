@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from opd.batch import SequenceBatch
-from opd.config import LossConfig
+from opd.config.parse import LossConfig
+from opd.data.batch import SequenceBatch
 from opd.losses import (
     distill_advantages,
     fused_sparse_token_divergence,
@@ -20,7 +20,7 @@ from opd.losses import (
     policy_gradient_loss,
 )
 from opd.modeling.hf import lm_head
-from opd.objectives import Scored
+from opd.objectives.base import Scored
 from opd.objectives.fused import supervised_hidden
 from opd.objectives.plain import PlainObjective
 from opd.teachers.base import TeacherScores

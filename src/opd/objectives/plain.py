@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from opd.batch import SequenceBatch
-from opd.config import DEFAULT_TOPK, LossConfig
+from opd.config.checks import teacher_need
+from opd.config.parse import LossConfig
+from opd.data.batch import SequenceBatch
 from opd.losses import (
     distill_advantages,
     masked_sum,
@@ -18,19 +19,8 @@ from opd.losses import (
     token_divergence,
 )
 from opd.modeling.hf import completion_logits, token_logprobs
-from opd.objectives import Scored
+from opd.objectives.base import Scored
 from opd.teachers.base import TeacherScores
-
-
-def teacher_need(loss: LossConfig) -> tuple[str | None, int]:
-    """What the teacher must return for this objective (None: no teacher call at all)."""
-    if loss.objective == "ce":
-        return None, 0
-    if loss.objective == "pg":
-        return "token", 0
-    if loss.estimator == "topk":  # topk=0 before preflight resolved it: the default k
-        return "topk", loss.topk or DEFAULT_TOPK
-    return "logits", 0
 
 
 def per_token_loss(

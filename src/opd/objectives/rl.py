@@ -27,11 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
-from opd.batch import SequenceBatch
-from opd.config import LossConfig
+from opd.config.parse import LossConfig
+from opd.data.batch import SequenceBatch
 from opd.losses import masked_sum, policy_gradient_loss
 from opd.modeling.hf import completion_logits, token_logprobs
-from opd.objectives import Scored
+from opd.objectives.base import Scored
 from opd.objectives.plain import per_token_loss
 from opd.teachers.base import TeacherScores
 

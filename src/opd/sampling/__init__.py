@@ -11,7 +11,7 @@ Both draw tokens with `draw.draw_tokens` and stop on EOS or a stop string (`stop
 record log q of each sampled token under the distribution actually sampled from.
   `vllm`  a colocated vLLM engine (`vllm.VllmSampler`, `pip install 'opd[vllm]'`) that holds
           its own copy of the student, kept current by a weight push after every optimizer
-          step; the loop calls it directly (`opd.sources`), not through `sample()`.
+          step; the loop calls it directly (`opd.run.sources`), not through `sample()`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Teachers never choose the sequences (the loop does) and never get gradients. A local
 model returns full logits; remote and cached teachers return the sampled token's
 log-prob and optionally top-k log-probs, which is all the sparse and sampled estimators
-need. All outputs are completion-aligned `[B, L, ...]` (see `opd.batch`).
+need. All outputs are completion-aligned `[B, L, ...]` (see `opd.data.batch`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from opd.batch import SequenceBatch
+from opd.data.batch import SequenceBatch
 
 NEEDS = ("logits", "topk", "token")
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from opd.batch import SequenceBatch
-from opd.cache.format import CacheError, CacheReader
+from opd.data.batch import SequenceBatch
+from opd.data.cache_format import CacheError, CacheReader
 from opd.teachers.base import TeacherScores, check_need
 
 log = logging.getLogger("opd")
@@ -106,9 +106,9 @@ class CachedTeacher:
 
 
 def build_cached_teacher(config, tokenizer) -> CachedTeacher:
-    """`teacher.kind: cached` from a run config, checked by opd.preflight.check_cache."""
-    from opd.cache.format import is_cache, looks_like_cache, read_manifest
-    from opd.preflight import check_cache
+    """`teacher.kind: cached` from a run config, checked by opd.run.preflight.check_cache."""
+    from opd.data.cache_format import is_cache, looks_like_cache, read_manifest
+    from opd.teachers.checks import check_cache
 
     check_cache(config)
     train = config.data.train

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from opd.batch import SequenceBatch
+from opd.data.batch import SequenceBatch
 from opd.modeling.hf import completion_hidden, completion_logits, supports_fused_head
 from opd.teachers.base import TeacherScores, scores_from_hidden, scores_from_logits
 

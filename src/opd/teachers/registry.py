@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from opd.config import TrainConfig
+from opd.config.checks import uses_teacher
+from opd.config.parse import TrainConfig
 from opd.modeling.hf import load_causal_lm, load_tokenizer, shared_vocab_size
 from opd.modeling.vocab import check_same_tokenizer
-from opd.preflight import uses_teacher
 from opd.teachers.local import LocalTeacher
 
 

@@ -34,10 +34,12 @@ import httpx
 import numpy as np
 import torch
 
-from opd.batch import SequenceBatch
-from opd.serve.protocol import array_b64
+from opd.config.checks import teacher_need
+from opd.data.batch import SequenceBatch
 from opd.teachers.base import TeacherScores, check_need, check_untempered
+from opd.teachers.checks import check_remote_config
 from opd.teachers.errors import TeacherRequestError, TeacherUnavailable
+from opd.teachers.server.protocol import array_b64
 
 log = logging.getLogger("opd")
 
@@ -326,26 +328,9 @@ def _error_message(resp: httpx.Response) -> str:
         return resp.text[:300]
 
 
-def check_remote_config(config) -> None:
-    """What a run config must say for any remote teacher (no server contact)."""
-    from opd.objectives.plain import teacher_need
-
-    if not config.teacher.url:
-        raise ValueError(
-            "teacher.url is required for teacher.kind='remote' (e.g. http://127.0.0.1:8000)"
-        )
-    if teacher_need(config.loss)[0] == "logits":
-        raise ValueError(
-            "teacher.kind='remote' returns token and top-k log-probs, not full logits: set "
-            "loss.estimator=topk (with loss.topk within the server's --max-topk) or "
-            "loss.objective=pg"
-        )
-
-
 def remote_teacher_from_config(config, tokenizer) -> RemoteTeacher:
     """The `teacher.kind: remote` of a run config, checked against the student's tokenizer."""
     from opd.modeling.hf import tokenizer_fingerprint
-    from opd.objectives.plain import teacher_need
 
     check_remote_config(config)
     t = config.teacher

@@ -6,7 +6,7 @@
 inserted into the teacher's prompt by `teacher.privileged_template`; the student never
 sees it. The completion tokens `y` are shared: the teacher's batch is assembled from its
 own prompts and the student batch's completion tokens, and since completions start at the
-prompt width in both (`opd.batch`), completion column j of either batch is the same token.
+prompt width in both (`opd.data.batch`), completion column j of either batch is the same token.
 
 Teacher weights `theta_bar` (`teacher.self_weights`):
 
@@ -29,41 +29,12 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from opd.batch import SequenceBatch, assemble
+from opd.data.batch import SequenceBatch, assemble
+from opd.data.privileged import privileged_prompt
 from opd.modeling.hf import completion_hidden, completion_logits, supports_fused_head
 from opd.teachers.base import TeacherScores, check_need, scores_from_hidden, scores_from_logits
 
 WEIGHTS = ("frozen", "ema", "live")
-
-
-def render_privileged(template: str, row: dict, prompt_field: str = "prompt") -> str:
-    """The teacher's prompt text: `{prompt}` is the row's prompt, other fields its columns."""
-    return _format(template, {**row, "prompt": row[prompt_field]})
-
-
-def privileged_prompt(template: str, row: dict, encoder):
-    """The teacher's prompt for a row, as `encoder.prompt_ids` takes it: the template's text;
-    for a conversation, the conversation with its last user turn's text put through the
-    template (`{prompt}` is that text), so system prompt and earlier turns stay."""
-    prompt = encoder.row_prompt(row)
-    if not isinstance(prompt, list):
-        return _format(template, {**row, "prompt": prompt})
-    last_user = max((i for i, m in enumerate(prompt) if m["role"] == "user"), default=None)
-    if last_user is None:
-        raise ValueError("teacher.kind=self needs a user turn in each conversation")
-    turns = [dict(m) for m in prompt]
-    turns[last_user]["content"] = _format(template, {**row, "prompt": prompt[last_user]["content"]})
-    return turns
-
-
-def _format(template: str, fields: dict) -> str:
-    try:
-        return template.format_map(fields)
-    except KeyError as err:
-        raise ValueError(
-            f"teacher.privileged_template needs column {err.args[0]!r} in every row "
-            f"(this row has: {sorted(k for k in fields if k != 'prompt')})"
-        ) from None
 
 
 class SelfTeacher:
@@ -241,7 +212,7 @@ class SelfTeacher:
 
 def build_self_teacher(config, tokenizer, student, resume_from=None) -> SelfTeacher:
     """The `teacher.kind=self` teacher of a run (called by `opd.teachers.registry.build_teacher`)."""
-    from opd.data import Encoder
+    from opd.data.rows import Encoder
     from opd.modeling.hf import load_causal_lm, shared_vocab_size
 
     if student is None:

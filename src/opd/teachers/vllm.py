@@ -16,7 +16,8 @@ import math
 
 import torch
 
-from opd.batch import SequenceBatch
+from opd.config.checks import teacher_need
+from opd.data.batch import SequenceBatch
 from opd.teachers.base import TeacherScores, check_need, check_untempered
 from opd.teachers.remote import sequences_of
 
@@ -88,7 +89,6 @@ def build_vllm_teacher(config, tokenizer) -> VllmTeacher:
     """The `teacher.kind: vllm` of a run config; refuses full-vocabulary objectives first."""
     from opd.modeling.hf import load_tokenizer
     from opd.modeling.vocab import check_same_tokenizer
-    from opd.objectives.plain import teacher_need
     from opd.sampling.vllm import start_engine
 
     need, topk = teacher_need(config.loss)

@@ -1,0 +1,40 @@
+"""Configuration: the typed sections (`sections`), `TrainConfig` with YAML and `key=value`
+parsing (`parse`), named presets (`presets`), combination checks (`checks`), the `opd config`
+listing (`docs`) and which optional extra a feature needs (`extras`).
+
+`opd.config` is the public name: `from opd.config import TrainConfig` works; the modules
+inside import from `opd.config.sections` / `opd.config.parse` directly."""
+
+from opd.config.parse import (
+    TrainConfig,
+    config_from_dict,
+    config_to_dict,
+    field_type,
+    load_config,
+    parse_override,
+    read_config_file,
+)
+from opd.config.presets import PRESETS
+from opd.config.sections import (
+    DEFAULT_TOPK,
+    METRICS,
+    DataConfig,
+    Divergence,
+    DType,
+    LoraConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    RewardConfig,
+    SamplingConfig,
+    SourceConfig,
+    TeacherConfig,
+    VllmConfig,
+)
+
+__all__ = [
+    "DEFAULT_TOPK", "METRICS", "PRESETS", "DType", "DataConfig", "Divergence", "LoraConfig",
+    "LossConfig", "ModelConfig", "OptimConfig", "RewardConfig", "SamplingConfig", "SourceConfig",
+    "TeacherConfig", "TrainConfig", "VllmConfig", "config_from_dict", "config_to_dict",
+    "field_type", "load_config", "parse_override", "read_config_file",
+]

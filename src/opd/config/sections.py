@@ -1,0 +1,399 @@
+"""The sections of a run's configuration (`student`, `teacher`, `data`, `sampling`, `loss`,
+`source`, `reward`, `optim`, `lora`, `vllm`), each a typed dataclass validated on creation.
+
+Each class documents its fields in an `Attributes:` block of its docstring and types a
+field with a fixed set of values as `Literal[...]`: `opd config` and `opd train --help`
+list both (opd.config.docs). `opd.config.parse` assembles them into `TrainConfig`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import string
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+from opd.losses.kinds import KINDS, check_kind
+
+Divergence = Literal[KINDS]
+DType = Literal["float32", "bfloat16", "float16"]
+DEFAULT_TOPK = 64  # loss.topk=0 resolves to this unless a cache or server says otherwise
+
+
+def _one_of(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(
+            f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}"
+        )
+
+
+def _in_range(key: str, value, lo=None, hi=None, *, lo_open=False) -> None:
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise ValueError(f"{key}={value!r} must be {'>' if lo_open else '>='} {lo}")
+    if hi is not None and value > hi:
+        raise ValueError(f"{key}={value!r} must be <= {hi}")
+
+
+@functools.cache
+def _literal_fields(cls) -> dict[str, tuple]:
+    """Field name -> allowed values, for fields typed `Literal[...]` or `list[Literal[...]]`."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        if typing.get_origin(hint) is list:
+            hint = typing.get_args(hint)[0]
+        if typing.get_origin(hint) is Literal:
+            out[name] = typing.get_args(hint)
+    return out
+
+
+def _check_choices(obj) -> None:
+    """Every `Literal` field holds one of its values; the message names the key."""
+    for name, allowed in _literal_fields(type(obj)).items():
+        value = getattr(obj, name)
+        for item in value if isinstance(value, list) else [value]:
+            _one_of(name, item, allowed)
+
+
+def _check_template(key: str, template: str) -> None:
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as err:
+        raise ValueError(f"{key}={template!r} is not a valid template: {err}") from None
+    if any(not f or not f.isidentifier() for f in fields):
+        raise ValueError(f"{key}={template!r}: use named fields such as {{prompt}} or {{answer}}")
+
+
+METRICS = ("exact_match", "boxed", "regex")  # built in (opd.evaluation.rewards); else "module:function"
+
+
+def metric_reads_answer(name: str) -> bool:
+    """Built-in kinds compare to the row's answer column (checked at load)."""
+    return name in METRICS
+
+
+def _check_metric(key: str, name: str, pattern: str, pattern_key: str) -> None:
+    if name not in METRICS and ":" not in name:
+        raise ValueError(
+            f"{key}={name!r}: use one of {', '.join(METRICS)} or a callable 'module:function'"
+        )
+    if name == "regex":
+        if not pattern:
+            raise ValueError(f"{key}='regex' needs {pattern_key} (a regular expression)")
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{pattern_key}={pattern!r} is not a regex: {err}") from None
+
+
+@dataclass
+class ModelConfig:
+    """The student model.
+
+    Attributes:
+        path: model directory (config.json, weights and tokenizer files) or hub id; required
+        dtype: dtype the weights are loaded in
+    """
+
+    path: str = ""
+    dtype: DType = "float32"
+
+    def __post_init__(self):
+        _check_choices(self)
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters on the student instead of full fine-tuning (needs opd[lora]).
+
+    Attributes:
+        enabled: train LoRA adapters; checkpoints then hold the adapter only
+        r: adapter rank
+        alpha: LoRA scaling numerator (scale = alpha / r)
+        dropout: dropout on the adapter input
+        target_modules: names of the linear layers that get adapters
+    """
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+
+    def __post_init__(self):
+        _in_range("lora.r", self.r, 1)
+        _in_range("lora.dropout", self.dropout, 0.0, 1.0)
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher: what scores the sequences.
+
+    Attributes:
+        kind: local model | self (the student with privileged context) | remote server |
+            cached log-probs from `opd generate` / `opd score` | vllm (a local vLLM engine
+            scoring with prompt_logprobs: pg and topk estimators only)
+        path: local: model directory or hub id
+        dtype: local: dtype the teacher's weights are loaded in
+        url: remote: base URL of an `opd serve` or vLLM server
+        api_key_env: remote: environment variable holding the server's bearer token
+        timeout_s: remote: seconds per request before a retry
+        max_retries: remote: retries before the run stops (its checkpoint intact)
+        cache_dir: cached: the cache directory (default: data.train when that is a cache)
+        privileged_template: self (OPSD/SDFT): the teacher's prompt; {prompt} is the row's
+            data.prompt_field text, any other {name} is that column of the row (the
+            privileged context the student lacks)
+        self_weights: self: frozen (the start) | ema | live (the current weights, no gradient)
+        ema_decay: self_weights=ema: theta_bar <- d*theta_bar + (1-d)*theta per step
+        shard: local, multi-process runs: shard the teacher's weights over the ranks (FSDP2)
+            instead of one full copy per rank
+    """
+
+    kind: Literal["local", "self", "remote", "cached", "vllm"] = "local"
+    path: str = ""
+    dtype: DType = "float32"
+    url: str = ""
+    api_key_env: str = "OPD_TEACHER_TOKEN"
+    timeout_s: float = 60.0
+    max_retries: int = 5
+    cache_dir: str = ""
+    privileged_template: str = "{prompt}\nReference solution: {answer}\n"
+    self_weights: Literal["frozen", "ema", "live"] = "frozen"
+    ema_decay: float = 0.99
+    shard: bool = False
+
+    def __post_init__(self):
+        _check_choices(self)
+        _in_range("teacher.ema_decay", self.ema_decay, 0.0, 1.0)
+        if self.kind == "self":
+            _check_template("teacher.privileged_template", self.privileged_template)
+        _in_range("teacher.timeout_s", self.timeout_s, 0.0, lo_open=True)
+        _in_range("teacher.max_retries", self.max_retries, 0)
+        if self.shard and self.kind != "local":
+            raise ValueError("teacher.shard applies to teacher.kind='local' only")
+
+
+@dataclass
+class DataConfig:
+    """Where prompts (and completions) come from and how they become tokens.
+
+    Attributes:
+        train: training rows: JSONL, JSON, Parquet (opd[data]), a `datasets` directory
+            (opd[data]) or an opd teacher cache
+        eval: held-out rows for eval_every / `opd eval` (same formats)
+        prompt_field: the column holding the prompt text
+        completion_field: the column holding the completion (batches from the dataset)
+        answer_field: the column the task metric and rewards compare against
+        chat_template: auto: the tokenizer's chat template if it has one | on | off
+        system_prompt: system message put before each prompt (chat template only)
+        max_prompt_tokens: prompts are cut to this many tokens (from the left)
+        max_completion_tokens: dataset completions are cut to this many tokens (a cut
+            completion gets no EOS)
+        split: data.train as a `datasets` DatasetDict directory: this split
+        eval_split: data.eval as a DatasetDict directory: this split
+    """
+
+    train: str = ""
+    eval: str = ""
+    split: str = "train"  # data.train as a `datasets` DatasetDict directory: this split
+    eval_split: str = "test"  # data.eval as a DatasetDict directory: this split
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    answer_field: str = "answer"
+    chat_template: Literal["auto", "on", "off"] = "auto"
+    system_prompt: str = ""
+    max_prompt_tokens: int = 512
+    max_completion_tokens: int = 512
+
+    def __post_init__(self):
+        _check_choices(self)
+        _in_range("data.max_prompt_tokens", self.max_prompt_tokens, 1)
+        _in_range("data.max_completion_tokens", self.max_completion_tokens, 1)
+
+
+@dataclass
+class SamplingConfig:
+    """Rollout sampling. Its temperature is never the loss temperature (`loss.kd_temperature`).
+
+    Attributes:
+        temperature: sampling temperature of student (and teacher) rollouts; 0 is greedy
+        top_p: nucleus sampling mass (1: off)
+        top_k: sample among the k most likely tokens (0: off)
+        max_new_tokens: longest sampled completion
+        n: samples per prompt in a student-sampled batch
+        stop: strings that end a sampled completion (besides EOS)
+        eos_token_ids: token ids that end a completion, besides the student's
+            generation_config, its tokenizer's EOS and the chat template's turn end
+        engine: hf (the reference sampler, plain HF forward) | vllm (a colocated vLLM engine
+            holding the student, weights pushed after every optimizer step) | lean (opd.modeling.lean's
+            Llama/Qwen decoder on a static KV cache, checked against hf on the first batch)
+        cuda_graphs: lean on CUDA: replay decode steps as a CUDA graph (opt-in; never yet
+            checked on a GPU)
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 128
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    engine: Literal["hf", "lean", "vllm"] = "hf"
+    cuda_graphs: bool = False
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        _check_choices(self)
+        _in_range("sampling.temperature", self.temperature, 0.0)
+        _in_range("sampling.top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        _in_range("sampling.top_k", self.top_k, 0)
+        _in_range("sampling.max_new_tokens", self.max_new_tokens, 1)
+        _in_range("sampling.n", self.n, 1)
+        for i, token_id in enumerate(self.eos_token_ids):
+            if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+                raise ValueError(
+                    f"sampling.eos_token_ids[{i}]={token_id!r} must be a token id (int >= 0)"
+                )
+
+
+@dataclass
+class LossConfig:
+    """What is minimized on each batch.
+
+    Attributes:
+        objective: ce (cross-entropy on the sequence: SeqKD/SFT) | kd (a divergence to the
+            teacher) | pg (sampled-token reverse-KL advantage, Thinking Machines)
+        divergence: kd: per-token divergence between teacher and student
+        beta: jsd: mixture weight, GKD's beta (0 < beta < 1)
+        skew_alpha: skew_*: DistiLLM's skew
+        estimator: kd: full vocabulary | topk (+ tail bucket); pg always uses the sampled token
+        topk: estimator=topk: teacher tokens per position; 0: the cache's k with a cached
+            teacher, else 64 (capped at a remote server's limit)
+        kd_temperature: divides both models' logits in the loss (not sampling.temperature)
+        discount: pg: discount of the per-token advantage to go
+        ratio_cap: pg: cap the importance ratio p_S/q at this value (TRL's truncated
+            importance sampling for vLLM samples); 0 leaves it uncapped
+        fused: every objective from the student's hidden states and LM head in tiles, never
+            materializing [tokens, vocab] logits (same result as the plain path); kd + full
+            also needs a local or self teacher
+        fused_forward: decoder forward of the fused objectives: hf (the model's own) | lean
+            (packed real tokens via opd.modeling.lean, checked against hf on the first batch)
+    """
+
+    objective: Literal["ce", "kd", "pg"] = "kd"
+    divergence: Divergence = "forward_kl"
+    beta: float = 0.5
+    skew_alpha: float = 0.1
+    estimator: Literal["full", "topk"] = "full"
+    topk: int = 0
+    kd_temperature: float = 1.0
+    discount: float = 0.0
+    fused: bool = True
+    fused_forward: Literal["hf", "lean"] = "hf"
+    ratio_cap: float = 0.0
+
+    def __post_init__(self):
+        _check_choices(self)
+        if self.objective == "kd":
+            try:
+                check_kind(self.divergence, beta=self.beta, alpha=self.skew_alpha)
+            except ValueError as err:
+                raise ValueError(f"loss.divergence={self.divergence!r}: {err}") from None
+        _in_range("loss.topk", self.topk, 0)
+        _in_range("loss.kd_temperature", self.kd_temperature, 0.0, lo_open=True)
+        _in_range("loss.discount", self.discount, 0.0, 1.0)
+        _in_range("loss.ratio_cap", self.ratio_cap, 0.0)
+
+
+@dataclass
+class SourceConfig:
+    """Where each micro-batch's sequences come from.
+
+    Attributes:
+        lmbda: GKD's lambda: probability that a micro-batch is sampled by the student
+        off_policy: where the other micro-batches come from: dataset completions | live
+            teacher samples
+    """
+
+    lmbda: float = 0.0
+    off_policy: Literal["dataset", "teacher"] = "dataset"
+
+    def __post_init__(self):
+        _check_choices(self)
+        _in_range("source.lmbda", self.lmbda, 0.0, 1.0)
+
+
+@dataclass
+class RewardConfig:
+    """RL + on-policy distillation (GKD, Agarwal et al. 2024, sec. 3.3).
+
+    Student-sampled batches minimize (1 - distill_weight) * PG(reward) + distill_weight * D,
+    i.e. maximize (1-a)*E[r] - a*E[D] with a = distill_weight (GKD's alpha; not loss.skew_alpha).
+
+    Attributes:
+        function: '' (off) | exact_match | boxed | regex | 'module:function',
+            fn(text, row) -> float
+        pattern: regex: the answer is the last match's first group (or the whole match)
+        distill_weight: GKD's alpha: 1 = pure on-policy distillation, 0 = pure RL
+        normalize: group: (r - mean) / (std + eps) over the sampling.n samples | none
+    """
+
+    function: str = ""
+    pattern: str = ""
+    distill_weight: float = 0.5
+    normalize: Literal["group", "none"] = "group"
+
+    def __post_init__(self):
+        _check_choices(self)
+        _in_range("reward.distill_weight", self.distill_weight, 0.0, 1.0)
+        if self.function:
+            _check_metric("reward.function", self.function, self.pattern, "reward.pattern")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule.
+
+    Attributes:
+        lr: peak learning rate
+        weight_decay: AdamW weight decay
+        schedule: learning rate after warm-up: constant | linear decay to 0 | cosine to 0
+        warmup_steps: linear warm-up steps
+        max_grad_norm: gradient-norm clipping; 0 disables it
+    """
+
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self):
+        _check_choices(self)
+        if not math.isfinite(self.lr) or self.lr <= 0:  # inf passes `> 0` and nan every test
+            raise ValueError(f"optim.lr={self.lr!r} must be a finite number > 0")
+        _in_range("optim.warmup_steps", self.warmup_steps, 0)
+        _in_range("optim.max_grad_norm", self.max_grad_norm, 0.0)
+
+
+@dataclass
+class VllmConfig:
+    """Each vLLM engine a run starts (sampling.engine=vllm, teacher.kind=vllm).
+
+    Attributes:
+        gpu_memory_utilization: GPU: share of its memory each engine may hold
+        kv_cache_gb: KV cache per engine in GiB; 0: sized by gpu_memory_utilization on GPU,
+            1 GiB on CPU (where vLLM's share would mean a share of all RAM)
+    """
+
+    gpu_memory_utilization: float = 0.3
+    kv_cache_gb: float = 0.0
+
+    def __post_init__(self):
+        _in_range(
+            "vllm.gpu_memory_utilization", self.gpu_memory_utilization, 0.0, 1.0, lo_open=True
+        )
+        _in_range("vllm.kv_cache_gb", self.kv_cache_gb, 0.0)

@@ -1,0 +1,50 @@
+"""The objective protocol (`Objective`), what scoring produced (`Scored`) and the objectives of
+one optimizer step (`StepObjectives`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from opd.data.batch import SequenceBatch
+
+
+@dataclass
+class Scored:
+    """What an objective's `score` produced for one micro-batch."""
+
+    value: Any  # teacher output the loss reads (TeacherScores, hidden states, rewards...)
+    tokens_scored: int = 0  # completion tokens the teacher scored (cost accounting)
+
+
+class Objective(Protocol):
+    def score(self, batch: SequenceBatch) -> Scored: ...
+
+    def loss(
+        self, batch: SequenceBatch, scored: Scored, num_tokens: float
+    ) -> tuple[torch.Tensor, float]:
+        """`(summed token losses / num_tokens, summed divergence estimate)`. The loop passes
+        the batch's source denominator (`opd.run.sources.loss_denominators`: that source's
+        tokens in the step over its weight), so GKD's λ weighs sources, not tokens."""
+        ...
+
+
+class StepObjectives:
+    """The objectives of one optimizer step: which one scores and backs each micro-batch.
+
+    Student micro-batches of an RL + distillation run carry a reward term (`opd.objectives.rl`);
+    every other micro-batch uses the run's distillation objective (fused or plain)."""
+
+    def __init__(self, distill: Objective, rewarded: Objective | None = None):
+        self.distill, self.rewarded = distill, rewarded
+
+    def for_batch(self, batch: SequenceBatch) -> Objective:
+        if self.rewarded is not None and batch.source == "student":
+            return self.rewarded
+        return self.distill
+
+    def record(self) -> dict:
+        """Per-step JSONL fields the objectives add (the reward terms of RL + KD)."""
+        return self.rewarded.record() if self.rewarded is not None else {}

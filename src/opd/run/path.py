@@ -1,0 +1,114 @@
+"""Which path a run takes, decided once from the config and the loaded models.
+
+Every place that would otherwise branch on a kind or an engine asks this decision instead:
+the objective implementation (`opd.objectives.for_step`), the student's sampler and the
+sampler of teacher samples and evaluation (`opd.run.sources`, `opd.run.loop`), whether a
+colocated vLLM engine is built (`opd.run.setup`), and what the teacher is asked. The run logs
+`RunPath.describe()` in one line at start and writes `run_path.json` beside `config.yaml`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from opd.config.checks import teacher_need, uses_teacher
+from opd.config.parse import LossConfig, TrainConfig
+from opd.objectives.fused import fused_applies
+
+ObjectivePath = Literal["fused_full", "fused_tokens", "plain"]
+
+
+@dataclass(frozen=True)
+class RunPath:
+    """The decision. Attributes:
+        objective: the distillation objective's implementation: `fused_full` (full-vocabulary
+            kd from both models' hidden states), `fused_tokens` (ce, pg or top-k kd from the
+            student's hidden states), `plain` (from full `[tokens, vocab]` logits).
+        objective_why: why that implementation (the reason when the fused head is not taken).
+        rewarded: the implementation of the RL + distillation term on student batches, or None.
+        sampler: the engine that samples the student (`hf`, `lean`, `vllm`: colocated engine).
+        other_sampler: the engine of teacher samples and evaluation (vLLM holds the student's
+            rollouts only, so those take the HF forward under `sampler=vllm`).
+        teacher: what scores (`none`, `local`, `self (frozen)`, `remote <url>`, `cached <dir>`,
+            `vllm`).
+        teacher_need: what the teacher returns (`token`, `topk`, `logits`, or None) and its k.
+    """
+
+    objective: ObjectivePath
+    objective_why: str
+    rewarded: str | None
+    sampler: str
+    other_sampler: str
+    teacher: str
+    teacher_need: tuple[str | None, int]
+
+    @property
+    def fused(self) -> bool:
+        return self.objective != "plain"
+
+    def describe(self) -> str:
+        need, k = self.teacher_need
+        asked = {"token": "sampled-token log-probs", "topk": f"top-{k} log-probs",
+                 "logits": "full logits", None: "nothing"}[need]
+        obj = {"fused_full": "fused full-vocabulary kd from hidden states",
+               "fused_tokens": "fused (ce / pg / top-k) from the student's hidden states",
+               "plain": "plain, from full logits"}[self.objective]
+        parts = [f"objective: {obj} ({self.objective_why})"]
+        if self.rewarded:
+            parts.append(f"RL term on student batches: {self.rewarded}")
+        sampler = "vllm colocated" if self.sampler == "vllm" else self.sampler
+        parts.append(f"sampler: {sampler} (teacher samples and eval: {self.other_sampler})")
+        parts.append(f"teacher: {self.teacher}, asked for {asked}")
+        return "; ".join(parts)
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["teacher_need"] = list(self.teacher_need)
+        return out
+
+
+def describe_teacher(config: TrainConfig) -> str:
+    t = config.teacher
+    if not uses_teacher(config):
+        return "none"
+    if t.kind == "remote":
+        return f"remote {t.url}"
+    if t.kind == "cached":
+        return f"cached {t.cache_dir or config.data.train}"
+    if t.kind == "self":
+        return f"self ({t.self_weights} weights)"
+    return t.kind
+
+
+def objective_path(loss: LossConfig, *, distributed: bool, student, teacher) -> tuple[str, str]:
+    """`(implementation, why)` of the distillation objective for these models."""
+    if not loss.fused:
+        objective, why = "plain", "loss.fused=false"
+    elif distributed:
+        # the fused path calls the decoder and head outside the DDP/FSDP forward
+        objective, why = "plain", "multi-process run: the fused head bypasses the DDP/FSDP forward"
+    elif not fused_applies(loss, student, teacher):
+        objective, why = "plain", "the fused head does not apply to these models"
+    elif loss.objective == "kd" and loss.estimator == "full":
+        objective, why = "fused_full", "loss.fused=true"
+    else:
+        objective, why = "fused_tokens", "loss.fused=true"
+    return objective, why
+
+
+def decide_path(config: TrainConfig, *, distributed: bool, student, teacher) -> RunPath:
+    """The path of this run. `student` / `teacher`: the loaded (unwrapped) models' holders,
+    asked only whether the fused head applies to them."""
+    loss = config.loss
+    objective, why = objective_path(loss, distributed=distributed, student=student, teacher=teacher)
+    engine = config.sampling.engine
+    return RunPath(
+        objective=objective,
+        objective_why=why,
+        rewarded="plain" if config.reward.function else None,
+        sampler=engine,
+        other_sampler="hf" if engine == "vllm" else engine,
+        teacher=describe_teacher(config),
+        teacher_need=teacher_need(loss),
+    )

@@ -1,0 +1,145 @@
+"""Everything a run needs before its first step: models, teacher, data, optimizer."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from opd.config.parse import TrainConfig
+from opd.data.rows import Encoder, PromptOrder, load_run_data
+from opd.evaluation.rewards import resolve_reward
+from opd.modeling.hf import (
+    load_causal_lm,
+    load_tokenizer,
+    resolve_device,
+    shared_vocab_size,
+)
+from opd.run.path import RunPath, decide_path
+from opd.run.preflight import Checked, preflight
+from opd.run.world import World, init_world
+from opd.sampling.vllm import VllmSampler
+from opd.teachers.registry import build_teacher
+
+
+@dataclass
+class RunSetup:
+    config: TrainConfig
+    device: torch.device
+    tokenizer: object
+    student: torch.nn.Module
+    teacher: object | None
+    vocab_size: int
+    encoder: Encoder
+    train_rows: list[dict]
+    eval_rows: list[dict]
+    order: PromptOrder | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    resume_from: Path | None
+    reward_fn: object | None = None  # reward.function resolved: fn(completion_text, row) -> float
+    path: RunPath | None = None  # which objective, sampler and teacher path (opd.run.path)
+    world: World = field(default_factory=World)  # this process in a multi-process run
+    # sampling.engine=vllm: the colocated engine that samples the student (opd.sampling.vllm)
+    rollout_engine: object | None = None
+
+
+def lr_lambda(config: TrainConfig):
+    warmup, total, kind = config.optim.warmup_steps, config.steps, config.optim.schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return (
+            max(0.0, 1.0 - progress)
+            if kind == "linear"
+            else 0.5 * (1 + math.cos(math.pi * progress))
+        )
+
+    return factor
+
+
+def build_student(config: TrainConfig, device: torch.device, resume_from: Path | None):
+    if not config.lora.enabled:
+        return load_causal_lm(
+            str(resume_from or config.student.path), dtype=config.student.dtype, device=device
+        )
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = load_causal_lm(config.student.path, dtype=config.student.dtype, device=device)
+    if resume_from is not None:
+        return PeftModel.from_pretrained(base, str(resume_from), is_trainable=True)
+    lora = LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=list(config.lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base, lora)
+
+
+def build_run(config: TrainConfig, checked: Checked | None = None) -> RunSetup:
+    """`checked`: what `preflight(config)` returned, if the caller ran it already."""
+    checked = checked or preflight(config)  # all that is knowable before a model loads
+    config = checked.config
+    world = init_world(config)  # World() unless launched by torchrun / accelerate launch
+    world.accumulation(config)  # batch_size must split over micro-batches x processes
+    if world.sharded and config.teacher.kind == "self" and config.teacher.self_weights == "ema":
+        raise ValueError("teacher.self_weights='ema' is not supported with an FSDP student")
+    device = world.device if world.distributed else resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    resume_from = checked.resume_from
+    reward_fn = None  # resolved before any model loads, so a bad name fails fast
+    if config.reward.function:
+        reward_fn = resolve_reward(
+            config.reward.function, config.reward.pattern, config.data.answer_field
+        )
+    tokenizer = load_tokenizer(config.student.path)
+    # every row checked and encoded, before the models load
+    data = load_run_data(config, tokenizer, checked.train_rows, checked.eval_rows)
+    encoder, train_rows, eval_rows = data.encoder, data.train_rows, data.eval_rows
+    order = PromptOrder(len(train_rows), config.seed)
+    student = build_student(config, device, resume_from)
+    teacher = build_teacher(config, tokenizer, device, student=student, resume_from=resume_from)
+    vocab_size = shared_vocab_size(tokenizer, student)
+    path = decide_path(config, distributed=world.distributed, student=student, teacher=teacher)
+    student = world.wrap_student(student)  # DDP/FSDP; the model itself in one process
+    teacher = world.place_teacher(teacher, config.teacher.shard)
+    rollout_engine = None
+    if path.sampler == "vllm":
+        if world.sharded:
+            raise ValueError(
+                "sampling.engine=vllm with an FSDP-sharded student is not supported: use DDP "
+                "(each process keeps its own engine) or one process"
+            )
+        rollout_engine = VllmSampler.for_run(config, world.unwrap(student))
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=config.optim.lr, weight_decay=config.optim.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    return RunSetup(
+        config,
+        device,
+        tokenizer,
+        student,
+        teacher,
+        vocab_size,
+        encoder,
+        train_rows,
+        eval_rows,
+        order,
+        optimizer,
+        scheduler,
+        resume_from,
+        reward_fn,
+        path=path,
+        world=world,
+        rollout_engine=rollout_engine,
+    )

@@ -1,0 +1,168 @@
+"""The teacher section checked before any model loads: the teacher's model files, what a teacher
+cache or a teacher server can serve (its k, its `max_seq_len` and top-k limit from
+`/opd/v1/info`). `check_teacher` returns the config with the derived `loss.topk` filled in:
+this is the one place a value is derived, and nothing after preflight changes the config."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+from opd.config.checks import dataset_batches, teacher_need, uses_teacher
+from opd.config.parse import TrainConfig
+from opd.config.sections import DEFAULT_TOPK
+from opd.data.cache_format import is_cache, read_manifest
+from opd.modeling.checks import check_model_path
+
+log = logging.getLogger("opd")
+
+
+def check_teacher_model(config: TrainConfig) -> None:
+    """A local teacher (or one that samples) names a model directory that holds one."""
+    teacher = config.teacher
+    samples_teacher = config.source.lmbda < 1 and config.source.off_policy == "teacher"
+    if (uses_teacher(config) and teacher.kind == "local") or samples_teacher:
+        if not teacher.path:
+            raise ValueError("teacher.kind=local needs teacher.path (a model directory or hub id)")
+        check_model_path("teacher.path", teacher.path)
+
+
+def check_teacher(config: TrainConfig) -> TrainConfig:
+    """What the teacher can serve; the config with `loss.topk=0` resolved."""
+    teacher = config.teacher
+    if uses_teacher(config) and teacher.kind == "cached":
+        return check_cache(config)
+    if uses_teacher(config) and teacher.kind == "remote":
+        return check_remote(config)
+    return _default_topk(config, None)
+
+
+def check_cache(config: TrainConfig) -> TrainConfig:
+    """teacher.kind=cached: what the cache can serve; loss.topk=0 becomes the cache's k."""
+    train = config.data.train
+    cache_dir = config.teacher.cache_dir or (train if train and is_cache(train) else "")
+    if not cache_dir:
+        raise ValueError(
+            "teacher.kind=cached needs the cache: set data.train (or teacher.cache_dir) to a "
+            "directory written by `opd generate` / `opd score`"
+        )
+    if not train or Path(train).resolve() != Path(cache_dir).resolve():
+        raise ValueError(
+            f"teacher.kind=cached scores only the cache's own rows: set data.train={cache_dir} "
+            f"(it is {train!r})"
+        )
+    if config.source.lmbda > 0:
+        raise ValueError(
+            f"teacher.kind=cached cannot score student samples but source.lmbda="
+            f"{config.source.lmbda}: set source.lmbda=0 (use a local or remote teacher for "
+            "on-policy distillation)"
+        )
+    loss = config.loss
+    if loss.objective == "kd" and loss.estimator != "topk":
+        raise ValueError(
+            "teacher.kind=cached holds top-k log-probs, not full logits: set "
+            "loss.estimator=topk (loss.topk defaults to the cache's k)"
+        )
+    manifest = read_manifest(cache_dir)
+    k, temperature = int(manifest["spec"]["topk"]), float(manifest["logprob_temperature"])
+    if loss.objective != "kd":
+        return config
+    if loss.kd_temperature != temperature:
+        raise ValueError(
+            f"loss.kd_temperature={loss.kd_temperature} but cache {cache_dir} holds teacher "
+            f"log-probs at temperature {temperature}"
+        )
+    if loss.topk > k:
+        raise ValueError(
+            f"loss.topk={loss.topk} but cache {cache_dir} stores top-{k} log-probs; set "
+            f"loss.topk <= {k} (or 0 for the cache's k)"
+        )
+    if loss.topk == 0:
+        log.info("loss.topk=0: using the cache's k, %d", k)
+        return _with_loss(config, topk=k)
+    return config
+
+
+def server_info(url: str, token_env: str, timeout_s: float = 5.0) -> dict | None:
+    """`/opd/v1/info` of a teacher server; None for a vLLM server or one not up yet."""
+    import httpx
+
+    headers = {}
+    if os.environ.get(token_env):
+        headers["Authorization"] = f"Bearer {os.environ[token_env]}"
+    try:
+        resp = httpx.get(
+            url.rstrip("/") + "/opd/v1/info", headers=headers, timeout=timeout_s, trust_env=False
+        )
+    except httpx.HTTPError as err:
+        log.warning(
+            "teacher server %s did not answer (%s); it is checked again at connect", url, err
+        )
+        return None
+    if resp.status_code in (401, 403):
+        raise ValueError(
+            f"teacher server {url} refused the bearer token (HTTP {resp.status_code}); set the "
+            f"environment variable {token_env} (teacher.api_key_env) to the server's token"
+        )
+    return resp.json() if resp.status_code == 200 else None
+
+
+def check_remote(config: TrainConfig) -> TrainConfig:
+    """teacher.kind=remote: what the server's info endpoint says it accepts."""
+    check_remote_config(config)
+    t = config.teacher
+    info = server_info(t.url, t.api_key_env)
+    if info is None:
+        return _default_topk(config, None)
+    limits = info["limits"]
+    data, sampled = config.data, config.source.lmbda > 0 or not dataset_batches(config)
+    completion_keys = {
+        "sampling.max_new_tokens": config.sampling.max_new_tokens if sampled else 0,
+        "data.max_completion_tokens": data.max_completion_tokens if dataset_batches(config) else 0,
+    }
+    key = max(completion_keys, key=completion_keys.get)
+    longest = data.max_prompt_tokens + completion_keys[key]
+    if longest > limits["max_seq_len"]:
+        raise ValueError(
+            f"teacher server {t.url} scores sequences of at most {limits['max_seq_len']} tokens "
+            f"(its --max-seq-len) but one here can reach {longest} (data.max_prompt_tokens="
+            f"{data.max_prompt_tokens} + {key}={completion_keys[key]}); lower those or restart "
+            "the server with a larger --max-seq-len"
+        )
+    return _default_topk(config, limits["max_topk"])
+
+
+def _default_topk(config: TrainConfig, server_max: int | None) -> TrainConfig:
+    loss = config.loss
+    if loss.objective != "kd" or loss.estimator != "topk":
+        return config
+    if loss.topk == 0:
+        k = DEFAULT_TOPK if server_max is None else min(DEFAULT_TOPK, server_max)
+        log.info("loss.topk=0: using %d", k)
+        return _with_loss(config, topk=k)
+    if server_max is not None and loss.topk > server_max:
+        raise ValueError(
+            f"loss.topk={loss.topk} but teacher server {config.teacher.url} allows at most "
+            f"{server_max} (its --max-topk); set loss.topk <= {server_max}"
+        )
+    return config
+
+
+def _with_loss(config: TrainConfig, **changes) -> TrainConfig:
+    return dataclasses.replace(config, loss=dataclasses.replace(config.loss, **changes))
+
+
+def check_remote_config(config) -> None:
+    """What a run config must say for any remote teacher (no server contact)."""
+    if not config.teacher.url:
+        raise ValueError(
+            "teacher.url is required for teacher.kind='remote' (e.g. http://127.0.0.1:8000)"
+        )
+    if teacher_need(config.loss)[0] == "logits":
+        raise ValueError(
+            "teacher.kind='remote' returns token and top-k log-probs, not full logits: set "
+            "loss.estimator=topk (with loss.topk within the server's --max-topk) or "
+            "loss.objective=pg"
+        )
