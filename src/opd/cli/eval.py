@@ -46,6 +46,14 @@ def load_model(path: str, dtype: str, device):
 
 
 def evaluate_model(config, model_path: str) -> dict:
+    """The JSON object `opd eval` prints, for the model at `model_path`."""
+    import torch
+
+    with torch.no_grad():  # evaluation trains nothing: no autograd graph anywhere in it
+        return _evaluate(config, model_path)
+
+
+def _evaluate(config, model_path: str) -> dict:
     import torch
 
     from opd.data.checks import check_columns
@@ -73,7 +81,7 @@ def evaluate_model(config, model_path: str) -> dict:
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path, config.student.dtype, device).eval()
+    model = load_model(model_path, config.student.dtype, device).eval().requires_grad_(False)
     vocab = shared_vocab_size(tokenizer, model)
     encoder = Encoder(tokenizer, data)
     common = {

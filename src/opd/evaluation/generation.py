@@ -8,6 +8,7 @@ from opd.data.rows import Encoder
 from opd.sampling import sample
 
 
+@torch.no_grad()  # evaluation samples train nothing
 def sample_completions(
     model,
     encoder: Encoder,

@@ -78,7 +78,7 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
                 )
             gap_sum, gap_tokens = gap_sum + g, gap_tokens + n
         objective = objectives.for_batch(batch)
-        with timer.phase("teacher_score"):
+        with timer.phase("teacher_score"), torch.no_grad():  # whatever the teacher: no graph
             scored = objective.score(batch)
         teacher_scored += scored.tokens_scored
         last = i == len(batches) - 1
@@ -88,6 +88,9 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
         loss_total += float(loss.detach())
         loss_by_source[batch.source] += float(loss.detach())
         div_total += div_sum
+        # This micro-batch's teacher scores (full [B, L, V] logits on the plain path) go
+        # before the next is scored: one set in memory at a time.
+        del scored, loss
     loss_total, div_total, gap_sum, gap_tokens, *by_source = world.sum_all(
         [loss_total, div_total, gap_sum, gap_tokens, *loss_by_source.values()]
     )
@@ -142,7 +145,12 @@ def optimizer_step(run: RunSetup, loss_total: float) -> tuple[float, bool]:
 def evaluate_now(run: RunSetup, metric) -> dict:
     if not run.eval_rows:
         return {}
-    acc = task_accuracy(
+    with torch.no_grad():  # evaluation trains nothing
+        return {"eval_accuracy": _task_accuracy(run, metric)}
+
+
+def _task_accuracy(run: RunSetup, metric) -> float:
+    return task_accuracy(
         run.world.sampling_model(run.student),
         run.encoder,
         run.eval_rows,
@@ -153,7 +161,6 @@ def evaluate_now(run: RunSetup, metric) -> dict:
         all_finished=run.world.lockstep(run.student),
         engine=run.path.other_sampler,  # a colocated vLLM engine serves training rollouts only
     )
-    return {"eval_accuracy": acc}
 
 
 def _save(run: RunSetup, step: int, state: RunState):

@@ -52,7 +52,7 @@ def make_micro_batch(run: RunSetup, step: int, micro: int, timer: PhaseTimer) ->
     rows = [r for r in rows for _ in range(s.n)]
     prompts = [enc.row_prompt_ids(r) for r in rows]
     if source == "student" and run.path.sampler == "vllm":
-        with timer.phase("generate"):
+        with timer.phase("generate"), torch.no_grad():
             out = run.rollout_engine.sample(
                 prompts,
                 max_new_tokens=s.max_new_tokens,
@@ -74,7 +74,9 @@ def make_micro_batch(run: RunSetup, step: int, micro: int, timer: PhaseTimer) ->
     model = world.sampling_model(run.student if source == "student" else run.teacher.model)
     gen = torch.Generator(device=run.device)
     gen.manual_seed(step_seed(config.seed, step, micro, world.rank))
-    with timer.phase("generate" if source == "student" else "teacher_generate"):
+    # Sampling trains nothing: with autograd on, an engine's forward would build a graph
+    # through every decode step and its KV cache (tests/test_no_grad_phases.py).
+    with timer.phase("generate" if source == "student" else "teacher_generate"), torch.no_grad():
         out = sample(
             model,
             prompts,

@@ -65,7 +65,6 @@ def to_rollout(tokens, logq, lengths, done) -> Rollout:
     )
 
 
-@torch.no_grad()
 def cache_keyword(model) -> str:
     """The forward's name for the KV cache: `cache` in recent transformers, which deprecates
     `past_key_values` (a FutureWarning on every call), `past_key_values` before that."""
@@ -75,6 +74,7 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+@torch.no_grad()  # callers sample under no_grad too: never a graph through the decode
 def sample(
     model,
     prompts: list[list[int]],

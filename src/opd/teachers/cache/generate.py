@@ -142,6 +142,7 @@ class _Job:
             self._model = load_causal_lm(
                 self.teacher_path, dtype=self.spec.teacher_dtype, device=self.device
             ).eval()
+            self._model.requires_grad_(False)  # the teacher is never trained
             shared_vocab_size(self.tokenizer, self._model)  # refuses a too-small LM head
         return self._model
 
@@ -338,7 +339,8 @@ def build_cache(
             if index in done:
                 continue
             t0 = time.perf_counter()
-            records, texts = job.shard_records(index)
+            with torch.no_grad():  # sampling and scoring train nothing
+                records, texts = job.shard_records(index)
             entry = write_shard(
                 out, index, pack_shard(records, spec.topk, spec.logprob_dtype), texts
             )
