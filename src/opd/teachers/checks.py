@@ -15,6 +15,8 @@ from opd.config.parse import TrainConfig
 from opd.config.sections import DEFAULT_TOPK
 from opd.data.cache_format import is_cache, read_manifest
 from opd.modeling.checks import check_model_path
+from opd.teachers.answer_checks import check_info
+from opd.teachers.errors import BadAnswer
 
 log = logging.getLogger("opd")
 
@@ -86,27 +88,40 @@ def check_cache(config: TrainConfig) -> TrainConfig:
 
 
 def server_info(url: str, token_env: str, timeout_s: float = 5.0) -> dict | None:
-    """`/opd/v1/info` of a teacher server; None for a vLLM server or one not up yet."""
-    import httpx
+    """`/opd/v1/info` of a teacher server; None for a vLLM server or one not up yet (or one
+    whose answer is unusable: connecting checks it again, with retries). The answer is read
+    within a byte bound and a deadline, and checked (`opd.teachers.answer_checks`)."""
+    import httpx  # opd[serve]: imported only when a remote teacher is used
+
+    from opd.teachers.bounded_http import INFO_BYTES, get_sync, parse_json
 
     headers = {}
     if os.environ.get(token_env):
         headers["Authorization"] = f"Bearer {os.environ[token_env]}"
+    path = "/opd/v1/info"
     try:
-        resp = httpx.get(
-            url.rstrip("/") + "/opd/v1/info", headers=headers, timeout=timeout_s, trust_env=False
+        status, raw = get_sync(
+            url.rstrip("/") + path,
+            server=url,
+            headers=headers,
+            max_bytes=INFO_BYTES,
+            deadline_s=timeout_s,
         )
-    except httpx.HTTPError as err:
+        if status == 200:
+            return check_info(url, parse_json(url, path, raw))
+    except (httpx.HTTPError, BadAnswer) as err:
         log.warning(
-            "teacher server %s did not answer (%s); it is checked again at connect", url, err
+            "teacher server %s did not answer usably (%s); it is checked again at connect",
+            url,
+            err,
         )
         return None
-    if resp.status_code in (401, 403):
+    if status in (401, 403):
         raise ValueError(
-            f"teacher server {url} refused the bearer token (HTTP {resp.status_code}); set the "
+            f"teacher server {url} refused the bearer token (HTTP {status}); set the "
             f"environment variable {token_env} (teacher.api_key_env) to the server's token"
         )
-    return resp.json() if resp.status_code == 200 else None
+    return None
 
 
 def check_remote(config: TrainConfig) -> TrainConfig:

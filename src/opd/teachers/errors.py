@@ -21,3 +21,13 @@ class TeacherUnavailable(RuntimeError):
 
 class TeacherRequestError(ValueError):
     """The teacher server refused a request (4xx); retrying would not help."""
+
+
+class BadAnswer(RuntimeError):
+    """A teacher server answered something unusable (wrong shape, ids outside the
+    vocabulary, impossible log-probs, not JSON, too large, too slow). Retryable: another
+    attempt, or another replica, may answer well; nothing of this answer is used."""
+
+    def __init__(self, server: str, problem: str):
+        self.server, self.problem = server, problem
+        super().__init__(f"teacher server {server} sent an unusable answer: {problem}")

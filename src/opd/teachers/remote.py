@@ -10,10 +10,16 @@ fingerprint or vocabulary differs from the student's; a server without that endp
 taken for vLLM and spoken to through `/v1/completions` with `echo: true, max_tokens: 0,
 prompt_logprobs: k` (its tokenizer cannot be checked, so a warning is logged).
 
+Nothing a server answers is trusted: each answer is read within a byte bound derived from
+the request and one deadline (`teacher.timeout_s`) that a trickling body cannot extend
+(`opd.teachers.bounded_http`), then checked against the request (shapes, ids inside the
+vocabulary, log-probs <= 0 and finite, top-k not all -inf: `opd.teachers.answer_checks`).
+A bad answer is retried like a transport error and logged; none of it is ever used.
+
 Requests run on a private asyncio loop in a background thread: `submit()` returns a
 `concurrent.futures.Future` at once, so scoring one batch can overlap sampling the next;
 `score_async()` awaits the same from any event loop; `score()` blocks. Transport errors,
-timeouts, 408/429/5xx are retried with exponential backoff (`backoff_s * 2**attempt`, capped,
+timeouts, unusable answers, 408/429/5xx are retried with exponential backoff (`backoff_s * 2**attempt`, capped,
 with jitter); when the server stays down, `TeacherUnavailable` names the URL and the run
 stops with its last checkpoint intact. Other 4xx raise `TeacherRequestError` at once.
 """
@@ -36,10 +42,18 @@ import torch
 
 from opd.config.checks import teacher_need
 from opd.data.batch import SequenceBatch
+from opd.teachers.answer_checks import (
+    answer_bytes_bound,
+    check_info,
+    check_models,
+    unpack_completions,
+    unpack_opd_score,
+)
 from opd.teachers.base import TeacherScores, check_need, check_untempered
+from opd.teachers.bounded_http import INFO_BYTES, error_message, fetch, parse_json
 from opd.teachers.checks import check_remote_config
-from opd.teachers.errors import TeacherRequestError, TeacherUnavailable
-from opd.teachers.server.protocol import array_b64
+from opd.teachers.errors import BadAnswer, TeacherRequestError, TeacherUnavailable
+from opd.teachers.server.protocol import Limits
 
 log = logging.getLogger("opd")
 
@@ -69,7 +83,9 @@ class RemoteTeacher:
         self.timeout_s, self.max_retries = timeout_s, max_retries
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.max_seqs = max_seqs_per_request
-        self.max_logprobs: int | None = None  # per request, when the server says (opd)
+        # scored positions x (k + 1) per request: the server's limit (opd), else opd's default
+        self.max_logprobs: int = Limits.max_logprobs_per_request
+        self.vocab_size = expected_vocab_size  # ids must stay below it (opd: the server's)
         self._headers = {"Content-Type": "application/json"}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
@@ -98,19 +114,21 @@ class RemoteTeacher:
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
             trust_env=False,  # a teacher is reached directly, never through an HTTP proxy
         )
-        info = (
-            None if protocol == "vllm" else await self._request("GET", "/opd/v1/info", ok404=True)
-        )
+        info = None
+        if protocol != "vllm":
+            parse = lambda body: check_info(self.url, body)  # noqa: E731
+            info = await self._request("GET", "/opd/v1/info", ok404=True, parse=parse)
         if info is None and protocol == "opd":
             raise TeacherRequestError(f"{self.url} has no /opd/v1/info: it is not an opd server")
         if info is not None:
+            limits = info["limits"]
             self.protocol, self.model = "opd", info["model"]
-            self.max_seqs = info["limits"]["max_seqs_per_request"]
-            self.max_logprobs = info["limits"].get("max_logprobs_per_request")
+            self.max_seqs = limits["max_seqs_per_request"]
+            self.max_logprobs = limits.get("max_logprobs_per_request") or self.max_logprobs
             self.vocab_size = info["vocab_size"]
             return info
-        models = await self._request("GET", "/v1/models")
-        self.protocol, self.model, self.vocab_size = "vllm", models["data"][0]["id"], None
+        parse = lambda body: check_models(self.url, body)  # noqa: E731
+        self.protocol, self.model = "vllm", await self._request("GET", "/v1/models", parse=parse)
         return {"model": self.model}
 
     def _check(self, fingerprint, vocab_size, topk) -> None:
@@ -156,39 +174,62 @@ class RemoteTeacher:
 
     # -- HTTP with retries -------------------------------------------------------------------
 
-    async def _request(self, method: str, path: str, body: bytes | None = None, ok404=False):
-        start, last = time.monotonic(), ""
-        for attempt in range(self.max_retries + 1):
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        ok404=False,
+        *,
+        parse=None,
+        max_bytes: int = INFO_BYTES,
+    ):
+        """One request with retries; a 200 answer is read within `max_bytes` and the
+        deadline, decoded, and passed through `parse` (which raises `BadAnswer`)."""
+        start, last, tries = time.monotonic(), "", self.max_retries + 1
+        for attempt in range(tries):
             try:
-                resp = await self._client.request(method, path, content=body, headers=self._headers)
+                status, raw = await fetch(
+                    self._client,
+                    method,
+                    path,
+                    server=self.url,
+                    content=body,
+                    headers=self._headers,
+                    max_bytes=max_bytes,
+                    deadline_s=self.timeout_s,
+                )
+                if status == 200:
+                    data = parse_json(self.url, path, raw)
+                    return parse(data) if parse is not None else data
             except httpx.TransportError as err:  # refused, reset, timed out, ...
                 last = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+            except BadAnswer as err:  # none of it is used; the next attempt may be sound
+                last = f"unusable answer: {err.problem}"
+                log.warning("%s (attempt %d of %d)", err, attempt + 1, tries)
             else:
-                if resp.status_code == 200:
-                    return resp.json()
-                if resp.status_code == 404 and ok404:
+                if status == 404 and ok404:
                     return None
-                message = _error_message(resp)
-                if resp.status_code in (401, 403):
+                message = error_message(raw)
+                if status in (401, 403):
                     raise TeacherRequestError(
                         f"teacher server {self.url} refused the bearer token (HTTP "
-                        f"{resp.status_code}: {message}); set the environment variable "
+                        f"{status}: {message}); set the environment variable "
                         f"{self.token_env} to the server's token"
                     )
-                if resp.status_code not in RETRY_STATUS:
+                if status not in RETRY_STATUS:
                     raise TeacherRequestError(
-                        f"teacher server {self.url}{path} answered HTTP {resp.status_code}: {message}"
+                        f"teacher server {self.url}{path} answered HTTP {status}: {message}"
                     )
-                last = f"HTTP {resp.status_code}: {message}"
+                last = f"HTTP {status}: {message}"
             if attempt < self.max_retries:
                 delay = min(self.max_backoff_s, self.backoff_s * 2**attempt)
                 await asyncio.sleep(delay * (1 + 0.25 * random.random()))
         raise TeacherUnavailable(self.url, self.max_retries + 1, time.monotonic() - start, last)
 
-    async def _post(self, path: str, payload: dict) -> dict:
-        return await self._request(
-            "POST", path, json.dumps(payload, separators=(",", ":")).encode()
-        )
+    async def _post(self, path: str, payload: dict, parse, max_bytes: int):
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        return await self._request("POST", path, body, parse=parse, max_bytes=max_bytes)
 
     # -- scoring ----------------------------------------------------------------------------
 
@@ -224,7 +265,8 @@ class RemoteTeacher:
         # Positions past a row's completion are masked by the loss, but must stay finite.
         ids = torch.arange(k, dtype=torch.long).expand(B, L, k).clone()
         lps = torch.full((B, L, k), -math.log(k + 1), dtype=torch.float32)
-        chunks = request_chunks(rows, k, self.max_seqs, self.max_logprobs)
+        every = self.protocol == "vllm"  # vLLM scores every position, not only from start
+        chunks = request_chunks(rows, k, self.max_seqs, self.max_logprobs, every)
         parts = await asyncio.gather(*(self._score_chunk(c, k) for c in chunks))
         for chunk, part in zip(chunks, parts):
             for (r, _seq, _start), (tok, top_ids, top_lps) in zip(chunk, part):
@@ -239,12 +281,17 @@ class RemoteTeacher:
         return scores
 
     async def _score_chunk(self, rows, k: int) -> list[tuple]:
+        """Checked `(token_logprobs, topk_ids, topk_logprobs)` per row of one request."""
         seqs, starts = [r[1] for r in rows], [r[2] for r in rows]
+        vocab = self.vocab_size
         if self.protocol == "opd":
-            body = await self._post(
-                "/opd/v1/score", {"sequences": seqs, "start": starts, "topk": k}
+            want = [len(s) - st for s, st in zip(seqs, starts)]
+            return await self._post(
+                "/opd/v1/score",
+                {"sequences": seqs, "start": starts, "topk": k},
+                lambda body: unpack_opd_score(self.url, body, want, k, vocab),
+                answer_bytes_bound(sum(want), len(seqs), k, "opd"),
             )
-            return unpack_score(body, k)
         payload = {
             "model": self.model,
             "prompt": seqs,
@@ -253,20 +300,24 @@ class RemoteTeacher:
             "prompt_logprobs": k,
             "return_token_ids": True,  # lets vLLM skip detokenizing the echoed prompt
         }
-        body = await self._post("/v1/completions", payload)
-        choices = sorted(body["choices"], key=lambda c: c["index"])
-        return [
-            unpack_prompt_logprobs(c["prompt_logprobs"], s, st, k)
-            for c, s, st in zip(choices, seqs, starts)
-        ]
+        positions = sum(len(s) for s in seqs)  # every position is scored, and echoed
+        return await self._post(
+            "/v1/completions",
+            payload,
+            lambda body: unpack_completions(self.url, body, seqs, starts, k, vocab),
+            answer_bytes_bound(positions, len(seqs), k, "vllm"),
+        )
 
 
-def request_chunks(rows: list, k: int, max_seqs: int, max_logprobs: int | None) -> list[list]:
+def request_chunks(
+    rows: list, k: int, max_seqs: int, max_logprobs: int | None, every: bool = False
+) -> list[list]:
     """Consecutive groups of `(row, seq, start)` within the server's per-request limits:
-    at most `max_seqs` sequences and `max_logprobs` scored positions x (k + 1)."""
+    at most `max_seqs` sequences and `max_logprobs` scored positions x (k + 1) (`every`:
+    the server scores every position after the first, as vLLM's prompt scoring does)."""
     chunks, current, values = [], [], 0
     for row in rows:
-        n = (len(row[1]) - row[2]) * (k + 1)
+        n = (len(row[1]) - (1 if every else row[2])) * (k + 1)
         full = len(current) >= max_seqs or (max_logprobs and values + n > max_logprobs)
         if current and full:
             chunks.append(current)
@@ -287,45 +338,6 @@ def sequences_of(batch: SequenceBatch) -> list[tuple[int, list[int], int]]:
         if c:
             rows.append((r, ids[r, P - p : P + c].tolist(), p))
     return rows
-
-
-def unpack_score(body: dict, k: int) -> list[tuple]:
-    tok = array_b64(body["token_logprobs"], "<f4")
-    top_ids = array_b64(body["topk_ids"], "<i4").reshape(-1, k) if k else None
-    top_lps = array_b64(body["topk_logprobs"], "<f4").reshape(-1, k) if k else None
-    out, at = [], 0
-    for n in body["lengths"]:
-        out.append(
-            (
-                tok[at : at + n],
-                top_ids[at : at + n] if k else None,
-                top_lps[at : at + n] if k else None,
-            )
-        )
-        at += n
-    return out
-
-
-def unpack_prompt_logprobs(plp: list, seq: list[int], start: int, k: int) -> tuple:
-    """vLLM `prompt_logprobs` -> token log-probs and top-k for positions `start..`."""
-    tok, top_ids, top_lps = [], [], []
-    for j in range(start, len(seq)):
-        entries = plp[j]
-        tok.append(entries[str(seq[j])]["logprob"])
-        if k:
-            best = sorted(entries.items(), key=lambda kv: (-kv[1]["logprob"], kv[1]["rank"]))[:k]
-            top_ids.append([int(t) for t, _ in best])
-            top_lps.append([v["logprob"] for _, v in best])
-    return tok, top_ids, top_lps
-
-
-def _error_message(resp: httpx.Response) -> str:
-    try:
-        body = resp.json()
-        error = body.get("error", body)
-        return error.get("message") or str(error) if isinstance(error, dict) else str(error)
-    except (ValueError, AttributeError):
-        return resp.text[:300]
 
 
 def remote_teacher_from_config(config, tokenizer) -> RemoteTeacher:
