@@ -190,11 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def exit_code(err: BaseException) -> int | None:
-    """2 for what a user can fix (message only), 3 for a teacher server that stayed down,
-    None for anything else (a bug: the traceback is shown)."""
+    """2 for what a user can fix (message only), 3 for a teacher or rollout server that
+    stayed down, None for anything else (a bug: the traceback is shown)."""
     from opd.config.extras import INSTALL, MissingExtra
 
-    if type(err).__name__ == "TeacherUnavailable":  # opd.teachers.errors; torch-free check
+    # opd.teachers.errors, opd.sampling.vllm_server; checked by name, torch-free
+    if type(err).__name__ in ("TeacherUnavailable", "RolloutServerError"):
         return 3
     if type(err).__name__ in ("TrainingStopped", "OutOfSpace"):  # opd.run.checkpoint
         return 4  # a non-finite run or a full disk; the named checkpoint is intact

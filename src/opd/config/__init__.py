@@ -1,4 +1,4 @@
-"""Configuration: the typed sections (`sections`), `TrainConfig` with YAML and `key=value`
+"""Configuration: the typed sections (`sections`; sampling, vLLM and rollouts: `rollouts`), `TrainConfig` with YAML and `key=value`
 parsing (`parse`), named presets (`presets`), combination checks (`checks`), the `opd config`
 listing (`docs`) and which optional extra a feature needs (`extras`).
 
@@ -15,6 +15,7 @@ from opd.config.parse import (
     read_config_file,
 )
 from opd.config.presets import PRESETS
+from opd.config.rollouts import RolloutsConfig, SamplingConfig, VllmConfig
 from opd.config.sections import (
     DEFAULT_TOPK,
     METRICS,
@@ -26,15 +27,13 @@ from opd.config.sections import (
     ModelConfig,
     OptimConfig,
     RewardConfig,
-    SamplingConfig,
     SourceConfig,
     TeacherConfig,
-    VllmConfig,
 )
 
 __all__ = [
     "DEFAULT_TOPK", "METRICS", "PRESETS", "DType", "DataConfig", "Divergence", "LoraConfig",
-    "LossConfig", "ModelConfig", "OptimConfig", "RewardConfig", "SamplingConfig", "SourceConfig",
+    "LossConfig", "ModelConfig", "OptimConfig", "RewardConfig", "RolloutsConfig", "SamplingConfig", "SourceConfig",
     "TeacherConfig", "TrainConfig", "VllmConfig", "config_from_dict", "config_to_dict",
     "field_type", "load_config", "parse_override", "read_config_file",
 ]

@@ -58,6 +58,7 @@ def check_combinations(config: TrainConfig) -> None:
             "teacher.kind=cached scores only the completions it stored: set source.lmbda=0 and "
             "source.off_policy=dataset (with data.train the cache directory)"
         )
+    _check_rollouts(config)
     if kind == "vllm" and loss.objective == "kd" and loss.estimator == "full":
         raise ValueError(
             "teacher.kind='vllm' returns token and top-k log-probs, not full logits: use "
@@ -118,3 +119,19 @@ def uses_teacher(config: TrainConfig) -> bool:
 
 def dataset_batches(config: TrainConfig) -> bool:
     return config.source.lmbda < 1.0 and config.source.off_policy == "dataset"
+
+
+def _check_rollouts(config: TrainConfig) -> None:
+    """Asynchronous rollouts (`rollouts.mode`): what they need to mean anything."""
+    mode, teacher = config.rollouts.mode, config.teacher
+    if mode != "off" and config.source.lmbda == 0.0:
+        raise ValueError(
+            f"rollouts.mode={mode} moves student sampling beside training, but source.lmbda=0 "
+            "samples nothing from the student: set source.lmbda > 0 or rollouts.mode=off"
+        )
+    if mode == "queue" and teacher.kind == "self" and teacher.self_weights != "frozen":
+        raise ValueError(
+            f"rollouts.mode=queue with teacher.self_weights={teacher.self_weights}: the "
+            "self teacher's weights must be the consumer's at each step, which a free-running "
+            "producer does not keep; use rollouts.mode=pipelined or teacher.self_weights=frozen"
+        )

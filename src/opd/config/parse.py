@@ -23,6 +23,7 @@ import yaml
 
 from opd.config.checks import check_combinations, check_preset_conflicts
 from opd.config.presets import PRESETS
+from opd.config.rollouts import RolloutsConfig, SamplingConfig, VllmConfig
 from opd.config.sections import (  # noqa: F401  (re-exported: the names tests and callers import from here)
     DEFAULT_TOPK,
     METRICS,
@@ -34,10 +35,8 @@ from opd.config.sections import (  # noqa: F401  (re-exported: the names tests a
     ModelConfig,
     OptimConfig,
     RewardConfig,
-    SamplingConfig,
     SourceConfig,
     TeacherConfig,
-    VllmConfig,
     _check_choices,
     _check_metric,
     _check_template,
@@ -72,6 +71,7 @@ class TrainConfig:
         bf16: bfloat16 autocast of the forward and loss (CUDA only)
         max_bad_steps: consecutive non-finite steps before the run stops
         vllm: settings of each vLLM engine (sampling.engine=vllm, teacher.kind=vllm)
+        rollouts: asynchronous rollouts: sampling beside training, with bounded staleness
         resume_allow_changes: keys (or sections, e.g. optim) whose change since the
             checkpoint a resume accepts; any other change to what the run computes is refused
         report_to: where metrics go besides metrics.jsonl (always written): tensorboard
@@ -90,6 +90,7 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     vllm: VllmConfig = field(default_factory=VllmConfig)
+    rollouts: RolloutsConfig = field(default_factory=RolloutsConfig)
     steps: int = 100
     batch_size: int = 8
     micro_batch_size: int = 8

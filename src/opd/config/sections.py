@@ -216,50 +216,6 @@ class DataConfig:
 
 
 @dataclass
-class SamplingConfig:
-    """Rollout sampling. Its temperature is never the loss temperature (`loss.kd_temperature`).
-
-    Attributes:
-        temperature: sampling temperature of student (and teacher) rollouts; 0 is greedy
-        top_p: nucleus sampling mass (1: off)
-        top_k: sample among the k most likely tokens (0: off)
-        max_new_tokens: longest sampled completion
-        n: samples per prompt in a student-sampled batch
-        stop: strings that end a sampled completion (besides EOS)
-        eos_token_ids: token ids that end a completion, besides the student's
-            generation_config, its tokenizer's EOS and the chat template's turn end
-        engine: hf (the reference sampler, plain HF forward) | vllm (a colocated vLLM engine
-            holding the student, weights pushed after every optimizer step) | lean (opd.modeling.lean's
-            Llama/Qwen decoder on a static KV cache, checked against hf on the first batch)
-        cuda_graphs: lean on CUDA: replay decode steps as a CUDA graph (opt-in; never yet
-            checked on a GPU)
-    """
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 128
-    n: int = 1
-    stop: list[str] = field(default_factory=list)
-    engine: Literal["hf", "lean", "vllm"] = "hf"
-    cuda_graphs: bool = False
-    eos_token_ids: list[int] = field(default_factory=list)
-
-    def __post_init__(self):
-        _check_choices(self)
-        _in_range("sampling.temperature", self.temperature, 0.0)
-        _in_range("sampling.top_p", self.top_p, 0.0, 1.0, lo_open=True)
-        _in_range("sampling.top_k", self.top_k, 0)
-        _in_range("sampling.max_new_tokens", self.max_new_tokens, 1)
-        _in_range("sampling.n", self.n, 1)
-        for i, token_id in enumerate(self.eos_token_ids):
-            if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
-                raise ValueError(
-                    f"sampling.eos_token_ids[{i}]={token_id!r} must be a token id (int >= 0)"
-                )
-
-
-@dataclass
 class LossConfig:
     """What is minimized on each batch.
 
@@ -275,7 +231,12 @@ class LossConfig:
         kd_temperature: divides both models' logits in the loss (not sampling.temperature)
         discount: pg: discount of the per-token advantage to go
         ratio_cap: pg: cap the importance ratio p_S/q at this value (TRL's truncated
-            importance sampling for vLLM samples); 0 leaves it uncapped
+            importance sampling for vLLM samples); 0 leaves it uncapped. Under
+            ratio_correction=icepop: the upper bound
+        ratio_correction: pg, stale or vLLM samples: tis (truncate the ratio at ratio_cap)
+            | icepop (tokens whose ratio lies outside [ratio_floor, ratio_cap] get no
+            gradient, NeMo-RL's ICE-POP)
+        ratio_floor: ratio_correction=icepop: the lower bound of the ratio
         fused: every objective from the student's hidden states and LM head in tiles, never
             materializing [tokens, vocab] logits (same result as the plain path); kd + full
             also needs a local or self teacher
@@ -294,6 +255,8 @@ class LossConfig:
     fused: bool = True
     fused_forward: Literal["hf", "lean"] = "hf"
     ratio_cap: float = 0.0
+    ratio_correction: Literal["tis", "icepop"] = "tis"
+    ratio_floor: float = 0.0
 
     def __post_init__(self):
         _check_choices(self)
@@ -306,6 +269,13 @@ class LossConfig:
         _in_range("loss.kd_temperature", self.kd_temperature, 0.0, lo_open=True)
         _in_range("loss.discount", self.discount, 0.0, 1.0)
         _in_range("loss.ratio_cap", self.ratio_cap, 0.0)
+        _in_range("loss.ratio_floor", self.ratio_floor, 0.0)
+        if self.ratio_correction == "icepop" and not self.ratio_floor < self.ratio_cap:
+            raise ValueError(
+                f"loss.ratio_correction=icepop keeps tokens whose ratio p_S/q lies in "
+                f"[loss.ratio_floor, loss.ratio_cap] = [{self.ratio_floor}, {self.ratio_cap}]: "
+                "set loss.ratio_cap above loss.ratio_floor (e.g. 0.5 and 2)"
+            )
 
 
 @dataclass
@@ -377,23 +347,3 @@ class OptimConfig:
             raise ValueError(f"optim.lr={self.lr!r} must be a finite number > 0")
         _in_range("optim.warmup_steps", self.warmup_steps, 0)
         _in_range("optim.max_grad_norm", self.max_grad_norm, 0.0)
-
-
-@dataclass
-class VllmConfig:
-    """Each vLLM engine a run starts (sampling.engine=vllm, teacher.kind=vllm).
-
-    Attributes:
-        gpu_memory_utilization: GPU: share of its memory each engine may hold
-        kv_cache_gb: KV cache per engine in GiB; 0: sized by gpu_memory_utilization on GPU,
-            1 GiB on CPU (where vLLM's share would mean a share of all RAM)
-    """
-
-    gpu_memory_utilization: float = 0.3
-    kv_cache_gb: float = 0.0
-
-    def __post_init__(self):
-        _in_range(
-            "vllm.gpu_memory_utilization", self.gpu_memory_utilization, 0.0, 1.0, lo_open=True
-        )
-        _in_range("vllm.kv_cache_gb", self.kv_cache_gb, 0.0)

@@ -60,19 +60,32 @@ def policy_gradient_loss(
     advantages_BT: torch.Tensor,
     sampler_logprobs_BT: torch.Tensor | None = None,
     ratio_cap: float = 0.0,
+    correction: str = "tis",
+    ratio_floor: float = 0.0,
 ) -> torch.Tensor:
     """Per-token importance-weighted policy-gradient loss -(p_S/q)(y_t) * A_t.
 
     `sampler_logprobs_BT` is log q of the sampled tokens under the policy that produced
-    them; None means the sampler is the current student, so the ratio is exactly 1 in
-    value and its gradient is the score function. `ratio_cap > 0` is truncated importance
-    sampling (TRL's correction for vLLM samples; Yao et al. 2025): the weight
-    min(p_S/q, cap) is held constant and multiplies the score-function gradient, equal to
-    the uncapped loss wherever the ratio is below the cap. Returns `[B, T]`, unreduced.
+    them (for a stale sample: the older weights that drew it); None means the sampler is
+    the current student, so the ratio is exactly 1 in value and its gradient is the score
+    function. Corrections of the ratio (for vLLM's mismatch and for stale samples):
+
+    * `tis` with `ratio_cap > 0`: truncated importance sampling (TRL, slime; Yao et al.
+      2025): the weight min(p_S/q, cap) is held constant and multiplies the score-function
+      gradient, equal to the uncapped loss wherever the ratio is below the cap;
+    * `icepop`: tokens whose ratio lies outside [ratio_floor, ratio_cap] contribute
+      nothing (NeMo-RL's ICE-POP); the others keep the plain ratio.
+
+    Returns `[B, T]`, unreduced.
     """
     q = student_logprobs_BT.detach() if sampler_logprobs_BT is None else sampler_logprobs_BT
     ratio = torch.exp(student_logprobs_BT - q.detach())
-    if ratio_cap > 0:
+    if correction == "icepop":
+        kept = (ratio.detach() >= ratio_floor) & (ratio.detach() <= ratio_cap)
+        ratio = torch.where(kept, ratio, torch.zeros_like(ratio))
+    elif correction != "tis":
+        raise ValueError(f"importance-ratio correction {correction!r} is not tis or icepop")
+    elif ratio_cap > 0:
         weight = ratio.detach().clamp(max=ratio_cap)
         ratio = weight * torch.exp(student_logprobs_BT - student_logprobs_BT.detach())
     return -ratio * advantages_BT.detach()

@@ -68,7 +68,14 @@ def fused_per_token_loss(
     sampler_lp = None
     if batch.sampler_logprobs is not None:
         sampler_lp = batch.sampler_logprobs[:, batch.prompt_width :].to(student_lp.device)
-    value = policy_gradient_loss(student_lp, advantages, sampler_lp)
+    value = policy_gradient_loss(
+        student_lp,
+        advantages,
+        sampler_lp,
+        loss.ratio_cap,
+        loss.ratio_correction,
+        loss.ratio_floor,
+    )
     return value[mask], (student_lp - teacher_lp).detach()[mask]
 
 

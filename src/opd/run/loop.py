@@ -41,25 +41,23 @@ from opd.run.interrupt import Interrupted, StopFlag
 from opd.run.metrics import MetricsLog, PhaseTimer
 from opd.run.path import RunPath
 from opd.run.progress import Progress
+from opd.run.rollouts import Rollouts, sampler_token_stats
 from opd.run.setup import RunSetup, build_run
-from opd.run.sources import (
-    SOURCES,
-    loss_denominators,
-    make_micro_batches,
-    source_counts,
-    source_weights,
-)
+from opd.run.sources import SOURCES, loss_denominators, source_counts, source_weights
 from opd.run.state import RunState
 from opd.run.world import NullMetricsLog, aggregate_step
-from opd.sampling.vllm import logprob_gap_sum
 
 log = logging.getLogger("opd")
 
 
 def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
-    """One optimizer step: make micro-batches -> teacher scores -> loss -> step."""
+    """One optimizer step: make micro-batches -> teacher scores -> loss -> step.
+
+    The batches come from `run.rollouts` (`opd.run.rollouts`: drawn now, or ahead by
+    `rollouts.mode`), which also takes the new weights to the sampler."""
     world = run.world
-    batches = make_micro_batches(run, step, timer)
+    rollouts = run.rollouts or Rollouts(run)
+    batches = rollouts.batches_for(step, timer)
     # Summed over ranks before any backward: every rank divides by the step's global counts,
     # each source by its own (GKD's λ weighs sources, not tokens: `sources.source_weights`).
     denominators = loss_denominators(batches, world)
@@ -67,16 +65,20 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
     objectives = for_step(run)
     loss_total, div_total, teacher_scored = 0.0, 0.0, 0
     loss_by_source = dict.fromkeys(SOURCES, 0.0)
-    gap_sum, gap_tokens = 0.0, 0  # train-inference mismatch of vLLM samples
+    # train-inference mismatch of vLLM samples, and the ratios p/q of stale ones
+    measure = run.rollout_engine is not None or rollouts.mode != "off"
+    sampler = [0.0, 0.0, 0.0, 0, 0]  # sampler_token_stats: gap, ratio sum, max, out, tokens
     run.student.train()
     for i, batch in enumerate(batches):
         batch = batch.to(run.device)
-        if run.path.sampler == "vllm" and batch.source == "student":
+        if measure and batch.source == "student" and batch.sampler_logprobs is not None:
             with timer.phase("sampler_gap"):  # one extra no-grad forward (as TRL's IS check)
-                g, n = logprob_gap_sum(
-                    world.unwrap(run.student), batch, run.config.sampling, run.vocab_size
+                stats = sampler_token_stats(
+                    world.unwrap(run.student), batch, run.config, run.vocab_size
                 )
-            gap_sum, gap_tokens = gap_sum + g, gap_tokens + n
+            top = max(sampler[2], stats[2])
+            sampler = [a + b for a, b in zip(sampler, stats, strict=True)]
+            sampler[2] = top
         objective = objectives.for_batch(batch)
         with timer.phase("teacher_score"), torch.no_grad():  # whatever the teacher: no graph
             scored = objective.score(batch)
@@ -91,14 +93,21 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
         # This micro-batch's teacher scores (full [B, L, V] logits on the plain path) go
         # before the next is scored: one set in memory at a time.
         del scored, loss
-    loss_total, div_total, gap_sum, gap_tokens, *by_source = world.sum_all(
-        [loss_total, div_total, gap_sum, gap_tokens, *loss_by_source.values()]
+    ratio_max = world.max_all([sampler[2]])[0] if measure else 0.0
+    loss_total, div_total, gap_sum, ratio_sum, ratio_out, gap_tokens, *by_source = world.sum_all(
+        [loss_total, div_total, sampler[0], sampler[1], *sampler[3:], *loss_by_source.values()]
     )
     with timer.phase("update"):
         grad_norm, finite = optimizer_step(run, loss_total)
-    if finite and run.path.sampler == "vllm":
-        with timer.phase("weight_sync"):  # the next rollouts must come from these weights
-            run.rollout_engine.push_weights(world.unwrap(run.student))
+    with timer.phase("weight_sync"):  # the next rollouts must come from these weights
+        rollouts.after_update(finite)
+    ratios = {}
+    if gap_tokens and rollouts.mode != "off":
+        ratios = {
+            "ratio_mean": ratio_sum / gap_tokens,
+            "ratio_max": ratio_max,
+            "ratio_out_of_bounds": ratio_out / gap_tokens,
+        }
     return aggregate_step(
         world,
         {
@@ -117,6 +126,7 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
             **objectives.record(),
             # mean |log p_S - log q| over vLLM-sampled tokens (absent without such tokens)
             **({"sampler_logprob_gap": gap_sum / gap_tokens} if gap_tokens else {}),
+            **ratios,  # p_theta/q of the sampled tokens, with stale rollouts
         },
     )
 
@@ -181,6 +191,7 @@ def _save(run: RunSetup, step: int, state: RunState):
         )
     model_state = world.model_state(run.student)
     optimizer_state = world.optimizer_state(run.student, run.optimizer)
+    rollouts_state = run.rollouts.state() if run.rollouts else {}  # every rank's, gathered
     if not world.is_main:
         world.barrier()
         return latest_checkpoint(run.config.output_dir)
@@ -195,6 +206,7 @@ def _save(run: RunSetup, step: int, state: RunState):
             "data_position": step * run.config.batch_size,
             **state.checkpoint_fields(),
             "teacher_state": getattr(run.teacher, "checkpoint_state", dict)(),
+            "rollouts": rollouts_state,  # batches drawn ahead of the steps (pipelined)
         },
         config_to_dict(run.config),
         keep=run.config.keep_checkpoints,
@@ -238,6 +250,7 @@ def train(config: TrainConfig, run: RunSetup | None = None, extra_eval=None) -> 
             "bf16: true applies autocast on CUDA only; training in float32 on %s", run.device
         )
     state = RunState()
+    rollouts = run.rollouts = Rollouts(run)
     if run.resume_from is not None:
         saved = load_trainer_state(run.resume_from)
         run.world.load_optimizer_state(run.student, run.optimizer, saved["optimizer"])
@@ -247,6 +260,7 @@ def train(config: TrainConfig, run: RunSetup | None = None, extra_eval=None) -> 
         state = RunState.from_trainer_state(saved)
         if hasattr(run.teacher, "load_checkpoint_state"):
             run.teacher.load_checkpoint_state(saved.get("teacher_state", {}))
+        rollouts.load_state(saved.get("rollouts", {}))
         log.info("resumed from %s at step %d", run.resume_from, state.step)
     start_step = state.step
     metrics = (
@@ -271,10 +285,13 @@ def train(config: TrainConfig, run: RunSetup | None = None, extra_eval=None) -> 
         config.steps, start_step, log_every=config.log_every, enabled=run.world.is_main
     )
     stop = StopFlag().install()  # Ctrl-C / SIGTERM: finish the step, save, raise Interrupted
+    rollouts.start(start_step)
     try:
         for step in range(start_step, config.steps):
             t0 = time.perf_counter()
             record = {"step": step + 1, **train_step(run, step, timer)}
+            if rollouts.mode != "off":
+                record.update(rollouts.record(time.perf_counter() - t0))
             state.count_skip(record)
             if record["skipped"]:
                 log.warning("step %d: non-finite loss or gradient; update skipped", step + 1)
@@ -303,6 +320,7 @@ def train(config: TrainConfig, run: RunSetup | None = None, extra_eval=None) -> 
                 path = path or _save(run, step + 1, state)
                 raise Interrupted(stop.signum, step + 1, path)
     finally:
+        rollouts.close()
         stop.restore()
         progress.close()
         metrics.close()

@@ -27,9 +27,12 @@ class RunPath:
             student's hidden states), `plain` (from full `[tokens, vocab]` logits).
         objective_why: why that implementation (the reason when the fused head is not taken).
         rewarded: the implementation of the RL + distillation term on student batches, or None.
-        sampler: the engine that samples the student (`hf`, `lean`, `vllm`: colocated engine).
+        sampler: the engine that samples the student (`hf`, `lean`, `vllm`: colocated engine,
+            `vllm_server`: separate vLLM servers).
         other_sampler: the engine of teacher samples and evaluation (vLLM holds the student's
-            rollouts only, so those take the HF forward under `sampler=vllm`).
+            rollouts only, so those take the HF forward under `sampler=vllm*`).
+        rollouts: when student rollouts are drawn (`off`, `pipelined lag k`, `queue
+            max_staleness s`: opd.run.rollouts).
         teacher: what scores (`none`, `local`, `self (frozen)`, `remote <url>`, `cached <dir>`,
             `vllm`).
         teacher_need: what the teacher returns (`token`, `topk`, `logits`, or None) and its k.
@@ -42,6 +45,7 @@ class RunPath:
     other_sampler: str
     teacher: str
     teacher_need: tuple[str | None, int]
+    rollouts: str = "off"
 
     @property
     def fused(self) -> bool:
@@ -60,6 +64,8 @@ class RunPath:
         sampler = "vllm colocated" if self.sampler == "vllm" else self.sampler
         parts.append(f"sampler: {sampler} (teacher samples and eval: {self.other_sampler})")
         parts.append(f"teacher: {self.teacher}, asked for {asked}")
+        if self.rollouts != "off":
+            parts.append(f"rollouts: {self.rollouts}")
         return "; ".join(parts)
 
     def as_dict(self) -> dict:
@@ -108,7 +114,15 @@ def decide_path(config: TrainConfig, *, distributed: bool, student, teacher) -> 
         objective_why=why,
         rewarded="plain" if config.reward.function else None,
         sampler=engine,
-        other_sampler="hf" if engine == "vllm" else engine,
+        other_sampler="hf" if engine.startswith("vllm") else engine,
         teacher=describe_teacher(config),
         teacher_need=teacher_need(loss),
+        rollouts=describe_rollouts(config),
     )
+
+
+def describe_rollouts(config: TrainConfig) -> str:
+    r = config.rollouts
+    if r.mode == "pipelined":
+        return f"pipelined lag {r.lag}"
+    return f"queue max_staleness {r.max_staleness}" if r.mode == "queue" else "off"

@@ -41,6 +41,8 @@ def check_extras(config: TrainConfig) -> None:
         require("httpx", "teacher.kind=remote")
     if config.lora.enabled:
         require("peft", "lora.enabled=true")
+    if config.sampling.engine == "vllm_server":
+        require("httpx", "sampling.engine=vllm_server")
     for tracker in config.report_to:
         if tracker != "jsonl":
             require(tracker, f"report_to={tracker}")

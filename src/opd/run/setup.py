@@ -21,6 +21,7 @@ from opd.run.path import RunPath, decide_path
 from opd.run.preflight import Checked, preflight
 from opd.run.world import World, init_world
 from opd.sampling.vllm import VllmSampler
+from opd.sampling.vllm_server import VllmServerSampler
 from opd.teachers.registry import build_teacher
 
 
@@ -44,6 +45,8 @@ class RunSetup:
     world: World = field(default_factory=World)  # this process in a multi-process run
     # sampling.engine=vllm: the colocated engine that samples the student (opd.sampling.vllm)
     rollout_engine: object | None = None
+    # where each step's batches come from (opd.run.rollouts.Rollouts); set by opd.run.loop.train
+    rollouts: object | None = None
 
 
 def lr_lambda(config: TrainConfig):
@@ -112,13 +115,15 @@ def build_run(config: TrainConfig, checked: Checked | None = None) -> RunSetup:
     student = world.wrap_student(student)  # DDP/FSDP; the model itself in one process
     teacher = world.place_teacher(teacher, config.teacher.shard)
     rollout_engine = None
+    if path.sampler.startswith("vllm") and world.sharded:
+        raise ValueError(
+            f"sampling.engine={path.sampler} with an FSDP-sharded student is not supported: "
+            "use DDP (each process samples its own rollouts) or one process"
+        )
     if path.sampler == "vllm":
-        if world.sharded:
-            raise ValueError(
-                "sampling.engine=vllm with an FSDP-sharded student is not supported: use DDP "
-                "(each process keeps its own engine) or one process"
-            )
         rollout_engine = VllmSampler.for_run(config, world.unwrap(student))
+    elif path.sampler == "vllm_server":
+        rollout_engine = VllmServerSampler.for_run(config, world.unwrap(student), world)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=config.optim.lr, weight_decay=config.optim.weight_decay

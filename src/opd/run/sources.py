@@ -34,13 +34,26 @@ def choose_source(config: TrainConfig, step: int, micro: int) -> str:
     return "student" if u < config.source.lmbda else config.source.off_policy
 
 
-def make_micro_batch(run: RunSetup, step: int, micro: int, timer: PhaseTimer) -> SequenceBatch:
-    config, enc, world = run.config, run.encoder, run.world
+def micro_batch_rows(run: RunSetup, step: int, micro: int, source: str) -> list[dict]:
+    """The dataset rows of this rank's micro-batch `micro` of step `step`, each repeated
+    `sampling.n` times when its completions are sampled."""
+    config, world = run.config, run.world
     # Global micro-batch `micro` holds micro_batch_size * W prompts; rank r takes slice r.
     start = (step * world.accumulation(config) + micro) * world.size + world.rank
     start *= config.micro_batch_size
     rows = [run.train_rows[i] for i in run.order.take(start, config.micro_batch_size)]
+    return rows if source == "dataset" else [r for r in rows for _ in range(config.sampling.n)]
+
+
+def make_micro_batch(
+    run: RunSetup, step: int, micro: int, timer: PhaseTimer, engine=None
+) -> SequenceBatch:
+    """`engine`: what samples the student (`sample(prompts, ...)` as `VllmSampler`'s), in
+    place of `run.rollout_engine`; None: that engine, or the student's HF forward."""
+    config, enc, world = run.config, run.encoder, run.world
+    engine = engine or run.rollout_engine
     source = choose_source(config, step, micro)
+    rows = micro_batch_rows(run, step, micro, source)
     pad = run.tokenizer.pad_token_id
     if source == "dataset":
         # Rows were encoded at start (opd.data.rows.load_run_data); rows from an opd teacher cache
@@ -49,11 +62,10 @@ def make_micro_batch(run: RunSetup, step: int, micro: int, timer: PhaseTimer) ->
         completions = [r["completion_ids"] for r in rows]
         return assemble(prompts, completions, pad_id=pad, source="dataset", rows=rows)
     s = config.sampling
-    rows = [r for r in rows for _ in range(s.n)]
     prompts = [enc.row_prompt_ids(r) for r in rows]
-    if source == "student" and run.path.sampler == "vllm":
+    if source == "student" and engine is not None:
         with timer.phase("generate"), torch.no_grad():
-            out = run.rollout_engine.sample(
+            out = engine.sample(
                 prompts,
                 max_new_tokens=s.max_new_tokens,
                 eos_ids=run.encoder.end_ids,
@@ -104,10 +116,13 @@ def make_micro_batch(run: RunSetup, step: int, micro: int, timer: PhaseTimer) ->
     )
 
 
-def make_micro_batches(run: RunSetup, step: int, timer: PhaseTimer) -> list[SequenceBatch]:
+def make_micro_batches(
+    run: RunSetup, step: int, timer: PhaseTimer, engine=None
+) -> list[SequenceBatch]:
     """This rank's micro-batches of optimizer step `step`, each from its drawn source."""
     return [
-        make_micro_batch(run, step, m, timer) for m in range(run.world.accumulation(run.config))
+        make_micro_batch(run, step, m, timer, engine)
+        for m in range(run.world.accumulation(run.config))
     ]
 
 

@@ -116,6 +116,26 @@ class World:
             for v, x in zip(values, t.tolist(), strict=True)
         ]
 
+    def max_all(self, values: list) -> list:
+        """Each value's maximum over ranks (one all-reduce)."""
+        if not self.distributed:
+            return list(values)
+        import torch.distributed as dist
+
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
+    def gather(self, value) -> list:
+        """Every rank's `value` (a tree of tensors and plain values), in rank order."""
+        if not self.distributed:
+            return [value]
+        import torch.distributed as dist
+
+        out = [None] * self.size
+        dist.all_gather_object(out, value)
+        return out
+
     def sum(self, value):
         return self.sum_all([value])[0] if self.distributed else value
 

@@ -1,0 +1,163 @@
+"""`sampling.engine: vllm_server` against a real vLLM OpenAI server process on 127.0.0.1:
+a weight push takes effect (the server's log q equals the updated student's), a skipped
+push shows in `sampler_logprob_gap`, pipelined rollouts overlap it, and a server that goes
+away stops the run with a message naming it and its checkpoint intact.
+
+The server is vLLM's own, started as the README says (`VLLM_SERVER_DEV_MODE=1`,
+`--logprobs-mode processed_logprobs`), once for this module (~30-60 s on 2 cores).
+"""
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+
+from opd.config import config_from_dict
+from opd.data.batch import assemble
+from opd.modeling.hf import load_causal_lm
+from opd.run.checkpoint import latest_checkpoint
+from opd.run.loop import train
+from opd.run.metrics import read_metrics
+from opd.run.rollouts import sampler_token_stats
+from opd.sampling.vllm_server import RolloutServerError, VllmServerSampler
+from test_vllm_server import free_port
+from test_vllm_train import config
+from vllm_util import vllm_or_skip
+
+vllm_or_skip()
+
+START_TIMEOUT_S = 400
+GAP = 1e-3  # float32 on both sides: the CPU kernels agree to ~1e-5
+
+
+def serve_command(model, port: int) -> list[str]:
+    """The README's `vllm serve` command for a rollout server, on 127.0.0.1 only."""
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"]
+    cmd += ["--max-model-len", "128", "--logprobs-mode", "processed_logprobs"]
+    cmd += ["--kv-cache-memory-bytes", str(1 << 28), "--compilation-config", '{"mode": 0}']
+    return cmd
+
+
+@pytest.fixture(scope="module")
+def server(vllm_pair, tmp_path_factory):
+    port = free_port()
+    log = (tmp_path_factory.mktemp("rollout_server") / "server.log").open("w")
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
+    proc = subprocess.Popen(
+        serve_command(vllm_pair[1], port), stdout=log, stderr=subprocess.STDOUT, env=env
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, f"vLLM server exited; see {log.name}"
+            try:
+                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"vLLM server not up in {START_TIMEOUT_S}s"
+            time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def server_gap(sampler, model, sampling_config) -> float:
+    """Mean |log p - log q| of the server's samples under `model` (the loop's metric)."""
+    prompts = [[5, 9, 12, 7], [3, 4, 5], [11, 6]] * 2
+    out = sampler.sample(prompts, max_new_tokens=8, eos_ids=[1], temperature=1.0, seed=7)
+    batch = assemble(
+        prompts, out.completions, pad_id=0, completion_logprobs=out.logprobs, source="student"
+    )
+    gap, _, _, _, tokens = sampler_token_stats(model, batch, sampling_config, 10_000)
+    assert tokens > 10
+    return gap / tokens
+
+
+def test_push_takes_effect_and_a_skipped_push_shows(server, vllm_pair, tmp_path):
+    cfg = config_from_dict(config(vllm_pair, "x", tmp_path, sampling={"temperature": 1.0}))
+    model = load_causal_lm(str(vllm_pair[1])).eval()
+    sampler = VllmServerSampler(server, all_urls=[server], weights_dir=str(tmp_path / "w"))
+    sampler.push_weights(model)
+    assert server_gap(sampler, model, cfg) < GAP
+    with torch.no_grad():  # as an optimizer step would
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert server_gap(sampler, model, cfg) > 10 * GAP  # not pushed yet: the gap shows it
+    sampler.push_weights(model)
+    assert server_gap(sampler, model, cfg) < GAP
+    assert [p.name for p in (tmp_path / "w").iterdir()] == ["push-0000001"]  # older removed
+
+
+def server_config(vllm_pair, addition_data, out, server, **over):
+    cfg = config(vllm_pair, addition_data, out, preset="on_policy", steps=3, **over)
+    cfg["sampling"].update(engine="vllm_server", server_urls=[server])
+    return cfg
+
+
+def test_training_pushes_every_step_and_pipelines_beside_it(
+    server, vllm_pair, addition_data, tmp_path
+):
+    train(config_from_dict(server_config(vllm_pair, addition_data, tmp_path / "s", server)))
+    serial = read_metrics(tmp_path / "s")
+    assert all(r["sampler_logprob_gap"] < GAP for r in serial), serial
+    cfg = server_config(
+        vllm_pair, addition_data, tmp_path / "p", server, rollouts={"mode": "pipelined"}
+    )
+    train(config_from_dict(cfg))
+    piped = read_metrics(tmp_path / "p")
+    assert [r["staleness_max"] for r in piped] == [0, 1, 1]
+    assert piped[0]["sampler_logprob_gap"] < GAP  # drawn with the weights it trains
+    assert all(r["sampler_logprob_gap"] > GAP for r in piped[1:])  # one step behind
+
+
+def test_a_skipped_push_shows_in_the_run(server, vllm_pair, addition_data, tmp_path, monkeypatch):
+    real = VllmServerSampler.push_weights
+
+    def first_only(self, model):
+        if self.pushes == 0:
+            real(self, model)
+
+    monkeypatch.setattr(VllmServerSampler, "push_weights", first_only)
+    train(config_from_dict(server_config(vllm_pair, addition_data, tmp_path, server)))
+    gaps = [r["sampler_logprob_gap"] for r in read_metrics(tmp_path)]
+    assert gaps[0] < GAP and min(gaps[1:]) > 10 * GAP, gaps
+
+
+def test_a_server_gone_mid_run_stops_with_its_name_and_a_checkpoint(
+    server, vllm_pair, addition_data, tmp_path, monkeypatch
+):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens here any more
+    real_push = VllmServerSampler.push_weights
+
+    def push_then_lose_server(self, model):
+        real_push(self, model)
+        if self.pushes == 2:  # after step 1: the server is gone
+            self.url = self.all_urls[0] = dead
+
+    monkeypatch.setattr(VllmServerSampler, "push_weights", push_then_lose_server)
+    cfg = server_config(vllm_pair, addition_data, tmp_path, server, save_every=1)
+    with pytest.raises(RolloutServerError, match=re.escape(f"rollout server {dead} failed")):
+        train(config_from_dict(cfg))
+    assert latest_checkpoint(tmp_path).name == "step-0000001"
+    monkeypatch.setattr(VllmServerSampler, "push_weights", real_push)
+    result = train(config_from_dict({**cfg, "resume": True}))  # server back: it goes on
+    assert result["step"] == 3 and read_metrics(tmp_path)[-1]["sampler_logprob_gap"] < GAP
+
+
+def test_an_unreachable_server_is_named(tmp_path):
+    with pytest.raises(RolloutServerError, match=re.escape("server http://127.0.0.1:9 failed")):
+        VllmServerSampler("http://127.0.0.1:9", all_urls=[], weights_dir=str(tmp_path))
