@@ -127,7 +127,12 @@ def overlap(args, root: Path) -> dict:
     from opd.run.metrics import read_metrics
 
     teacher, student, data = tiny_task(root / "models")
-    proc, url = start_server(student, root / "server.log", args)
+    # a running server of the same architecture will do: the first push sets its weights
+    proc, url = (
+        (None, args.server_url)
+        if args.server_url
+        else start_server(student, root / "server.log", args)
+    )
     results = {}
     try:
         for mode in ("off", "pipelined"):
@@ -162,8 +167,9 @@ def overlap(args, root: Path) -> dict:
             }
             print(mode, results[mode], flush=True)
     finally:
-        proc.terminate()
-        proc.wait(60)
+        if proc is not None:
+            proc.terminate()
+            proc.wait(60)
     results["speedup"] = round(results["off"]["step_s"] / results["pipelined"]["step_s"], 3)
     return results
 
@@ -234,6 +240,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--server-gpu", default=None, help="CUDA_VISIBLE_DEVICES of the server")
+    p.add_argument("--server-url", default="", help="use this running rollout server")
     p.add_argument("--weight-sync", default="filesystem", choices=["filesystem", "nccl"])
     p.add_argument("--threads", type=int, default=1, help="torch threads of the trainer")
     p.add_argument("--workdir", default="")
