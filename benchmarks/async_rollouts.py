@@ -53,14 +53,14 @@ def tiny_task(root: Path) -> tuple[Path, Path, Path]:
     with torch.no_grad():
         model.lm_head.weight.mul_(40.0)  # a peaked teacher: distillation has a direction
     model.save_pretrained(teacher)
-    rng = random.Random(0)
-    data = root / "train.jsonl"
-    with data.open("w") as fh:
-        for _ in range(256):
-            a, b = rng.randint(0, 99), rng.randint(0, 99)
-            row = {"prompt": f"{a}+{b}=", "completion": f"{a + b}", "answer": str(a + b)}
-            fh.write(json.dumps(row) + "\n")
-    return teacher, student, data
+    for name, seed in (("train", 0), ("heldout", 1)):  # heldout: other additions
+        rng = random.Random(seed)
+        with (root / f"{name}.jsonl").open("w") as fh:
+            for _ in range(256 if name == "train" else 64):
+                a, b = rng.randint(0, 99), rng.randint(0, 99)
+                row = {"prompt": f"{a}+{b}=", "completion": f"{a + b}", "answer": str(a + b)}
+                fh.write(json.dumps(row) + "\n")
+    return teacher, student, root / "train.jsonl"
 
 
 def free_port() -> int:
@@ -188,7 +188,7 @@ def staleness(args, root: Path) -> dict:
     teacher_dir, student, data = tiny_task(root / "models")
     tok = load_tokenizer(str(student))
     enc = Encoder(tok, config_from_dict({"student": {"path": "x"}, "data": {"train": "x"}}).data)
-    rows = load_rows(data)[-64:]  # held out: the runs see at most the first rows... of an epoch
+    rows = load_rows(data.with_name("heldout.jsonl"))  # 64 additions drawn with another seed than train
     held = assemble(
         [enc.prompt_ids(r["prompt"]) for r in rows],
         [enc.completion_ids(r["completion"]) for r in rows],
@@ -205,7 +205,7 @@ def staleness(args, root: Path) -> dict:
 
     results = {}
     for divergence in ("reverse_kl", "forward_kl"):
-        for lag in (0, 1, 2):
+        for lag in args.lags:
             curve = []
 
             def probe(run, curve=curve):
@@ -237,6 +237,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eval-every", type=int, default=5)
+    p.add_argument("--lags", type=int, nargs="+", default=[0, 1, 2], help="staleness: lags")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--server-gpu", default=None, help="CUDA_VISIBLE_DEVICES of the server")

@@ -161,3 +161,19 @@ def test_a_server_gone_mid_run_stops_with_its_name_and_a_checkpoint(
 def test_an_unreachable_server_is_named(tmp_path):
     with pytest.raises(RolloutServerError, match=re.escape("server http://127.0.0.1:9 failed")):
         VllmServerSampler("http://127.0.0.1:9", all_urls=[], weights_dir=str(tmp_path))
+
+
+def test_two_processes_share_one_server_and_one_push(server, vllm_pair, addition_data, tmp_path):
+    """torchrun, 2 CPU processes: each rank samples its own prompts from the server, rank 0
+    alone writes and pushes the weights, and no rank samples before the push took effect
+    (the gap is summed over both ranks' tokens)."""
+    from test_distributed import launch
+
+    cfg = server_config(vllm_pair, addition_data, tmp_path / "ddp", server, device="cpu")
+    cfg["rollouts"] = {"mode": "pipelined", "lag": 0}
+    out = launch(cfg, tmp_path)
+    records = read_metrics(out)
+    assert [r["sequences_from_student"] for r in records] == [4, 4, 4]  # 2 ranks x 2 prompts
+    assert all(r["sampler_logprob_gap"] < GAP for r in records), records
+    pushed = sorted(p.name for p in (out / "rollout_weights").iterdir())
+    assert pushed == ["push-0000003"], pushed  # start + 3 steps, one directory kept
