@@ -2,7 +2,8 @@
 
 Scores are compared with the built-in engine's (HF forward) on the same tokens at 2e-4
 (float32 both; kernels differ in summation order). Tail masses come from 1 - sum(top-k)
-on vLLM's side, resolved to ~1e-6 (TAIL_FLOOR), so they are compared in probability.
+on vLLM's side, resolved to ~1e-6 (`opd.data.cache_format.TAIL_FLOOR`), so they are compared
+in probability.
 """
 
 import json

@@ -1,6 +1,7 @@
 """The offline-cache subcommands of `opd`: generate, score, inspect.
 
     opd generate --teacher T --prompts prompts.jsonl --out cache/ [--topk 64] [--n 4]
+    opd generate --endpoint URL --model NAME --prompts prompts.jsonl --out cache/ [--api chat]
     opd score    --teacher T --prompts pairs.jsonl   --out cache/ [--topk 64]
     opd inspect  cache/ [--samples 3]
 
@@ -58,7 +59,45 @@ def _run(args, mode: str) -> int:
     return 0
 
 
+def _run_endpoint(args) -> int:
+    from opd.teachers.cache.endpoint import EndpointSettings, build_endpoint_cache, cost_table
+
+    if not args.model:
+        raise ValueError("--model is required with --endpoint (the name the server serves)")
+    settings = EndpointSettings(
+        api_key_env=args.api_key_env,
+        concurrency=args.concurrency,
+        requests_per_minute=args.requests_per_minute,
+        tokens_per_minute=args.tokens_per_minute,
+        timeout_s=args.timeout_s,
+        deadline_s=args.deadline_s,
+        max_retries=args.max_retries,
+    )
+    manifest = build_endpoint_cache(
+        args.endpoint,
+        args.model,
+        args.prompts,
+        args.out,
+        _spec(args, "generate"),
+        settings,
+        api=args.api,
+        tokenizer=args.tokenizer,
+        stop=args.stop,
+    )
+    print("\n".join(cost_table(manifest)))
+    summary = {k: manifest[k] for k in ("counts", "cost", "errors", "truncated")}
+    summary["token_level"] = manifest["tokenizer"]["token_level"]
+    print(json.dumps({"out": args.out, **summary}))
+    return 0
+
+
 def _cmd_generate(args) -> int:
+    if args.endpoint and args.teacher:
+        raise ValueError("give --teacher (a model) or --endpoint (a server), not both")
+    if args.endpoint:
+        return _run_endpoint(args)
+    if not args.teacher:
+        raise ValueError("opd generate needs --teacher (a model) or --endpoint (a server)")
     return _run(args, "generate")
 
 
@@ -73,8 +112,10 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--teacher", required=True, help="teacher model directory or hub id")
+def _common(p: argparse.ArgumentParser, teacher_required: bool = True) -> None:
+    p.add_argument(
+        "--teacher", required=teacher_required, default="", help="teacher model directory or hub id"
+    )
     p.add_argument("--prompts", required=True, help="JSONL, Parquet or a `datasets` directory")
     p.add_argument("--out", required=True, help="cache directory (rerun to resume)")
     p.add_argument("--topk", type=int, default=64, help="teacher top-k stored per token (0: none)")
@@ -107,7 +148,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 def add_cache_commands(sub) -> None:
     """Register `generate`, `score` and `inspect` on the `opd` subparsers."""
     p = sub.add_parser("generate", help="teacher rollouts + log-probs into an offline cache")
-    _common(p)
+    _common(p, teacher_required=False)
+    _endpoint_options(p)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--top-p", type=float, default=1.0, help="sampling nucleus")
@@ -122,3 +164,25 @@ def add_cache_commands(sub) -> None:
     p.add_argument("--samples", type=int, default=3, help="rows to show decoded")
     p.add_argument("--tokenizer", default="", help="decode with this tokenizer (default: teacher)")
     p.set_defaults(func=_cmd_inspect)
+
+
+def _endpoint_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("an OpenAI-compatible server as the teacher (--endpoint)")
+    g.add_argument("--endpoint", default="", help="server URL, e.g. http://gpu:8000 (or .../v1)")
+    g.add_argument("--model", default="", help="model name the server serves")
+    g.add_argument("--api", default="completions", choices=["completions", "chat"],
+                   help="chat: the server applies its chat template")  # fmt: skip
+    g.add_argument(
+        "--tokenizer",
+        default="",
+        help="local tokenizer the cache's token ids are in (checked against the server's "
+        "/tokenize); without it the cache holds text",
+    )
+    g.add_argument("--api-key-env", default="OPENAI_API_KEY", help="env variable with the key")
+    g.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    g.add_argument("--requests-per-minute", type=float, default=0.0, help="0: no limit")
+    g.add_argument("--tokens-per-minute", type=float, default=0.0, help="0: no limit")
+    g.add_argument("--timeout-s", type=float, default=120.0, help="one attempt's limit")
+    g.add_argument("--deadline-s", type=float, default=600.0, help="one request's limit")
+    g.add_argument("--max-retries", type=int, default=6, help="after 408/429/5xx/timeouts")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")

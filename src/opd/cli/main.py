@@ -194,8 +194,9 @@ def exit_code(err: BaseException) -> int | None:
     stayed down, None for anything else (a bug: the traceback is shown)."""
     from opd.config.extras import INSTALL, MissingExtra
 
-    # opd.teachers.errors, opd.sampling.vllm_server; checked by name, torch-free
-    if type(err).__name__ in ("TeacherUnavailable", "RolloutServerError"):
+    # opd.teachers.errors, opd.sampling.vllm_server, opd.teachers.cache.endpoint_http;
+    # checked by name, torch-free
+    if type(err).__name__ in ("TeacherUnavailable", "RolloutServerError", "EndpointUnavailable"):
         return 3
     if type(err).__name__ in ("TrainingStopped", "OutOfSpace"):  # opd.run.checkpoint
         return 4  # a non-finite run or a full disk; the named checkpoint is intact

@@ -1,6 +1,7 @@
 """Which optional feature needs which extra, said plainly when it is missing.
 
-serve        opd serve, teacher.kind=remote                 fastapi, uvicorn, httpx
+serve        opd serve, teacher.kind=remote,                fastapi, uvicorn, httpx
+             opd generate --endpoint
 data         Parquet files and `datasets` directories       datasets, pyarrow
 lora         lora.enabled=true                              peft
 dist         torchrun / accelerate launch (WORLD_SIZE > 1)  accelerate

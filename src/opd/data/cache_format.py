@@ -31,6 +31,12 @@ over the full vocabulary, sorted) and `tail_logmass [N] float32` (log of the mas
 the top-k, computed from the logits, exact). Per completion token that is 6k + 12 bytes
 with fp16 (k = 64: 396 B) against 4V bytes for a dense float32 row (V = 151,936: 608 KB).
 
+A cache from an OpenAI-compatible server (`opd generate --endpoint`, `opd.teachers.cache.endpoint`)
+whose tokenizer is not known to be the student's holds text (`tokenizer.token_level:
+false` in the manifest, empty arrays): its rows train on their text, never as teacher
+log-probs. Rows with an `error` (refused, filtered, invalid answers) are kept once, with
+no tokens, and never trained on.
+
 Exactly-once: the manifest is the only source of truth. A shard's files are written to
 hidden temporary files and renamed into place, then the manifest (listing the shard with
 its checksums) is replaced atomically. A kill before the manifest update leaves files
@@ -43,6 +49,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -184,6 +191,18 @@ def pack_shard(records: list[dict], topk: int, logprob_dtype: str) -> dict[str, 
     return arrays
 
 
+# Top-k log-probs from vLLM arrive as float32: 1 - sum(exp) is exact to ~1e-7 per term, so
+# a smaller tail mass than this is not resolved and is stored as this floor.
+TAIL_FLOOR = 1e-6
+
+
+def tail_logmass_from_topk(topk_logprobs) -> np.ndarray:
+    """`[N, k] -> [N]`: log of the mass outside a position's top-k, from the top-k alone
+    (engines and servers that return no logits), floored at `TAIL_FLOOR`."""
+    rest = 1.0 - np.exp(np.asarray(topk_logprobs, dtype=np.float64)).sum(-1)
+    return np.log(np.maximum(rest, TAIL_FLOOR)).astype(np.float32)
+
+
 def write_shard(root: Path, index: int, arrays: dict[str, np.ndarray], rows: list[dict]) -> dict:
     """Write one shard's two files atomically; return its manifest entry (checksums, sizes)."""
     name = shard_name(index)
@@ -248,7 +267,7 @@ class CacheReader:
         if verify:
             for entry in self.shards:
                 verify_shard(self.root, entry)
-        self.topk = int(self.manifest["spec"]["topk"])
+        self.topk = stored_topk(self.manifest)
         self._index: dict[int, tuple[int, int]] = {}  # row id -> (shard position, row in shard)
         self._offsets: list[np.ndarray] = []
         self._handles: dict[int, object] = {}
@@ -304,17 +323,29 @@ class CacheReader:
         """Training rows: the source row with the completion, plus stored token ids.
 
         `prompt_ids`/`completion_ids` let the loop use exactly the tokens the teacher
-        scored; `cache_row` is what the cached teacher looks the row up by.
+        scored; `cache_row` is what the cached teacher looks the row up by. A text cache
+        gives text rows (the student's tokenizer encodes them), without its truncated ones:
+        their text has no end, and encoding would append one. Error rows are left out.
         """
-        out = []
+        out, token_level, skipped = [], is_token_level(self.manifest), Counter()
         for _entry, arrays, rows in self.iter_shards():
             p_off, c_off = arrays["prompt_offsets"], arrays["completion_offsets"]
             for j, meta in enumerate(rows):
+                if meta.get("error") or not (token_level or meta["finished"]):
+                    skipped[meta["error"]["kind"] if meta.get("error") else "truncated"] += 1
+                    continue
                 row = dict(meta["row"])
                 row["cache_row"] = meta["cache_row"]
+                if not token_level:
+                    out.append(row)
+                    continue
                 row["prompt_ids"] = arrays["prompt_ids"][p_off[j] : p_off[j + 1]].tolist()
                 row["completion_ids"] = arrays["completion_ids"][c_off[j] : c_off[j + 1]].tolist()
                 out.append(row)
+        if skipped:
+            shown = ", ".join(f"{k} {v}" for k, v in skipped.items())
+            left = sum(skipped.values())
+            log.info("cache %s: %d rows left out of training (%s)", self.root, left, shown)
         return out
 
 
@@ -322,8 +353,25 @@ def load_cache_rows(root: str | Path) -> list[dict]:
     return CacheReader(root).rows()
 
 
+def is_token_level(manifest: dict) -> bool:
+    """Whether the cache's token ids are in a known tokenizer (every cache but an endpoint
+    cache whose server's tokenizer could not be checked)."""
+    return bool(manifest["tokenizer"].get("token_level", True))
+
+
+def stored_topk(manifest: dict) -> int:
+    """The top-k the shard arrays hold (0 for a text cache)."""
+    return int(manifest["spec"]["topk"]) if is_token_level(manifest) else 0
+
+
 def check_tokenizer(root: Path, manifest: dict, tokenizer, who: str = "the student") -> None:
     from opd.modeling.hf import tokenizer_fingerprint
+
+    if not is_token_level(manifest):
+        raise CacheError(
+            f"cache {root} holds text, not token log-probs ({manifest['tokenizer']['check']}): "
+            "it trains SeqKD (loss.objective=ce, no teacher), not token-level KD"
+        )
 
     theirs, mine = manifest["tokenizer"]["fingerprint"], tokenizer_fingerprint(tokenizer)
     if mine != theirs:
@@ -335,6 +383,9 @@ def check_tokenizer(root: Path, manifest: dict, tokenizer, who: str = "the stude
 
 
 def check_cache_tokenizer(path: str | Path, tokenizer) -> None:
-    """Refuse a cache (used as a dataset) made with another tokenizer; no-op for other data."""
+    """Refuse a cache (used as a dataset) made with another tokenizer; no-op for other data
+    and for text caches (their rows are text, encoded by the student's tokenizer)."""
     if path and Path(path).is_dir() and is_cache(path):
-        check_tokenizer(Path(path), read_manifest(path), tokenizer)
+        manifest = read_manifest(path)
+        if is_token_level(manifest):
+            check_tokenizer(Path(path), manifest, tokenizer)

@@ -13,7 +13,7 @@ from pathlib import Path
 from opd.config.checks import dataset_batches, teacher_need, uses_teacher
 from opd.config.parse import TrainConfig
 from opd.config.sections import DEFAULT_TOPK
-from opd.data.cache_format import is_cache, read_manifest
+from opd.data.cache_format import is_cache, is_token_level, read_manifest
 from opd.modeling.checks import check_model_path
 from opd.teachers.answer_checks import check_info
 from opd.teachers.errors import BadAnswer
@@ -68,6 +68,12 @@ def check_cache(config: TrainConfig) -> TrainConfig:
             "loss.estimator=topk (loss.topk defaults to the cache's k)"
         )
     manifest = read_manifest(cache_dir)
+    if not is_token_level(manifest):
+        raise ValueError(
+            f"teacher.kind=cached needs token log-probs but cache {cache_dir} holds text "
+            f"({manifest['tokenizer']['check']}); train SeqKD on it with loss.objective=ce "
+            "(no teacher is asked), or rebuild it with a --tokenizer the server shares"
+        )
     k, temperature = int(manifest["spec"]["topk"]), float(manifest["logprob_temperature"])
     if loss.objective != "kd":
         return config

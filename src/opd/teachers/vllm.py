@@ -18,6 +18,7 @@ import torch
 
 from opd.config.checks import teacher_need
 from opd.data.batch import SequenceBatch
+from opd.data.cache_format import tail_logmass_from_topk
 from opd.teachers.base import TeacherScores, check_need, check_untempered
 from opd.teachers.remote import sequences_of
 
@@ -115,11 +116,6 @@ def build_vllm_teacher(config, tokenizer) -> VllmTeacher:
     return VllmTeacher(llm, len(tokenizer), max_logprobs)
 
 
-# Top-k log-probs arrive as float32: 1 - sum(exp) is exact to ~1e-7 per term, so a smaller
-# tail mass than this is not resolved and is stored as this floor (offline caches only).
-TAIL_FLOOR = 1e-6
-
-
 def cache_records(
     teacher_path: str,
     spec,
@@ -183,9 +179,8 @@ def cache_records(
         rec = {"token_logprobs": np.asarray(tok, dtype=np.float32)}
         if topk:
             lps = np.asarray(top_lps, dtype=np.float64).reshape(len(tok), topk)
-            rest = 1.0 - np.exp(lps).sum(-1)
             rec["topk_ids"] = np.asarray(top_ids, dtype=np.int64).reshape(len(tok), topk)
             rec["topk_logprobs"] = lps.astype(np.float32)
-            rec["tail_logmass"] = np.log(np.maximum(rest, TAIL_FLOOR)).astype(np.float32)
+            rec["tail_logmass"] = tail_logmass_from_topk(lps)
         records.append(rec)
     return completions, records

@@ -32,12 +32,14 @@ class CacheSpec:
     seed: int = 0
     shard_size: int = 256  # prompts per shard
     teacher_dtype: str = "float32"
-    engine: str = "hf"  # hf: opd's sampler + a Hugging Face forward | vllm: one vLLM engine
+    # hf: opd's sampler + a Hugging Face forward | vllm: one vLLM engine | endpoint: an
+    # OpenAI-compatible server (opd.teachers.cache.endpoint)
+    engine: str = "hf"
 
     def __post_init__(self):
         checks = {
             "mode": self.mode in ("generate", "score"),
-            "engine": self.engine in ("hf", "vllm"),
+            "engine": self.engine in ("hf", "vllm", "endpoint"),
             "chat_template": self.chat_template in ("auto", "on", "off"),
             "logprob_dtype": self.logprob_dtype in LOGPROB_DTYPES,
             "teacher_dtype": self.teacher_dtype in ("float32", "bfloat16", "float16"),
