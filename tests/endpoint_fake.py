@@ -4,7 +4,8 @@ Markers in a prompt's text choose its behaviour: RATE (first attempt 429 with
 `Retry-After: 1`), BUSY (two 500s), SLOW (first attempt outlives the client's timeout),
 TRUNC (finish_reason=length), FILTER (finish_reason=content_filter), NOLP (no logprobs
 field), REFUSE (chat: a refusal message), BAD (400), DOWN (503 with `Retry-After: 10`),
-TRICKLE (first attempt: a body that trickles in and never ends), HUGE (a 3 MB answer).
+TRICKLE (first attempt: a body that trickles in and never ends), HUGE (a 3 MB answer),
+HTML (a 200 whose body is a proxy's HTML page).
 Answers are deterministic in (prompt, seed, choice), so a resumed cache can be compared
 with an unkilled one. Like a hosted API, it has no /tokenize: caches from it hold text.
 """
@@ -51,7 +52,17 @@ class FakeAPI:
                 status, payload, headers = fake.handle(self.path, body, self.headers)
                 if status == "trickle":
                     return self._trickle()
+                if status == "html":
+                    return self._html()
                 self._send(status, payload, headers)
+
+            def _html(self):
+                data = b"<html><body>502 Bad Gateway (proxy)</body></html>"
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
             def _trickle(self):
                 """A 200 whose body never completes: a byte every 0.2 s for 10 s."""
@@ -124,6 +135,8 @@ class FakeAPI:
             time.sleep(SLOW_S)
         if "TRICKLE" in prompt and attempt == 1:
             return "trickle", {}, {}
+        if "HTML" in prompt:
+            return "html", {}, {}
         if "HUGE" in prompt:
             entry["status"] = 200
             return 200, {"choices": [{"index": 0, "text": "x" * (3 << 20)}]}, {}

@@ -129,8 +129,8 @@ def test_chat_api_sends_messages_and_records_a_refusal(tmp_path, monkeypatch):
     assert [r["completion"] for r in rows] == [answer_text("hi there", first["seed"], 0)]
 
 
-def test_a_trickling_answer_is_cut_by_the_timeout_and_a_huge_one_refused(tmp_path):
-    prompts = write_prompts(tmp_path / "p.jsonl", ["TRICKLE 1+1=", "HUGE 2+2=", "3+3="])
+def test_a_trickling_answer_is_cut_by_the_timeout_a_huge_or_html_one_refused(tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", ["TRICKLE 1+1=", "HUGE 2+2=", "3+3=", "HTML"])
     spec = CacheSpec(topk=0, n=1, shard_size=8, max_new_tokens=4)
     settings = EndpointSettings(api_key_env="", timeout_s=1.0, backoff_s=0.05)
     with FakeAPI(key=None) as api:
@@ -139,9 +139,12 @@ def test_a_trickling_answer_is_cut_by_the_timeout_and_a_huge_one_refused(tmp_pat
         took = time.monotonic() - start
         tries = [e for e in api.log if e["prompt"] == "TRICKLE 1+1="]
     assert len(tries) == 2 and took < 5  # the first attempt was given up after ~1 s
-    assert m["errors"] == {"invalid": 1}  # the 3 MB answer, over its ~1 MB bound
+    assert m["errors"] == {"invalid": 2}  # the 3 MB answer (bound ~1 MB), the HTML page
     meta = [t for _, _, rows in CacheReader(tmp_path / "c").iter_shards() for t in rows]
     assert "larger than" in meta[1]["error"]["message"] and meta[0]["row"]["completion"]
+    assert "is not JSON" in meta[3]["error"]["message"] and "502 Bad Gateway" in meta[3][
+        "error"
+    ]["message"]
 
 
 def test_answers_are_validated():

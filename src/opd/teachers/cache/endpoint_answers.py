@@ -12,10 +12,11 @@ vLLM puts the sampled token first in each position's log-prob list, then the top
 k + 1 entries, the chat API the first `top_logprobs` of them. So chat asks for k + 1 and
 both sort by log-prob and keep k: the true top-k either way.
 
-Every answer is checked before it is stored (a teacher answer is data from elsewhere):
-counts and lengths agree and are bounded by the request, log-probs are finite and <= 0,
-a position's top-k mass is <= 1, token ids are inside the vocabulary. An answer that fails
-becomes a row error (`invalid`), counted and never trained on.
+Every answer is checked before it is stored (a teacher answer is data from elsewhere), by
+the rules every teacher answer obeys (`opd.teachers.answer_checks`): counts and lengths
+agree and are bounded by the request, log-probs are finite and <= 0 (top entries may be
+-inf), a position's top-k ids are distinct, inside the vocabulary and hold mass <= 1. An
+answer that fails becomes a row error (`invalid`), counted and never trained on.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from opd.teachers.answer_checks import check_ids, check_logprobs, check_topk
+from opd.teachers.errors import BadAnswer
+
+SERVER = "endpoint"  # how `opd.teachers.answer_checks` names the source in a problem
 TOKEN_IDS = re.compile(r"token_id:\d{1,9}(?: token_id:\d{1,9})*")  # `return_tokens_as_token_ids`
-LOGPROB_SLACK = 1e-3  # rounding above 0 that a log-prob may show
-LOGPROB_FLOOR = -1e4  # vLLM writes -inf as -9999.0
 CHARS_PER_TOKEN = 256  # a completion's text bound: max_tokens * this, per choice
 ERROR_FINISH = {"content_filter": "content_filter"}
 
@@ -102,17 +105,14 @@ def request_payload(
     return payload
 
 
-def _numbers(values: list, what: str) -> np.ndarray:
-    """Log-probs as float64: each a JSON number, finite, in [LOGPROB_FLOOR, 0] (+ rounding)."""
-    arr = np.asarray(values)
-    if arr.size and arr.dtype.kind not in "fi":  # a str, None or bool among them
-        raise InvalidAnswer(f"{what}: not every log-prob is a number")
-    arr = arr.astype(np.float64)
-    if arr.size and not (
-        np.isfinite(arr).all() and arr.min() >= LOGPROB_FLOOR and arr.max() <= LOGPROB_SLACK
-    ):
-        raise InvalidAnswer(f"{what}: a log-prob is outside [{LOGPROB_FLOOR}, 0]")
-    return np.minimum(arr, 0.0)
+def _numbers(values: list, what: str, neg_inf_ok: bool = False) -> np.ndarray:
+    """Log-probs as float64, each a number, finite (or -inf where allowed) and <= 0 within
+    the tolerance of `opd.teachers.answer_checks`."""
+    try:
+        check_logprobs(SERVER, what, values, neg_inf_ok)
+    except BadAnswer as err:
+        raise InvalidAnswer(err.problem) from None
+    return np.minimum(np.asarray(values, dtype=np.float64), 0.0)
 
 
 def _ids(tokens: list, vocab_size: int, what: str) -> np.ndarray:
@@ -123,10 +123,11 @@ def _ids(tokens: list, vocab_size: int, what: str) -> np.ndarray:
         joined = None
     if joined is None or (tokens and not TOKEN_IDS.fullmatch(joined)):
         raise InvalidAnswer(f"{what}: a token is not of the form 'token_id:N'")
-    ids = np.asarray(joined.replace("token_id:", "").split(), dtype=np.int64)
-    if ids.size and ids.max() >= vocab_size:
-        raise InvalidAnswer(f"{what}: a token id is outside the vocabulary ({vocab_size} tokens)")
-    return ids
+    ids = np.asarray(joined.replace("token_id:", "").split(), dtype=np.int64)  # digits only
+    try:
+        return check_ids(SERVER, what, ids, vocab_size)
+    except BadAnswer as err:
+        raise InvalidAnswer(err.problem) from None
 
 
 def _logprob_lists(choice: dict, api: str):
@@ -166,7 +167,7 @@ def check_answer(
     if any(c > k + 1 for c in counts):
         raise InvalidAnswer(f"{max(counts)} top log-probs at a position, asked for {k}")
     answer.token_logprobs = _numbers(values, "token log-probs").tolist()
-    top_values = _numbers([v for e in tops for _, v in e], "top log-probs")
+    top_values = _numbers([v for e in tops for _, v in e], "top log-probs", neg_inf_ok=True)
     if not token_level:
         answer.tokens = [str(t) for t in tokens]
         at, answer.top = 0, []
@@ -203,10 +204,10 @@ def _top_k(tops, counts, values, k: int, vocab_size: int) -> tuple[np.ndarray, n
     order = np.argsort(-grid_v, axis=1, kind="stable")[:, :k]
     top_lps = np.take_along_axis(grid_v, order, 1)
     top_ids = np.take_along_axis(grid_i, order, 1)
-    if (np.diff(np.sort(top_ids, axis=1), axis=1) == 0).any():
-        raise InvalidAnswer("a token appears twice in a position's top log-probs")
-    if (np.exp(top_lps).sum(1) > 1 + 1e-3).any():
-        raise InvalidAnswer("top log-probs at a position sum to more than probability 1")
+    try:  # distinct ids, not all -inf, probabilities summing to at most 1
+        check_topk(SERVER, "top log-probs", top_ids, top_lps, vocab_size)
+    except BadAnswer as err:
+        raise InvalidAnswer(err.problem) from None
     return top_ids, top_lps
 
 

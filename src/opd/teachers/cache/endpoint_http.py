@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from opd.teachers.errors import TeacherUnavailable
+from opd.teachers.bounded_http import ERROR_BODY_BYTES, error_message, parse_json
+from opd.teachers.errors import BadAnswer, TeacherUnavailable
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
@@ -163,16 +164,6 @@ def retry_after_s(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def error_message(status: int, raw: bytes) -> str:
-    try:
-        body = json.loads(raw)
-        error = body.get("error", body) if isinstance(body, dict) else body
-        text = error.get("message") or str(error) if isinstance(error, dict) else str(error)
-    except (ValueError, UnicodeDecodeError):
-        text = raw[:300].decode("utf-8", "replace")
-    return " ".join(str(text).split())[:300] or f"HTTP {status}"
-
-
 class EndpointClient:
     """One async client per run; `post` returns `(json body, attempts)`."""
 
@@ -200,18 +191,20 @@ class EndpointClient:
             method, path, content=body, headers=self._headers, timeout=timeout
         )
         resp = await self.client.send(req, stream=True)
+        ok = resp.status_code == 200
+        limit = limit if ok else ERROR_BODY_BYTES  # of an error, only its message is wanted
         try:
             chunks, size = [], 0
             async for chunk in resp.aiter_bytes():
                 size += len(chunk)
-                if size > limit:
-                    raise RequestRefused(
-                        resp.status_code, f"answer larger than {limit:,} bytes, the bound for it"
-                    )
+                if size > limit and ok:
+                    raise RequestRefused(200, f"answer larger than {limit:,} bytes, its bound")
                 chunks.append(chunk)
+                if size > limit:
+                    break
         finally:
             await resp.aclose()
-        return resp.status_code, resp.headers, b"".join(chunks)
+        return resp.status_code, resp.headers, b"".join(chunks)[:limit]
 
     async def request(
         self,
@@ -250,11 +243,11 @@ class EndpointClient:
                     last, status = f"no complete answer within {limit_s:.1f} s", None
             if status == 200:
                 try:
-                    return json.loads(raw), attempt + 1
-                except (ValueError, UnicodeDecodeError):
-                    raise RequestRefused(200, "answer is not valid JSON") from None
+                    return parse_json(self.url, path, raw), attempt + 1
+                except BadAnswer as err:  # a proxy's HTML page, a cut body: named, with a snippet
+                    raise RequestRefused(200, err.problem) from None
             if status is not None:
-                message = error_message(status, raw)
+                message = error_message(raw)
                 if status == 404 and method == "GET":
                     return None, attempt + 1
                 if status in (401, 403):
