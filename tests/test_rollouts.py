@@ -274,3 +274,21 @@ def test_two_process_pipelined_run_resumes_each_ranks_rollouts(tiny_pair, additi
     _resume_from_step(full, tmp_path / "resumed", 1)
     cfg = _config(tiny_pair, addition_data, tmp_path / "resumed", resume=True, **extra)
     _check_resume(full, launch(cfg, tmp_path))
+
+
+def test_reward_pg_term_takes_the_ratio_correction_too():
+    from opd.config.sections import LossConfig
+    from opd.objectives.rl import reward_pg_loss
+
+    torch.manual_seed(1)
+    lp = torch.randn(2, 4, dtype=torch.float64).log_softmax(-1)
+    q = lp + 0.8 * torch.randn(2, 4, dtype=torch.float64)
+    adv = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    ratio = torch.exp(lp - q)
+    icepop = LossConfig(objective="pg", ratio_correction="icepop", ratio_floor=0.5, ratio_cap=2.0)
+    keep = (ratio >= 0.5) & (ratio <= 2.0)
+    assert (~keep).any()
+    expect = torch.where(keep, -ratio * adv[:, None], 0.0)
+    torch.testing.assert_close(reward_pg_loss(lp, adv, q, icepop), expect)
+    tis = LossConfig(objective="pg", ratio_cap=2.0)
+    torch.testing.assert_close(reward_pg_loss(lp, adv, q, tis), -ratio.clamp(max=2.0) * adv[:, None])

@@ -78,10 +78,21 @@ def reward_pg_loss(
     student_logprobs_BL: torch.Tensor,
     advantages_B: torch.Tensor,
     sampler_logprobs_BL: torch.Tensor | None,
+    loss: LossConfig | None = None,
 ) -> torch.Tensor:
-    """`[B, L]` per-token `-(p_S/q)(y_t) * A_i`, every token of row i sharing `A_i`."""
+    """`[B, L]` per-token `-(p_S/q)(y_t) * A_i`, every token of row i sharing `A_i`; the
+    ratio corrected as `loss.ratio_correction` says (stale or vLLM samples)."""
     adv = advantages_B.to(student_logprobs_BL.device)[:, None].expand_as(student_logprobs_BL)
-    return policy_gradient_loss(student_logprobs_BL, adv, sampler_logprobs_BL)
+    if loss is None:
+        return policy_gradient_loss(student_logprobs_BL, adv, sampler_logprobs_BL)
+    return policy_gradient_loss(
+        student_logprobs_BL,
+        adv,
+        sampler_logprobs_BL,
+        loss.ratio_cap,
+        loss.ratio_correction,
+        loss.ratio_floor,
+    )
 
 
 @dataclass
@@ -111,7 +122,8 @@ def mixed_batch_loss(
         sampler_lp = None
         if batch.sampler_logprobs is not None:
             sampler_lp = batch.sampler_logprobs[:, batch.prompt_width :].to(student_lp.device)
-        pg = masked_sum(reward_pg_loss(student_lp, advantages_B, sampler_lp), mask) / denom
+        pg = reward_pg_loss(student_lp, advantages_B, sampler_lp, loss)
+        pg = masked_sum(pg, mask) / denom
         total = total + (1.0 - distill_weight) * pg
         reward_term = (1.0 - distill_weight) * float(pg.detach())
     if distill_weight > 0.0:

@@ -9,7 +9,7 @@
              which batch is fixed by the step numbers alone. Deterministic: the batches in
              flight go into the checkpoint, so a resumed run equals the uninterrupted one.
   queue      a producer thread samples production slot after slot with whatever weights
-             the sampler holds; a batch `max_staleness` or more steps older than the
+             the sampler holds; a batch more than `max_staleness` steps older than the
              trained weights when it is taken is dropped and counted. A push waits for the
              production in progress, so every batch carries the version that drew it.
 
