@@ -124,6 +124,26 @@ def test_training_pushes_every_step_and_pipelines_beside_it(
     assert all(r["sampler_logprob_gap"] > GAP for r in piped[1:])  # one step behind
 
 
+def test_queue_mode_draws_from_the_server_beside_training(
+    server, vllm_pair, addition_data, tmp_path
+):
+    """A producer thread samples from the server; every batch carries the version that
+    drew it (a push waits for the draw in progress), so its gap is 0 when it is fresh."""
+    cfg = server_config(
+        vllm_pair, addition_data, tmp_path, server, rollouts={"mode": "queue", "max_staleness": 1}
+    )
+    cfg["steps"] = 4
+    train(config_from_dict(cfg))
+    records = read_metrics(tmp_path)
+    assert len(records) == 4
+    for r in records:
+        assert r["staleness_max"] <= 1 and r["dropped_samples"] % 4 == 0
+        if r["staleness_max"] == 0:
+            assert r["sampler_logprob_gap"] < GAP, r
+        else:
+            assert r["sampler_logprob_gap"] > GAP, r
+
+
 def test_a_skipped_push_shows_in_the_run(server, vllm_pair, addition_data, tmp_path, monkeypatch):
     real = VllmServerSampler.push_weights
 
