@@ -100,6 +100,7 @@ def _cmd_demo(args) -> int:
         "lr": args.lr,
         "warmup_steps": args.warmup_steps,
         "eval_every": args.eval_every,
+        "seeds": args.seeds,
     }
     settings = replace(settings, **{k: v for k, v in changes.items() if v is not None})
     run_demo(
@@ -139,7 +140,9 @@ def _add_demo(sub) -> None:
         "demo", help="offline KD vs on-policy distillation on a built-in task, on CPU"
     )
     p.add_argument(
-        "--quick", action="store_true", help="the same comparison, smaller: about 2 minutes"
+        "--quick",
+        action="store_true",
+        help="the same comparison, smaller: about 2 minutes, 2 seeds (wide intervals)",
     )
     p.add_argument(
         "--out",
@@ -149,10 +152,23 @@ def _add_demo(sub) -> None:
     p.add_argument(
         "--cache-dir",
         default=None,
-        help="where built models are cached (default ~/.cache/opd/cli/demo)",
+        help="where built models are cached (default ~/.cache/opd/demo)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the models, data and first training run"
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="training seeds per method (default 5, --quick 2): more seeds, narrower intervals",
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated, from seqkd, supervised_kd, offline_rkl, on_policy_rkl, on_policy "
+        "(default: supervised_kd,offline_rkl,on_policy_rkl)",
+    )
     p.add_argument("--steps", type=int, default=None, help="student updates per method")
     p.add_argument("--batch-size", type=int, default=None, help="prompts per update")
     p.add_argument("--lr", type=float, default=None)

@@ -1,7 +1,7 @@
 """Build the demo's tokenizer, a teacher that recovers from slips, and a weak student.
 
     from opd.cli.demo.build import build_models
-    paths = build_models("~/.cache/opd/cli/demo", quick=True, seed=0)
+    paths = build_models("~/.cache/opd/demo", quick=True, seed=0)
     # paths["teacher_dir"], paths["student_dir"], paths["tokenizer_dir"], paths["meta"]
 
 The teacher is trained on worked solutions of which half have one or two corrupted step

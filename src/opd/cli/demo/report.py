@@ -1,4 +1,7 @@
-"""The demo's outputs: report.md (tables and readings), results.json, and three plots."""
+"""The demo's outputs: report.md (verdicts, tables, readings), results.json, and plots.
+
+Every figure is across the training seeds, with the intervals of `opd.cli.demo.stats` (over
+seeds and problems); `opd.cli.demo.summary` computes them from the per-seed runs."""
 
 from __future__ import annotations
 
@@ -8,22 +11,26 @@ import os
 import tempfile
 from pathlib import Path
 
-from opd.cli.demo.plots import plot_accuracy_vs_cost, plot_accuracy_vs_length, plot_exposure_gap
-from opd.cli.demo.probes import summarize
-
-AMORTIZE_OVER = (1, 3, 10)  # students trained from one stored teacher dataset
+from opd.cli.demo import plots
+from opd.cli.demo.summary import AMORTIZE_OVER, FORCED, MECHANISM_NAMES, summarize_all
 
 
-def _ci(s: dict) -> str:
-    return f"{s['mean']:.3f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]"
+def _ci(s: dict | None, digits: int = 3) -> str:
+    if s is None:
+        return "n/a"
+    lo, hi = s["ci95"]
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{s['mean']:.{digits}f}"
+    return f"{s['mean']:.{digits}f} [{lo:.{digits - 1}f}, {hi:.{digits - 1}f}]"
 
 
-def _num(x, digits: int = 2) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+def _signed(s: dict) -> str:
+    lo, hi = s["ci95"]
+    return f"{s['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
-def _by(m: dict, n) -> dict:
-    return m["by_length"][n] if n in m["by_length"] else m["by_length"][str(n)]
+def _by(table: dict, n):
+    return table[n] if n in table else table[str(n)]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -31,33 +38,81 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def _entries(results: dict) -> dict:
-    refs = {f"*{k}*": v for k, v in results["references"].items()}
-    return {**refs, **results["methods"]}
-
-
-def accuracy_table(results: dict, key: str = "sampled_accuracy") -> list[str]:
+def verdict_section(results: dict, summary: dict) -> list[str]:
     lengths = results["settings"]["lengths"]
+    lines: list[str] = []
+    for c in summary["comparisons"]:
+        a, b = c["on_policy"], c["offline"]
+        lines += [f"### {a} minus {b}", ""]
+        rows = []
+        for label, d in [(f"{n} steps", _by(c["by_length"], n)) for n in lengths] + [
+            ("all lengths", c["overall"])
+        ]:
+            need = d.get("seeds_needed")
+            rows.append(
+                [
+                    label,
+                    _signed(d),
+                    f"**{d['verdict']}**",
+                    " / ".join(f"{v:+.3f}" for v in d["per_seed"]),
+                    f"{d['sd_seed']:.3f}" if math.isfinite(d["sd_seed"]) else "n/a",
+                    f"{d['first_seed']:+.3f}: "
+                    + (f"{need} seeds" if need else "not reachable with these problems"),
+                ]
+            )
+        lines += _table(
+            [
+                "length",
+                "difference in sampled answer accuracy [95% CI]",
+                "verdict",
+                "per seed",
+                "seed sd",
+                "first seed's difference: seeds to see it (80% power)",
+            ],
+            rows,
+        )
+        lines += ["", "Mechanisms (on-policy minus offline, across seeds):", ""]
+        mech_rows = []
+        for k, d in c["mechanisms"].items():
+            if d is None:
+                mech_rows.append([MECHANISM_NAMES[k], "n/a", "", ""])
+                continue
+            mech_rows.append(
+                [
+                    MECHANISM_NAMES[k],
+                    _signed(d),
+                    " / ".join(f"{v:+.3f}" for v in d["per_seed"]),
+                    d["verdict"]
+                    .replace("on-policy better", "on-policy higher")
+                    .replace("offline better", "offline higher"),
+                ]
+            )
+        lines += _table(["mechanism", "difference [95% CI]", "per seed", "interval"], mech_rows)
+        carried = c["carried_by"]
+        if c["overall"]["verdict"].startswith("no difference"):
+            lines += ["", "No overall verdict, so no mechanism carries one."]
+        elif carried:
+            lines += ["", "Carried by: " + "; ".join(MECHANISM_NAMES[k] for k in carried) + "."]
+        else:
+            lines += ["", "No mechanism's difference is detectable on its own at this budget."]
+        lines.append("")
+    return lines
+
+
+def accuracy_table(summary: dict, lengths, key: str = "sampled_accuracy") -> list[str]:
     rows = [
-        [name] + [_ci(_by(m, n)[key]) for n in lengths] for name, m in _entries(results).items()
+        [name] + [_ci(_by(s["by_length"], n)[key]) for n in lengths]
+        for name, s in summary["entries"].items()
     ]
     return _table(["method"] + [f"{n} steps" for n in lengths], rows)
 
 
-def situation_table(results: dict) -> list[str]:
-    rows = []
-    for name, m in _entries(results).items():
-        f = m["forced"]
-        rows.append(
-            [
-                name,
-                _ci(m["from_corrupted_sampled"]),
-                _ci(m["from_corrupted_greedy"]),
-                _ci(f["clean_error"]),
-                _ci(f["fix_after_slip"]),
-                _ci(f["carry_on"]),
-            ]
-        )
+def situation_table(summary: dict) -> list[str]:
+    rows = [
+        [name, _ci(s["from_corrupted_sampled"]), _ci(s["from_corrupted_greedy"])]
+        + [_ci(s["forced"][k]) for k in FORCED]
+        for name, s in summary["entries"].items()
+    ]
     header = [
         "model",
         "answer acc. from a slipped prefix (T=1)",
@@ -69,20 +124,21 @@ def situation_table(results: dict) -> list[str]:
     return _table(header, rows)
 
 
-def chain_table(results: dict) -> list[str]:
-    lengths = results["settings"]["lengths"]
+def chain_table(summary: dict, lengths) -> list[str]:
     longest = max(lengths)
     rows = []
-    for name, m in _entries(results).items():
-        own = _by(m, longest)["own_slips"]
-        per_len = " / ".join(_num(_by(m, n)["own_slips"]["p_wrong_after_wrong"]) for n in lengths)
+    for name, s in summary["entries"].items():
+        own = _by(s["own_slips"], longest)
+        per_len = " / ".join(
+            _ci(_by(s["own_slips"], n)["p_wrong_after_wrong"], 2).split(" ")[0] for n in lengths
+        )
         rows.append(
             [
                 name,
-                _num(own["p_wrong_after_right"], 3),
-                _num(own["p_wrong_after_wrong"], 3),
+                _ci(own["p_wrong_after_right"]),
+                _ci(own["p_wrong_after_wrong"]),
                 per_len,
-                f"{own['corrections_per_problem']:.2f}",
+                _ci(own["corrections_per_problem"]),
             ]
         )
     header = [
@@ -95,192 +151,185 @@ def chain_table(results: dict) -> list[str]:
     return _table(header, rows)
 
 
-def exposure_table(results: dict, kind: str = "tvd") -> list[str]:
-    entries = {"*student_before*": results["references"]["student_before"], **results["methods"]}
-    width = min(len(m["exposure"][kind]["gap"]) for m in entries.values())
+def exposure_table(summary: dict) -> list[str]:
+    entries = {k: s for k, s in summary["entries"].items() if "exposure_gap_tvd" in s}
+    width = min(len(s["exposure_gap_tvd"]["mean"]) for s in entries.values())
     picks = sorted({0, 1, width // 4, width // 2, (3 * width) // 4, width - 1})
-    rows = [
-        [name] + [f"{m['exposure'][kind]['gap'][j]:+.4f}" for j in picks]
-        for name, m in entries.items()
-    ]
+    rows = []
+    for name, s in entries.items():
+        g = s["exposure_gap_tvd"]
+        rows.append(
+            [name]
+            + [f"{g['mean'][j]:+.3f} ({g['min'][j]:+.3f}..{g['max'][j]:+.3f})" for j in picks]
+        )
     return _table(["method"] + [f"step {j + 1}" for j in picks], rows)
 
 
-def cost_rows(results: dict) -> tuple[list[str], dict]:
-    offline = results["offline_data"]
-    one_time_tok = offline["teacher_tokens_generated"] + offline["teacher_tokens_scored"]
-    rows, teacher_cost = [], {}
-    for name, m in results["methods"].items():
-        sec, tot = m["totals"]["seconds"], m["totals"]
-        teacher_s = sec.get("time_teacher_generate", 0.0) + sec.get("time_teacher_score", 0.0)
-        tok = tot["teacher_tokens_generated"] + tot["teacher_tokens_scored"]
-        if m["offline"]:
-            tok, teacher_s = one_time_tok, offline["seconds"]
-            amort = " / ".join(f"{tok / k:,.0f}" for k in AMORTIZE_OVER)
-        else:
-            amort = " / ".join(f"{tok:,.0f}" for _ in AMORTIZE_OVER)
-        teacher_cost[name] = tok
+def cost_table(results: dict, summary: dict) -> list[str]:
+    rows = []
+    for name, c in summary["costs"].items():
+        m, r = c["mean"], c["range"]
+        offline = results["methods"][name]["offline"]
         rows.append(
             [
                 name,
-                "stored teacher data" if m["offline"] else "student samples, live teacher",
-                f"{tok:,}",
-                amort,
-                f"{teacher_s:.1f}",
-                f"{sec.get('time_generate', 0.0):.1f}",
-                f"{sec.get('time_update', 0.0):.1f}",
-                f"{m['train_seconds']:.0f}",
+                "stored teacher data" if offline else "student samples, live teacher",
+                f"{m['teacher_tokens']:,.0f}"
+                + (
+                    ""
+                    if offline
+                    else f" ({r['teacher_tokens'][0]:,.0f}..{r['teacher_tokens'][1]:,.0f})"
+                ),
+                " / ".join(f"{c['per_student'][k]:,.0f}" for k in AMORTIZE_OVER),
+                f"{m['teacher_s']:.1f}",
+                f"{m['sampling_s']:.1f}",
+                f"{m['update_s']:.1f}",
+                f"{m['wall_s']:.0f} ({r['wall_s'][0]:.0f}..{r['wall_s'][1]:.0f})",
             ]
         )
     header = [
         "method",
         "training sequences",
-        "teacher tokens",
+        "teacher tokens (range over seeds)",
         "per student if shared by " + "/".join(map(str, AMORTIZE_OVER)),
         "teacher s",
         "student sampling s",
         "update s",
-        "training wall s",
+        "training wall s (range)",
     ]
-    return _table(header, rows), teacher_cost
-
-
-def equal_cost_table(results: dict) -> list[str]:
-    """Each method's accuracy (mixed lengths, sampled) having spent the same teacher tokens:
-    what an offline student costs when the stored data serves 1 or 3 students. Offline
-    methods have then finished training; on-policy ones are read at their last evaluation
-    within that budget."""
-    offline = results["offline_data"]
-    one_time = offline["teacher_tokens_generated"] + offline["teacher_tokens_scored"]
-    names = list(results["methods"])
-    header = ["teacher-token budget", *names]
-    rows = []
-    for students in (1, 3):
-        budget = one_time / students
-        cells = [f"{budget:,.0f} (stored data shared by {students})"]
-        for m in results["methods"].values():
-            if m["offline"]:
-                point = m["curve"][-1]
-            else:
-                within = [p for p in m["curve"] if p["teacher_tokens"] <= budget]
-                point = within[-1] if within else None
-            cells.append(
-                f"{point['sampled_accuracy']:.3f} (step {point['step']})" if point else "n/a"
-            )
-        rows.append(cells)
     return _table(header, rows)
 
 
-def reading(results: dict) -> list[str]:
-    """The comparisons the demo exists for, as numbers with paired bootstrap intervals
-    (the same problems under both methods): best on-policy minus best offline method."""
-    lengths = results["settings"]["lengths"]
-    methods = results["methods"]
-    live = [n for n, m in methods.items() if not m["offline"]]
-    stored = [n for n, m in methods.items() if m["offline"]]
-    if not live or not stored:
-        return []
-    longest = max(lengths)
-
-    def best(names, n):
-        return max(names, key=lambda k: _by(methods[k], n)["sampled_accuracy"]["mean"])
-
-    lines = []
-    for n in lengths:
-        a, b = best(live, n), best(stored, n)
-        diff = paired_diff(_by(methods[a], n)["per_problem"], _by(methods[b], n)["per_problem"])
-        lines.append(
-            f"- {n} steps: best on-policy ({a}) minus best offline ({b}), sampled answer "
-            f"accuracy: {diff['mean']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]"
-        )
-    before = results["references"]["student_before"]["forced"]["fix_after_slip"]["mean"]
-    for name, m in methods.items():
-        f = m["forced"]
-        own = _by(m, longest)["own_slips"]
-        lines.append(
-            f"- {name}: per-step error on clean prefixes {f['clean_error']['mean']:.3f}, "
-            f"p(correction) after a forced slip {f['fix_after_slip']['mean']:.3f} "
-            f"(student before: {before:.3f}), P(wrong) after its own wrong step at "
-            f"{longest} steps {_num(own['p_wrong_after_wrong'], 3)}"
-        )
-    return lines
+def equal_cost_table(results: dict, summary: dict) -> list[str]:
+    names = list(results["methods"])
+    rows = []
+    for row in summary["equal_cost"]:
+        if "teacher_tokens" in row:
+            label = (
+                f"{row['teacher_tokens']:,.0f} teacher tokens (store shared by {row['students']})"
+            )
+        else:
+            label = f"{row['wall_seconds']:.0f} wall s (store time shared by {row['students']})"
+        cells = [label]
+        for name in names:
+            point = row["methods"][name]
+            cells.append(
+                "n/a"
+                if point is None
+                else f"{_ci(point['accuracy'])} (step {min(point['steps'])}..{max(point['steps'])})"
+            )
+        rows.append(cells)
+    return _table(["budget", *names], rows)
 
 
-def paired_diff(a: list[float], b: list[float], seed: int = 0) -> dict:
-    """Mean and 95% bootstrap interval of a - b over the same problems."""
-    return summarize([x - y for x, y in zip(a, b, strict=True)], seed)
+def per_seed_table(results: dict, summary: dict) -> list[str]:
+    rows = [
+        [name, *(f"{v:.3f}" for v in summary["entries"][name]["overall"]["per_seed"])]
+        for name in results["methods"]
+    ]
+    return _table(["method", *(f"seed {s}" for s in results["seeds"])], rows)
 
 
-def write_outputs(out: Path, results: dict) -> None:
+def write_outputs(out: Path, results: dict) -> bool:
+    """report.md, results.json and, when matplotlib is installed, the plots; True if plotted."""
+    summary = summarize_all(results)
+    results["summary"] = summary
     _atomic_write(out / "results.json", json.dumps(_clean(results), indent=2))
-    plot_accuracy_vs_length(results, out / "accuracy_vs_length.png")
-    plot_exposure_gap(results, out / "exposure_gap.png")
-    plot_accuracy_vs_cost(results, out / "accuracy_vs_cost.png", students=3)
-    s, build = results["settings"], results["build"]
-    cost, _ = cost_rows(results)
+    plotted = plots.available()
+    if plotted:
+        plots.plot_accuracy_vs_length(results, out / "accuracy_vs_length.png")
+        plots.plot_exposure_gap(results, out / "exposure_gap.png")
+        plots.plot_accuracy_vs_cost(results, out / "accuracy_vs_cost.png", students=3)
+
+    def fig(name: str, title: str) -> list[str]:
+        return [f"![{title}]({name})", ""] if plotted else []
+
+    s, build, lengths = results["settings"], results["build"], results["settings"]["lengths"]
+    seeds = results["seeds"]
+    wide = (
+        f" With {len(seeds)} seeds the intervals are wide (a t quantile with few degrees "
+        "of freedom): read them, not the means; `--seeds N` narrows them."
+        if len(seeds) < 4
+        else ""
+    )
+    cut = "".join(f" `{k}` was not run: {v}." for k, v in results.get("cut", {}).items())
     lines = [
         "# opd demo report",
         "",
-        f"Seed {results['seed']}; quick={results['quick']}; task {results['task']}; "
-        f"{s['steps']} updates of {s['batch_size']} prompts per method (AdamW lr {s['lr']}); "
-        f"held-out problems: {s['per_length']} per length, {s['samples']} samples each. "
-        f"Teacher {build['teacher']['params']:,} parameters, student "
-        f"{build['student']['params']:,}; model build {build['seconds']:.0f}s (0 when cached); "
-        f"total {results['total_seconds']:.0f}s. Intervals: 95% bootstrap over problems.",
+        f"Seeds {', '.join(map(str, seeds))} (models, offline data and held-out problems "
+        f"from seed {results['seed']}, shared); quick={results['quick']}; task "
+        f"{results['task']}; {s['steps']} updates of {s['batch_size']} prompts per method "
+        f"and seed (AdamW lr {s['lr']}); held-out problems: {s['per_length']} per length, "
+        f"{s['samples']} samples each. Teacher {build['teacher']['params']:,} parameters, "
+        f"student {build['student']['params']:,}; model build {build['seconds']:.0f}s "
+        f"(0 when cached); total {results['total_seconds']:.0f}s wall, "
+        f"{results.get('cpu_seconds', float('nan')):.0f}s CPU.",
         "",
-        "## The situation, before any distillation",
+        f"**Statistics.** {summary['method']}{wide}",
+        "",
+        f"**What was cut.** Methods before seeds.{cut or ' Nothing: every method ran.'}",
+        "",
+        "## Verdict: on-policy minus offline, per length and overall",
+        "",
+        *verdict_section(results, summary),
+        "## The situation, and what each method changed",
         "",
         "A slip is a step written with a wrong value. The teacher was trained to correct "
-        "slips; the student never saw one.",
+        "slips; the student never saw one. (Teacher and student before: one measurement, "
+        "intervals over problems only.)",
         "",
-        *situation_table(results),
-        "",
-        "## Reading (computed from the tables below)",
-        "",
-        *reading(results),
+        *situation_table(summary),
         "",
         "## Equal updates: answer accuracy by length (sampled, T=1)",
         "",
-        *accuracy_table(results),
+        *accuracy_table(summary, lengths),
         "",
         "Greedy decoding:",
         "",
-        *accuracy_table(results, "greedy_accuracy"),
+        *accuracy_table(summary, lengths, "greedy_accuracy"),
         "",
-        "![accuracy vs length](accuracy_vs_length.png)",
+        "Per seed (sampled, all lengths):",
         "",
+        *per_seed_table(results, summary),
+        "",
+        *fig("accuracy_vs_length.png", "accuracy vs length"),
         "## Two mechanisms: slipping less vs correcting slips",
         "",
-        "Per-step error on clean prefixes (slipping less, what mode-seeking buys) and what "
-        "happens right after a slip: forced (table above) and in the model's own samples:",
+        "In the model's own samples, across seeds:",
         "",
-        *chain_table(results),
+        *chain_table(summary, lengths),
         "",
         "## Exposure gap per position (TVD to the teacher, own prefixes - teacher prefixes)",
         "",
-        "Longest problems; per step, the sum over its label and value tokens. "
-        "results.json also has it in KL(T||S) and KL(S||T).",
+        "Longest problems; per step, the sum over its label and value tokens; the mean over "
+        "seeds (min..max). results.json also has it in KL(T||S) and KL(S||T), per seed.",
         "",
-        *exposure_table(results),
+        *exposure_table(summary),
         "",
-        "![exposure gap](exposure_gap.png)",
-        "",
-        "## Cost",
+        *fig("exposure_gap.png", "exposure gap"),
+        "## Cost (means over seeds)",
         "",
         f"Offline data: the teacher wrote and scored {results['offline_data']['rows']:,} "
-        f"completions once in {results['offline_data']['seconds']:.1f}s; all three offline "
-        "methods trained from that one store.",
+        f"completions once in {results['offline_data']['seconds']:.1f}s; every offline "
+        "method and seed trained from that one store.",
         "",
-        *cost,
+        *cost_table(results, summary),
         "",
-        "## Equal teacher cost",
+        "## Equal cost",
         "",
-        *equal_cost_table(results),
+        "Accuracy on the training curve's probe (mixed lengths, sampled) having spent the "
+        "same teacher tokens, or the same wall seconds, with the store's one-time cost "
+        "shared by 1, 3 or 10 students; an on-policy run is read at its last evaluation "
+        "within the budget. Intervals over seeds.",
         "",
-        "![accuracy vs teacher cost](accuracy_vs_cost.png)",
+        *equal_cost_table(results, summary),
         "",
+        *fig("accuracy_vs_cost.png", "accuracy vs teacher cost"),
     ]
+    if not plotted:
+        lines += ["No plots: matplotlib is not installed (`pip install 'opd[demo]'`).", ""]
     _atomic_write(out / "report.md", "\n".join(lines))
+    return plotted
 
 
 def _clean(value):
