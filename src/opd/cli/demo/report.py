@@ -57,7 +57,7 @@ def verdict_section(results: dict, summary: dict) -> list[str]:
                     " / ".join(f"{v:+.3f}" for v in d["per_seed"]),
                     f"{d['sd_seed']:.3f}" if math.isfinite(d["sd_seed"]) else "n/a",
                     f"{d['first_seed']:+.3f}: "
-                    + (f"{need} seeds" if need else "not reachable with these problems"),
+                    + (f"{need} seeds" if need else "more problems needed (their spread hides it)"),
                 ]
             )
         lines += _table(

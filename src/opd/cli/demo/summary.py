@@ -137,7 +137,7 @@ FAVOURS_ON_POLICY = {
 }
 MECHANISM_NAMES = {
     "clean_error": "per-step error on clean prefixes (slipping less)",
-    "p_wrong_after_wrong": "P(wrong | own previous step wrong) (recovering)",
+    "p_wrong_after_wrong": "P(wrong after its own wrong step) (recovering)",
     "fix_after_slip": "p(correction) after a forced slip",
     "corrections_per_problem": "corrections written per problem",
 }
