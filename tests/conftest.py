@@ -36,6 +36,15 @@ def vllm_pair(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def vllm_server(vllm_pair, tmp_path_factory):
+    """One vLLM OpenAI server for the vLLM pair's teacher, shared by the tests that need one."""
+    from vllm_util import vllm_server as serve
+
+    with serve(vllm_pair[0], tmp_path_factory.mktemp("vllm_server") / "server.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
 def addition_data(tmp_path_factory):
     """A JSONL file of short addition problems with answers."""
     path = tmp_path_factory.mktemp("data") / "train.jsonl"

