@@ -99,6 +99,8 @@ def bad_inputs(tiny_pair, addition_data, tmp_path):
     done = tmp_path / "done"
     (done / "checkpoints" / "step-0000003").mkdir(parents=True)
     (done / "checkpoints" / "step-0000003" / "trainer_state.json").write_text("{}")
+    done_too = tmp_path / "done_too"  # the commands run at once: one run directory each
+    shutil.copytree(done, done_too)
     cases = {
         "local path that does not exist": (
             ["train", *good, "student.path=/no/such/model"],
@@ -117,7 +119,7 @@ def bad_inputs(tiny_pair, addition_data, tmp_path):
             "nothing is left to train",
         ),
         "existing run without resume": (
-            ["train", *good, f"output_dir={done}"],
+            ["train", *good, f"output_dir={done_too}"],
             "pass resume=true",
         ),
         "eval without eval rows": (["eval", *good], "opd eval needs data.eval"),

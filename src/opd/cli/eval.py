@@ -13,6 +13,8 @@ teacher sampled, and their difference (opd.evaluation.exposure_bias).
 from __future__ import annotations
 
 import json
+import os
+from contextlib import nullcontext
 from pathlib import Path
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "tvd")
@@ -71,7 +73,7 @@ def _evaluate(config, model_path: str) -> dict:
         raise ValueError("opd eval needs data.eval: a file of held-out rows (prompt, answer)")
     check_device(config.device)
     check_model_path("--model" if model_path != config.student.path else "student.path", model_path)
-    rows = load_rows(data.eval, data.eval_split)[: config.eval_size]
+    rows = load_rows(data.eval, data.eval_split, data.max_row_bytes)[: config.eval_size]
     check_columns(rows, f"data.eval={data.eval}", [data.prompt_field])
     teacher_path = config.teacher.path if config.teacher.kind == "local" else ""
     probe = bool(teacher_path) and Path(teacher_path).resolve() != Path(model_path).resolve()
@@ -127,16 +129,42 @@ def _evaluate(config, model_path: str) -> dict:
 
 def _cmd_eval(args) -> int:
     from opd.config.parse import config_from_dict, read_config_file
+    from opd.config.paths import check_file_target
+    from opd.run.lock import is_run_dir, run_dir_lock
 
     data = read_config_file(args.config) if args.config else {}
     overrides = [*args.overrides, *([f"student.path={args.model}"] if args.model else [])]
     config = config_from_dict(eval_mapping(data, overrides))
-    result = evaluate_model(config, config.student.path)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    out = check_file_target("--out", args.out) if args.out else None  # before the work
+    # Writing into a run directory: hold its lock, so a run writing it refuses us (or we it).
+    writes_run = out is not None and is_run_dir(out.parent)
+    with run_dir_lock(out.parent, "opd eval", "--out") if writes_run else nullcontext():
+        result = evaluate_model(config, config.student.path)
+        text = json.dumps(result, indent=1)
+        if out is not None:
+            write_text_atomic(out, text + "\n")
     print(text)
     return 0
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """A regular file is replaced whole (never half-written); a device such as /dev/null
+    is written to as it is."""
+    from opd.config.paths import OutOfSpace, is_out_of_space
+
+    if path.exists() and not path.is_file():
+        path.write_text(text)
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        if is_out_of_space(err):
+            raise OutOfSpace(err.errno, f"no space left on device writing --out {path}") from err
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def eval_mapping(data: dict, overrides: list[str]) -> dict:

@@ -214,7 +214,7 @@ def exit_code(err: BaseException) -> int | None:
     # checked by name, torch-free
     if type(err).__name__ in ("TeacherUnavailable", "RolloutServerError", "EndpointUnavailable"):
         return 3
-    if type(err).__name__ in ("TrainingStopped", "OutOfSpace"):  # opd.run.checkpoint
+    if type(err).__name__ in ("TrainingStopped", "OutOfSpace"):  # opd.run.checkpoint, opd.config.paths
         return 4  # a non-finite run or a full disk; the named checkpoint is intact
     if isinstance(err, ModuleNotFoundError):
         return 2 if (err.name or "").split(".")[0] in INSTALL else None

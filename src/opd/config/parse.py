@@ -12,6 +12,7 @@ list both (opd.config.docs), so the docs live in one place, next to the field.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -146,6 +147,12 @@ class TrainConfig:
             )
         if self.reward.function:
             self._check_reward()
+        for i, key in enumerate(self.resume_allow_changes):
+            if field_type(key) is None:
+                raise ValueError(
+                    f"resume_allow_changes[{i}]={key!r} is not a config key or section (e.g. "
+                    "optim, optim.lr); `opd config` lists them"
+                )
         _check_metric("eval_metric", self.eval_metric, self.eval_pattern, "eval_pattern")
         check_combinations(self)
 
@@ -189,9 +196,13 @@ def _coerce(value, hint, key: str):
         return _build(hint, value, key + ".")
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = [value]
+            value = [value]  # one item, as written (`sampling.stop=###`)
         if not isinstance(value, list | tuple):
             raise ValueError(f"{key} must be a list, got {value!r}")
+        item = (typing.get_args(hint) or (None,))[0]
+        for i, v in enumerate(value):
+            if item in (str, int) and (not isinstance(v, item) or isinstance(v, bool)):
+                raise ValueError(f"{key}[{i}]={v!r} must be of type {item.__name__}")
         return list(value)
     if origin in (typing.Union, types.UnionType):
         return value
@@ -226,12 +237,16 @@ def _build(cls, data: dict, prefix: str = ""):
         )
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     try:
-        return cls(**kwargs)
+        built = cls(**kwargs)
     except ValueError as err:
         msg = str(err)
         raise ValueError(
             msg if not prefix or msg.startswith(prefix) else f"{prefix}{msg}"
         ) from None
+    for key, value in kwargs.items():  # every float given, used by this run or not
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{prefix}{key}={value!r} must be a finite number")
+    return built
 
 
 def field_type(key: str, cls=None):

@@ -8,84 +8,29 @@ list both (opd.config.docs). `opd.config.parse` assembles them into `TrainConfig
 
 from __future__ import annotations
 
-import functools
 import math
-import re
-import string
-import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
+from opd.config.fields import (  # noqa: F401  (re-exported: opd.config.parse and callers use them)
+    METRICS,
+    _check_choices,
+    _check_metric,
+    _check_regex,
+    _check_template,
+    _in_range,
+    _literal_fields,
+    _one_of,
+    metric_reads_answer,
+)
 from opd.losses.kinds import KINDS, check_kind
 
 Divergence = Literal[KINDS]
 DType = Literal["float32", "bfloat16", "float16"]
 DEFAULT_TOPK = 64  # loss.topk=0 resolves to this unless a cache or server says otherwise
-
-
-def _one_of(key: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(
-            f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}"
-        )
-
-
-def _in_range(key: str, value, lo=None, hi=None, *, lo_open=False) -> None:
-    if lo is not None and (value < lo or (lo_open and value == lo)):
-        raise ValueError(f"{key}={value!r} must be {'>' if lo_open else '>='} {lo}")
-    if hi is not None and value > hi:
-        raise ValueError(f"{key}={value!r} must be <= {hi}")
-
-
-@functools.cache
-def _literal_fields(cls) -> dict[str, tuple]:
-    """Field name -> allowed values, for fields typed `Literal[...]` or `list[Literal[...]]`."""
-    out = {}
-    for name, hint in typing.get_type_hints(cls).items():
-        if typing.get_origin(hint) is list:
-            hint = typing.get_args(hint)[0]
-        if typing.get_origin(hint) is Literal:
-            out[name] = typing.get_args(hint)
-    return out
-
-
-def _check_choices(obj) -> None:
-    """Every `Literal` field holds one of its values; the message names the key."""
-    for name, allowed in _literal_fields(type(obj)).items():
-        value = getattr(obj, name)
-        for item in value if isinstance(value, list) else [value]:
-            _one_of(name, item, allowed)
-
-
-def _check_template(key: str, template: str) -> None:
-    try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    except ValueError as err:
-        raise ValueError(f"{key}={template!r} is not a valid template: {err}") from None
-    if any(not f or not f.isidentifier() for f in fields):
-        raise ValueError(f"{key}={template!r}: use named fields such as {{prompt}} or {{answer}}")
-
-
-METRICS = ("exact_match", "boxed", "regex")  # built in (opd.evaluation.rewards); else "module:function"
-
-
-def metric_reads_answer(name: str) -> bool:
-    """Built-in kinds compare to the row's answer column (checked at load)."""
-    return name in METRICS
-
-
-def _check_metric(key: str, name: str, pattern: str, pattern_key: str) -> None:
-    if name not in METRICS and ":" not in name:
-        raise ValueError(
-            f"{key}={name!r}: use one of {', '.join(METRICS)} or a callable 'module:function'"
-        )
-    if name == "regex":
-        if not pattern:
-            raise ValueError(f"{key}='regex' needs {pattern_key} (a regular expression)")
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise ValueError(f"{pattern_key}={pattern!r} is not a regex: {err}") from None
+MAX_LORA_RANK = 65536  # past any hidden size
+MAX_LORA_SCALE = 1024.0  # alpha / r; a larger scale turns the first update into a blow-up
+DEFAULT_MAX_ROW_BYTES = 1 << 20  # data.max_row_bytes (opd.data.row_limits)
 
 
 @dataclass
@@ -124,8 +69,15 @@ class LoraConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
 
-    def __post_init__(self):
-        _in_range("lora.r", self.r, 1)
+    def __post_init__(self):  # with LoRA off too: a mistake should not wait for the day it is on
+        _in_range("lora.r", self.r, 1, MAX_LORA_RANK)
+        _in_range("lora.alpha", self.alpha, 1)
+        if self.alpha / self.r > MAX_LORA_SCALE:
+            raise ValueError(
+                f"lora.alpha={self.alpha} with lora.r={self.r} scales the adapter by "
+                f"alpha / r = {self.alpha / self.r:g}; at most {MAX_LORA_SCALE:g} is accepted "
+                "(common recipes use 0.5 to 4)"
+            )
         _in_range("lora.dropout", self.dropout, 0.0, 1.0)
 
 
@@ -141,7 +93,8 @@ class TeacherConfig:
         dtype: local: dtype the teacher's weights are loaded in
         url: remote: base URL of an `opd serve` or vLLM server
         api_key_env: remote: environment variable holding the server's bearer token
-        timeout_s: remote: seconds per request before a retry
+        timeout_s: remote: seconds one request may take, its whole answer included (a body
+            that trickles cannot extend it), before a retry
         max_retries: remote: retries before the run stops (its checkpoint intact)
         cache_dir: cached: the cache directory (default: data.train when that is a cache)
         privileged_template: self (OPSD/SDFT): the teacher's prompt; {prompt} is the row's
@@ -169,8 +122,7 @@ class TeacherConfig:
     def __post_init__(self):
         _check_choices(self)
         _in_range("teacher.ema_decay", self.ema_decay, 0.0, 1.0)
-        if self.kind == "self":
-            _check_template("teacher.privileged_template", self.privileged_template)
+        _check_template("teacher.privileged_template", self.privileged_template)  # any kind
         _in_range("teacher.timeout_s", self.timeout_s, 0.0, lo_open=True)
         _in_range("teacher.max_retries", self.max_retries, 0)
         if self.shard and self.kind != "local":
@@ -193,6 +145,8 @@ class DataConfig:
         max_prompt_tokens: prompts are cut to this many tokens (from the left)
         max_completion_tokens: dataset completions are cut to this many tokens (a cut
             completion gets no EOS)
+        max_row_bytes: a row with more text is refused, naming its file and line, before a
+            tokenizer sees it (one holds ~200 bytes of memory per byte it encodes)
         split: data.train as a `datasets` DatasetDict directory: this split
         eval_split: data.eval as a DatasetDict directory: this split
     """
@@ -208,11 +162,13 @@ class DataConfig:
     system_prompt: str = ""
     max_prompt_tokens: int = 512
     max_completion_tokens: int = 512
+    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES
 
     def __post_init__(self):
         _check_choices(self)
         _in_range("data.max_prompt_tokens", self.max_prompt_tokens, 1)
         _in_range("data.max_completion_tokens", self.max_completion_tokens, 1)
+        _in_range("data.max_row_bytes", self.max_row_bytes, 1)
 
 
 @dataclass
@@ -265,6 +221,10 @@ class LossConfig:
                 check_kind(self.divergence, beta=self.beta, alpha=self.skew_alpha)
             except ValueError as err:
                 raise ValueError(f"loss.divergence={self.divergence!r}: {err}") from None
+        # whatever the divergence: a value outside its domain is a mistake even when unused
+        _in_range("loss.beta", self.beta, 0.0, 1.0)
+        if not 0.0 <= self.skew_alpha < 1.0:
+            raise ValueError(f"loss.skew_alpha={self.skew_alpha!r} must be in [0, 1)")
         _in_range("loss.topk", self.topk, 0)
         _in_range("loss.kd_temperature", self.kd_temperature, 0.0, lo_open=True)
         _in_range("loss.discount", self.discount, 0.0, 1.0)
@@ -321,6 +281,7 @@ class RewardConfig:
         _in_range("reward.distill_weight", self.distill_weight, 0.0, 1.0)
         if self.function:
             _check_metric("reward.function", self.function, self.pattern, "reward.pattern")
+        _check_regex("reward.pattern", self.pattern)
 
 
 @dataclass

@@ -52,12 +52,13 @@ def check_data(config: TrainConfig) -> tuple[list[dict], list[dict]]:
                 f"data.{key}={path}: no such file or directory (JSONL, JSON, Parquet, a "
                 "`datasets` directory or an opd cache)"
             )
-    train_rows = load_rows(config.data.train, config.data.split)
+    limit = config.data.max_row_bytes  # each row bounded before any tokenizer sees it
+    train_rows = load_rows(config.data.train, config.data.split, limit)
     fields = train_fields(config, train_rows)
     check_columns(train_rows, f"data.train={config.data.train}", fields)
     eval_rows = []
     if config.data.eval:
-        eval_rows = load_rows(config.data.eval, config.data.eval_split)[: config.eval_size]
+        eval_rows = load_rows(config.data.eval, config.data.eval_split, limit)[: config.eval_size]
         fields = [config.data.prompt_field]
         if _needs_answers(config.eval_metric):
             fields.append(config.data.answer_field)

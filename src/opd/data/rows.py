@@ -21,43 +21,77 @@ from opd.config.sections import metric_reads_answer
 from opd.data.cache_format import check_cache_tokenizer, load_cache_rows, looks_like_cache
 from opd.data.encoding import ROLES, Encoder
 from opd.data.privileged import privileged_prompt
+from opd.data.row_limits import DEFAULT_MAX_ROW_BYTES, MAX_DEPTH, bounds_problem, line_limit
 from opd.modeling.vocab import describe_sampling, end_token_ids
 
 log = logging.getLogger("opd")
 
 
-def load_rows(path: str | Path, split: str = "train") -> list[dict]:
+def load_rows(
+    path: str | Path, split: str = "train", max_row_bytes: int = DEFAULT_MAX_ROW_BYTES
+) -> list[dict]:
     """Rows from a JSONL/JSON file, a Parquet file, a `datasets.save_to_disk` directory
     (a `DatasetDict` one gives its `split`), or an opd teacher cache directory (rows then
-    carry their stored token ids)."""
+    carry their stored token ids). Each row is bounded (`opd.data.row_limits`: size, nesting,
+    valid Unicode) before anything tokenizes it; a bad one is refused naming file and row."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"dataset {path} does not exist")
     if looks_like_cache(path):  # an `opd generate`/`opd score` cache, or what is left of one
-        return load_cache_rows(path)
+        return load_cache_rows(path)  # token ids, checked by the cache reader
     if path.is_dir():
-        return _load_datasets_dir(path, split)
-    if path.suffix == ".parquet":
+        rows = _load_datasets_dir(path, split)
+    elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
-    if path.suffix == ".json":
-        data = json.loads(_utf8(path.read_bytes(), path))
-        if not isinstance(data, list):
+        rows = pq.read_table(path).to_pylist()
+    elif path.suffix == ".json":
+        rows = _json_loads(_utf8(path.read_bytes(), path), str(path))
+        if not isinstance(rows, list):
             raise ValueError(f"{path}: a .json dataset must be a list of objects")
-        return data
-    rows = []
+    else:
+        return _load_jsonl(path, max_row_bytes)
+    for i, row in enumerate(rows):
+        problem = bounds_problem(row, max_row_bytes)
+        if problem:
+            raise ValueError(f"{path}: row {i}: {problem}")
+    return rows
+
+
+def _json_loads(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
+    except RecursionError:  # the C parser recurses per level
+        raise ValueError(
+            f"{where}: nests lists/objects deeper than Python's parser can follow (rows may "
+            f"nest {MAX_DEPTH} levels)"
+        ) from None
+
+
+def _load_jsonl(path: Path, max_row_bytes: int) -> list[dict]:
+    """One object per line; a line over the bound is refused without reading it whole."""
+    rows, limit = [], line_limit(max_row_bytes)
     with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
+        lineno = 0
+        while raw := fh.readline(limit + 1):
+            lineno += 1
+            if len(raw) > limit and not raw.endswith(b"\n"):
+                raise ValueError(
+                    f"{path}:{lineno}: the line is over {limit} bytes, more than a row within "
+                    f"data.max_row_bytes={max_row_bytes} can take (the rest was not read); "
+                    "split the row, or raise data.max_row_bytes"
+                )
             line = _utf8(raw, path, lineno)
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+            row = _json_loads(line, f"{path}:{lineno}")
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{lineno}: each line must be a JSON object")
+            problem = bounds_problem(row, max_row_bytes)
+            if problem:
+                raise ValueError(f"{path}:{lineno}: {problem}")
             rows.append(row)
     return rows
 
@@ -212,7 +246,7 @@ def load_run_data(
         extra,
     )
     # `read_train` / `read_eval`: the rows `opd.run.preflight` already read (not read twice).
-    rows = read_train if read_train is not None else load_rows(d.train, d.split)
+    rows = read_train if read_train is not None else load_rows(d.train, d.split, d.max_row_bytes)
     check_rows(rows, spec, d.train)
     train_rows, report = encoder.encode_rows(
         rows, with_completion=with_completion, where=d.train, extra_prompt=privileged
@@ -220,7 +254,11 @@ def load_run_data(
     _log_report(report, d.train, d)
     eval_rows = []
     if d.eval:
-        rows = read_eval if read_eval is not None else load_rows(d.eval, d.eval_split)
+        rows = (
+            read_eval
+            if read_eval is not None
+            else load_rows(d.eval, d.eval_split, d.max_row_bytes)
+        )
         rows = rows[: config.eval_size]
         answer = d.answer_field if metric_reads_answer(config.eval_metric) else None
         check_rows(rows, RowSpec(d.prompt_field, None, answer), d.eval)

@@ -26,6 +26,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from opd.config.paths import OutOfSpace, is_out_of_space  # OutOfSpace: re-exported
 from opd.modeling.quiet import transformers_bars_off
 
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
@@ -42,10 +43,6 @@ class CheckpointError(ValueError):
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (non-finite steps or weights); the message names the
     checkpoint to resume from. `opd train` prints it without a traceback."""
-
-
-class OutOfSpace(OSError):
-    """A checkpoint could not be written for lack of disk space; nothing half-written is left."""
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -192,7 +189,7 @@ def save_checkpoint(
         _atomic_write_text(ckpt_root / "latest", final.name)
     except Exception as err:  # a full disk, most often: leave nothing half-written behind
         clean_leftovers(run_dir)
-        if _out_of_space(err):
+        if is_out_of_space(err):
             last = latest_checkpoint(run_dir)
             then = f"resume (resume=true) from {last}" if last else "run again (no checkpoint yet)"
             raise OutOfSpace(
@@ -203,18 +200,6 @@ def save_checkpoint(
         raise
     _prune(ckpt_root, keep, final.name)
     return final
-
-
-def _out_of_space(err: BaseException) -> bool:
-    while err is not None:
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        text = str(err)
-        # safetensors (Rust) and torch's zip writer report a full disk only in their text
-        if "No space left on device" in text or "StorageFull" in text or "unexpected pos" in text:
-            return True
-        err = err.__cause__ or err.__context__
-    return False
 
 
 def _prune(ckpt_root: Path, keep: int, newest: str) -> None:

@@ -38,6 +38,7 @@ from opd.run.checkpoint import (
     weights_finite,
 )
 from opd.run.interrupt import Interrupted, StopFlag
+from opd.run.lock import hold_run_dir, is_main_process, release_run_dir
 from opd.run.metrics import MetricsLog, PhaseTimer
 from opd.run.path import RunPath
 from opd.run.progress import Progress
@@ -235,8 +236,20 @@ def train(config: TrainConfig, run: RunSetup | None = None, extra_eval=None) -> 
 
     `extra_eval(run) -> dict`, if given, runs at every evaluation point (and before the
     first step, logged as step 0) and its values join the JSONL record: the demo uses it
-    for sampled accuracy and the exposure-bias gap.
+    for sampled accuracy and the exposure-bias gap. The run directory is locked for the
+    whole run (`opd.run.lock`): another process writing it is refused at once.
     """
+    main = is_main_process()
+    if main:
+        hold_run_dir(config.output_dir, "opd train")  # taken already if preflight ran
+    try:
+        return _train(config, run, extra_eval)
+    finally:
+        if main:
+            release_run_dir(config.output_dir)
+
+
+def _train(config: TrainConfig, run: RunSetup | None, extra_eval) -> dict:
     run = run or build_run(config)
     config = run.config  # with the values preflight derived (e.g. loss.topk from a cache)
     if run.world.is_main:

@@ -21,8 +21,10 @@ from pathlib import Path
 from opd.config.checks import uses_teacher
 from opd.config.extras import require
 from opd.config.parse import TrainConfig, config_to_dict
+from opd.config.paths import dir_problem
 from opd.data.checks import check_data
 from opd.modeling.checks import check_device, check_model_path
+from opd.run.lock import hold_run_dir, is_main_process, release_run_dir
 from opd.teachers.checks import check_teacher, check_teacher_model
 
 log = logging.getLogger("opd")
@@ -59,13 +61,20 @@ def check_extras(config: TrainConfig) -> None:
 
 
 def check_run_dir(config: TrainConfig) -> Path | None:
-    """The checkpoint to resume from (None: a fresh run); refuses to overwrite a run."""
+    """The checkpoint to resume from (None: a fresh run); refuses to overwrite a run.
+
+    Takes the run directory's lock (`opd.run.lock`) first: a second run writing the same
+    directory is refused here, before it could clean up the first one's save in progress.
+    The lock is held until `opd.run.loop.train` returns."""
+    out = Path(config.output_dir)
+    problem = dir_problem(out)
+    if problem:
+        raise ValueError(f"output_dir={out}: {problem}; choose a directory")
+    if is_main_process():  # rank 0 holds it for every rank of a multi-process run
+        hold_run_dir(out, "opd train")
     # torch-free until here: `opd train` mistakes fail before torch is imported
     from opd.run.checkpoint import check_resume, clean_leftovers, latest_checkpoint
 
-    out = Path(config.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output_dir={out} is a file; choose a directory")
     clean_leftovers(out)  # of killed or failed saves; before `latest` is looked up
     existing = latest_checkpoint(out)
     if existing is None:
@@ -89,7 +98,16 @@ def check_run_dir(config: TrainConfig) -> Path | None:
 
 def preflight(config: TrainConfig) -> Checked:
     """All checks that need no model, in order (each room checks its own section); the config
-    with derived values, computed here once and never changed after, and the data rows."""
+    with derived values, computed here once and never changed after, and the data rows. On
+    success the run directory stays locked for the run (`check_run_dir`)."""
+    try:
+        return _preflight(config)
+    except BaseException:
+        release_run_dir(config.output_dir)
+        raise
+
+
+def _preflight(config: TrainConfig) -> Checked:
     check_extras(config)
     check_device(config.device)
     check_model_path("student.path", config.student.path)

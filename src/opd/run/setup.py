@@ -17,6 +17,7 @@ from opd.modeling.hf import (
     resolve_device,
     shared_vocab_size,
 )
+from opd.run.lock import release_run_dir
 from opd.run.path import RunPath, decide_path
 from opd.run.preflight import Checked, preflight
 from opd.run.world import World, init_world
@@ -88,7 +89,17 @@ def build_student(config: TrainConfig, device: torch.device, resume_from: Path |
 
 
 def build_run(config: TrainConfig, checked: Checked | None = None) -> RunSetup:
-    """`checked`: what `preflight(config)` returned, if the caller ran it already."""
+    """`checked`: what `preflight(config)` returned, if the caller ran it already. The run
+    directory stays locked (`opd.run.lock`) until `opd.run.loop.train` returns; if building
+    fails, it is released here."""
+    try:
+        return _build_run(config, checked)
+    except BaseException:
+        release_run_dir(config.output_dir)
+        raise
+
+
+def _build_run(config: TrainConfig, checked: Checked | None) -> RunSetup:
     checked = checked or preflight(config)  # all that is knowable before a model loads
     config = checked.config
     world = init_world(config)  # World() unless launched by torchrun / accelerate launch

@@ -35,6 +35,7 @@ from opd.cli.demo.quiet import quiet_transformers
 from opd.cli.demo.report import write_outputs
 from opd.cli.demo.task import TaskSpec, make_examples, max_completion_chars
 from opd.config.parse import DataConfig, config_from_dict
+from opd.config.paths import make_dir
 from opd.data.cache_format import read_manifest
 from opd.data.rows import Encoder
 from opd.evaluation.divergence import teacher_logits
@@ -176,8 +177,7 @@ def _run_demo(
     settings = settings or DemoSettings.preset(quick)
     if settings.seeds < 1:
         raise ValueError(f"opd demo --seeds: need at least 1, got {settings.seeds}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir("--out", out_dir)
     cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "opd" / "demo"
     names = list(methods or DEFAULT_METHODS)
     seeds = [seed + i for i in range(settings.seeds)]

@@ -20,8 +20,10 @@ lists (after verifying their checksums) and produces the same cache as an unkill
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -31,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from opd.config.parse import DataConfig
+from opd.config.paths import OutOfSpace, is_out_of_space, make_dir, out_of_space
 from opd.data.batch import assemble
 from opd.data.cache_format import (
     FORMAT,
@@ -223,7 +226,7 @@ def _check_resumable(old: dict, new: dict, out: Path) -> None:
 
 def _open_out(out: Path, manifest: dict):
     """Lock `out` for this run and adopt the verified shards an earlier run left there."""
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir("--out", out)
     lock = (out / ".lock").open("w")
     try:
         try:
@@ -251,6 +254,19 @@ def _open_out(out: Path, manifest: dict):
         lock.close()
         raise
     return lock
+
+
+def _out_of_space(err, out: Path, manifest: dict, done: int, arrays, texts) -> OutOfSpace | None:
+    """For a full disk, the error naming the space the shards left need (this one's size
+    each), after removing what the failed write left; None for any other error."""
+    if not is_out_of_space(err):
+        return None
+    for stale in out.glob(f".*.tmp-{os.getpid()}"):
+        stale.unlink(missing_ok=True)
+    left = manifest["num_shards"] - done
+    shard = sum(a.nbytes for a in arrays.values()) + sum(len(json.dumps(t)) + 1 for t in texts)
+    then = f"The {done} shard(s) written are intact: free space, then rerun the same command"
+    return out_of_space(out, f"--out {out}", shard * left, f"{then} ({left} shard(s) left)")
 
 
 def _summarize(manifest: dict, vocab: int) -> None:
@@ -294,6 +310,7 @@ def build_cache(
 
     `vllm_settings` (a `VllmConfig`) sizes the engine of `spec.engine == "vllm"`."""
     out, device = Path(out), resolve_device(device)
+    make_dir("--out", out)  # a path mistake fails before the rows and the teacher load
     rows = load_rows(prompts)
     completion = spec.completion_field if spec.mode == "score" else None
     check_rows(rows, RowSpec(spec.prompt_field, completion), str(prompts))
@@ -341,9 +358,12 @@ def build_cache(
             t0 = time.perf_counter()
             with torch.no_grad():  # sampling and scoring train nothing
                 records, texts = job.shard_records(index)
-            entry = write_shard(
-                out, index, pack_shard(records, spec.topk, spec.logprob_dtype), texts
-            )
+            arrays = pack_shard(records, spec.topk, spec.logprob_dtype)
+            whole = len(manifest["shards"])  # shards the manifest on disk lists
+            try:
+                entry = write_shard(out, index, arrays, texts)
+            except OSError as err:
+                raise _out_of_space(err, out, manifest, whole, arrays, texts) or err from err
             entry.update(
                 prompt_start=index * spec.shard_size,
                 prompt_end=min((index + 1) * spec.shard_size, len(rows)),
@@ -356,7 +376,10 @@ def build_cache(
                     "num_parameters", sum(p.numel() for p in job.model.parameters())
                 )
             _summarize(manifest, vocab)
-            write_manifest(out, manifest)
+            try:
+                write_manifest(out, manifest)
+            except OSError as err:
+                raise _out_of_space(err, out, manifest, whole, arrays, texts) or err from err
             bar.update(entry["prompt_end"] - entry["prompt_start"])
             log.info(
                 "%s: %d rows, %d tokens, %.1f tokens/s",
