@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import torch
 
@@ -25,13 +31,14 @@ def start_server(
     port: int = 0,
     model=None,
     tokenizer=None,
+    name: str = "tiny-teacher",
     **settings,
 ) -> tuple[BackgroundServer, TeacherService]:
     """`settings`: further `ServeSettings` fields (connection limits)."""
     model = model if model is not None else load_causal_lm(str(model_dir))
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(model_dir))
     service = TeacherService(
-        model, tokenizer, name="tiny-teacher", limits=limits, batch_wait_ms=batch_wait_ms
+        model, tokenizer, name=name, limits=limits, batch_wait_ms=batch_wait_ms
     )
     config = ServeSettings(
         model=str(model_dir), port=port, limits=limits, graceful_timeout_s=5, **settings
@@ -61,3 +68,32 @@ def close(a: torch.Tensor | list, b: torch.Tensor | list) -> None:
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+def start_serve_processes(model_dir, log_dir, n: int, *, ports=None, token: str | None = TOKEN):
+    """`n` `opd serve` processes on 127.0.0.1, started together: `[(process, url)]`.
+
+    Each one's output goes to a file in `log_dir` (a pipe could fill and stall it); limits as
+    `LIMITS` but 64 sequences per request. The caller kills them."""
+    env = {**os.environ, "OPD_TEACHER_TOKEN": token or ""}
+    procs = []
+    for i, port in enumerate(ports or [0] * n):
+        cmd = [sys.executable, "-m", "opd.cli", "serve", "--model", str(model_dir)]
+        cmd += ["--port", str(port), "--served-model-name", "tiny-teacher"]
+        cmd += ["--max-seq-len", str(LIMITS.max_seq_len), "--max-topk", str(LIMITS.max_topk)]
+        log = Path(log_dir) / f"serve-{i}-{time.monotonic_ns()}.log"
+        with log.open("w") as out:
+            procs.append((subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT), log))
+    started, deadline = [], time.monotonic() + 180
+    for proc, log in procs:
+        while True:
+            found = re.search(r"running on (http://127\.0\.0\.1:\d+)", log.read_text())
+            if found:
+                started.append((proc, found.group(1)))
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                for p, _ in procs:
+                    p.kill()
+                raise RuntimeError(f"opd serve did not start; see {log}")
+            time.sleep(0.2)
+    return started

@@ -1,6 +1,7 @@
 """Configuration: the typed sections (`sections`; sampling, vLLM and rollouts: `rollouts`), `TrainConfig` with YAML and `key=value`
 parsing (`parse`), named presets (`presets`), combination checks (`checks`), the `opd config`
-listing (`docs`) and which optional extra a feature needs (`extras`).
+listing (`docs`), which optional extra a feature needs (`extras`) and several teachers in one
+run (`teachers`: `teachers:` and `routing:`).
 
 `opd.config` is the public name: `from opd.config import TrainConfig` works; the modules
 inside import from `opd.config.sections` / `opd.config.parse` directly."""
@@ -28,12 +29,13 @@ from opd.config.sections import (
     OptimConfig,
     RewardConfig,
     SourceConfig,
-    TeacherConfig,
 )
+from opd.config.teachers import RoutingConfig, TeacherConfig
 
 __all__ = [
     "DEFAULT_TOPK", "METRICS", "PRESETS", "DType", "DataConfig", "Divergence", "LoraConfig",
-    "LossConfig", "ModelConfig", "OptimConfig", "RewardConfig", "RolloutsConfig", "SamplingConfig", "SourceConfig",
+    "LossConfig", "ModelConfig", "OptimConfig", "RewardConfig", "RolloutsConfig", "RoutingConfig",
+    "SamplingConfig", "SourceConfig",
     "TeacherConfig", "TrainConfig", "VllmConfig", "config_from_dict", "config_to_dict",
     "field_type", "load_config", "parse_override", "read_config_file",
 ]

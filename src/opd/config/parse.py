@@ -37,7 +37,6 @@ from opd.config.sections import (  # noqa: F401  (re-exported: the names tests a
     OptimConfig,
     RewardConfig,
     SourceConfig,
-    TeacherConfig,
     _check_choices,
     _check_metric,
     _check_template,
@@ -45,6 +44,7 @@ from opd.config.sections import (  # noqa: F401  (re-exported: the names tests a
     _literal_fields,
     _one_of,
 )
+from opd.config.teachers import RoutingConfig, TeacherConfig, resolve_teachers
 
 
 @dataclass
@@ -73,6 +73,9 @@ class TrainConfig:
         max_bad_steps: consecutive non-finite steps before the run stops
         vllm: settings of each vLLM engine (sampling.engine=vllm, teacher.kind=vllm)
         rollouts: asynchronous rollouts: sampling beside training, with bounded staleness
+        teachers: several teachers by name, each a `teacher` section of any kind, instead of
+            `teacher` (one entry is the same as `teacher`); `routing` picks each row's
+        routing: which of `teachers` scores each row (see RoutingConfig)
         resume_allow_changes: keys (or sections, e.g. optim) whose change since the
             checkpoint a resume accepts; any other change to what the run computes is refused
         report_to: where metrics go besides metrics.jsonl (always written): tensorboard
@@ -83,6 +86,8 @@ class TrainConfig:
     preset: str = ""
     student: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    teachers: dict[str, TeacherConfig] = field(default_factory=dict)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -116,6 +121,7 @@ class TrainConfig:
     def __post_init__(self):
         _check_choices(self)
         _one_of("preset", self.preset, ("", *PRESETS))
+        resolve_teachers(self)  # `teachers:` -> `teacher` (one) or a routed teacher (several)
         _in_range("steps", self.steps, 1)
         _in_range("batch_size", self.batch_size, 1)
         _in_range("micro_batch_size", self.micro_batch_size, 1)
@@ -194,6 +200,11 @@ def _coerce(value, hint, key: str):
         if not isinstance(value, dict):
             raise ValueError(f"{key} must be a mapping, got {value!r}")
         return _build(hint, value, key + ".")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} must be a mapping, got {value!r}")
+        inner = typing.get_args(hint)[1]
+        return {str(k): _coerce(v, inner, f"{key}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         if isinstance(value, str):
             value = [value]  # one item, as written (`sampling.stop=###`)

@@ -82,54 +82,6 @@ class LoraConfig:
 
 
 @dataclass
-class TeacherConfig:
-    """The teacher: what scores the sequences.
-
-    Attributes:
-        kind: local model | self (the student with privileged context) | remote server |
-            cached log-probs from `opd generate` / `opd score` | vllm (a local vLLM engine
-            scoring with prompt_logprobs: pg and topk estimators only)
-        path: local: model directory or hub id
-        dtype: local: dtype the teacher's weights are loaded in
-        url: remote: base URL of an `opd serve` or vLLM server
-        api_key_env: remote: environment variable holding the server's bearer token
-        timeout_s: remote: seconds one request may take, its whole answer included (a body
-            that trickles cannot extend it), before a retry
-        max_retries: remote: retries before the run stops (its checkpoint intact)
-        cache_dir: cached: the cache directory (default: data.train when that is a cache)
-        privileged_template: self (OPSD/SDFT): the teacher's prompt; {prompt} is the row's
-            data.prompt_field text, any other {name} is that column of the row (the
-            privileged context the student lacks)
-        self_weights: self: frozen (the start) | ema | live (the current weights, no gradient)
-        ema_decay: self_weights=ema: theta_bar <- d*theta_bar + (1-d)*theta per step
-        shard: local, multi-process runs: shard the teacher's weights over the ranks (FSDP2)
-            instead of one full copy per rank
-    """
-
-    kind: Literal["local", "self", "remote", "cached", "vllm"] = "local"
-    path: str = ""
-    dtype: DType = "float32"
-    url: str = ""
-    api_key_env: str = "OPD_TEACHER_TOKEN"
-    timeout_s: float = 60.0
-    max_retries: int = 5
-    cache_dir: str = ""
-    privileged_template: str = "{prompt}\nReference solution: {answer}\n"
-    self_weights: Literal["frozen", "ema", "live"] = "frozen"
-    ema_decay: float = 0.99
-    shard: bool = False
-
-    def __post_init__(self):
-        _check_choices(self)
-        _in_range("teacher.ema_decay", self.ema_decay, 0.0, 1.0)
-        _check_template("teacher.privileged_template", self.privileged_template)  # any kind
-        _in_range("teacher.timeout_s", self.timeout_s, 0.0, lo_open=True)
-        _in_range("teacher.max_retries", self.max_retries, 0)
-        if self.shard and self.kind != "local":
-            raise ValueError("teacher.shard applies to teacher.kind='local' only")
-
-
-@dataclass
 class DataConfig:
     """Where prompts (and completions) come from and how they become tokens.
 

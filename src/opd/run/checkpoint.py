@@ -288,6 +288,8 @@ RESUME_SAFE_KEYS = frozenset(
         "resume_allow_changes",
         "data.eval",
         "teacher.url",
+        "teacher.urls",
+        "teacher.overlap",
         "teacher.api_key_env",
         "teacher.timeout_s",
         "teacher.max_retries",

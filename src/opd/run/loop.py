@@ -43,6 +43,7 @@ from opd.run.metrics import MetricsLog, PhaseTimer
 from opd.run.path import RunPath
 from opd.run.progress import Progress
 from opd.run.rollouts import Rollouts, sampler_token_stats
+from opd.run.score_ahead import ScoreAhead, overlaps
 from opd.run.setup import RunSetup, build_run
 from opd.run.sources import SOURCES, loss_denominators, source_counts, source_weights
 from opd.run.state import RunState
@@ -70,8 +71,9 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
     measure = run.rollout_engine is not None or rollouts.mode != "off"
     sampler = [0.0, 0.0, 0.0, 0, 0]  # sampler_token_stats: gap, ratio sum, max, out, tokens
     run.student.train()
-    for i, batch in enumerate(batches):
-        batch = batch.to(run.device)
+    # on the device; with overlap, micro-batch i+1 is scored while i is back-propagated
+    scorer = ScoreAhead(objectives, batches, run.device, overlaps(run.config, run.teacher))
+    for i, batch in enumerate(scorer):
         if measure and batch.source == "student" and batch.sampler_logprobs is not None:
             with timer.phase("sampler_gap"):  # one extra no-grad forward (as TRL's IS check)
                 stats = sampler_token_stats(
@@ -82,7 +84,7 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
             sampler[2] = top
         objective = objectives.for_batch(batch)
         with timer.phase("teacher_score"), torch.no_grad():  # whatever the teacher: no graph
-            scored = objective.score(batch)
+            scored = scorer.scored(i)
         teacher_scored += scored.tokens_scored
         last = i == len(batches) - 1
         with timer.phase("update"), _autocast(run), world.grad_sync(run.student, last):
@@ -92,7 +94,8 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
         loss_by_source[batch.source] += float(loss.detach())
         div_total += div_sum
         # This micro-batch's teacher scores (full [B, L, V] logits on the plain path) go
-        # before the next is scored: one set in memory at a time.
+        # before the next is scored: one set in memory at a time (under teacher.overlap a
+        # remote teacher's next, top-k or token log-probs only, may already be on its way).
         del scored, loss
     ratio_max = world.max_all([sampler[2]])[0] if measure else 0.0
     loss_total, div_total, gap_sum, ratio_sum, ratio_out, gap_tokens, *by_source = world.sum_all(
@@ -123,6 +126,8 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
             **{f"weight_{s}": w for s, w in source_weights(batches).items()},
             **{f"loss_from_{s}": v for s, v in zip(SOURCES, by_source, strict=True)},
             "teacher_tokens_scored": teacher_scored,
+            # failovers of replicas; per-teacher rows, tokens, seconds of several teachers
+            **getattr(run.teacher, "step_record", dict)(),
             "lr": run.scheduler.get_last_lr()[0],
             **objectives.record(),
             # mean |log p_S - log q| over vLLM-sampled tokens (absent without such tokens)

@@ -33,8 +33,8 @@ class RunPath:
             rollouts only, so those take the HF forward under `sampler=vllm*`).
         rollouts: when student rollouts are drawn (`off`, `pipelined lag k`, `queue
             max_staleness s`: opd.run.rollouts).
-        teacher: what scores (`none`, `local`, `self (frozen)`, `remote <url>`, `cached <dir>`,
-            `vllm`).
+        teacher: what scores (`none`, `local`, `self (frozen)`, `remote <url>`, `remote, N
+            replicas (...)`, `cached <dir>`, `vllm`, `N teachers by ...`).
         teacher_need: what the teacher returns (`token`, `topk`, `logits`, or None) and its k.
     """
 
@@ -79,7 +79,13 @@ def describe_teacher(config: TrainConfig) -> str:
     if not uses_teacher(config):
         return "none"
     if t.kind == "remote":
-        return f"remote {t.url}"
+        n, urls = len(t.servers), ", ".join(t.servers)
+        return f"remote {urls}" if n == 1 else f"remote, {n} replicas ({urls})"
+    if t.kind == "routed":
+        routing = config.routing
+        by = f"by column {routing.key}" if routing.key else "by fixed mix"
+        names = ", ".join(f"{n} ({one.kind})" for n, one in config.teachers.items())
+        return f"{len(config.teachers)} teachers {by}: {names}"
     if t.kind == "cached":
         return f"cached {t.cache_dir or config.data.train}"
     if t.kind == "self":

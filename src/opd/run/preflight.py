@@ -39,7 +39,8 @@ class Checked:
 
 
 def check_extras(config: TrainConfig) -> None:
-    if config.teacher.kind == "remote" and uses_teacher(config):
+    kinds = {config.teacher.kind, *(t.kind for t in config.teachers.values())}
+    if "remote" in kinds and uses_teacher(config):
         require("httpx", "teacher.kind=remote")
     if config.lora.enabled:
         require("peft", "lora.enabled=true")
@@ -114,5 +115,5 @@ def _preflight(config: TrainConfig) -> Checked:
     check_teacher_model(config)
     resume_from = check_run_dir(config)
     train_rows, eval_rows = check_data(config)
-    config = check_teacher(config)
+    config = check_teacher(config, train_rows)
     return Checked(config, train_rows, eval_rows, resume_from)

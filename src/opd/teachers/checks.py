@@ -13,6 +13,7 @@ from pathlib import Path
 from opd.config.checks import dataset_batches, teacher_need, uses_teacher
 from opd.config.parse import TrainConfig
 from opd.config.sections import DEFAULT_TOPK
+from opd.config.teachers import teacher_configs
 from opd.data.cache_format import is_cache, is_token_level, read_manifest
 from opd.modeling.checks import check_model_path
 from opd.teachers.answer_checks import check_info
@@ -31,13 +32,16 @@ def check_teacher_model(config: TrainConfig) -> None:
         check_model_path("teacher.path", teacher.path)
 
 
-def check_teacher(config: TrainConfig) -> TrainConfig:
-    """What the teacher can serve; the config with `loss.topk=0` resolved."""
+def check_teacher(config: TrainConfig, rows: list[dict] = ()) -> TrainConfig:
+    """What the teacher can serve; the config with `loss.topk=0` resolved. `rows`: the
+    training rows, each of which a `routing.key` must route to a teacher."""
     teacher = config.teacher
     if uses_teacher(config) and teacher.kind == "cached":
         return check_cache(config)
     if uses_teacher(config) and teacher.kind == "remote":
         return check_remote(config)
+    if uses_teacher(config) and teacher.kind == "routed":
+        return check_teachers(config, rows)
     return _default_topk(config, None)
 
 
@@ -134,7 +138,11 @@ def check_remote(config: TrainConfig) -> TrainConfig:
     """teacher.kind=remote: what the server's info endpoint says it accepts."""
     check_remote_config(config)
     t = config.teacher
-    info = server_info(t.url, t.api_key_env)
+    # Replicas must agree on their limits (checked at connect): the first that answers speaks.
+    url, info = next(
+        ((u, i) for u in t.servers if (i := server_info(u, t.api_key_env)) is not None),
+        (t.servers[0], None),
+    )
     if info is None:
         return _default_topk(config, None)
     limits = info["limits"]
@@ -147,15 +155,15 @@ def check_remote(config: TrainConfig) -> TrainConfig:
     longest = data.max_prompt_tokens + completion_keys[key]
     if longest > limits["max_seq_len"]:
         raise ValueError(
-            f"teacher server {t.url} scores sequences of at most {limits['max_seq_len']} tokens "
+            f"teacher server {url} scores sequences of at most {limits['max_seq_len']} tokens "
             f"(its --max-seq-len) but one here can reach {longest} (data.max_prompt_tokens="
             f"{data.max_prompt_tokens} + {key}={completion_keys[key]}); lower those or restart "
             "the server with a larger --max-seq-len"
         )
-    return _default_topk(config, limits["max_topk"])
+    return _default_topk(config, limits["max_topk"], url)
 
 
-def _default_topk(config: TrainConfig, server_max: int | None) -> TrainConfig:
+def _default_topk(config: TrainConfig, server_max: int | None, url: str = "") -> TrainConfig:
     loss = config.loss
     if loss.objective != "kd" or loss.estimator != "topk":
         return config
@@ -165,9 +173,42 @@ def _default_topk(config: TrainConfig, server_max: int | None) -> TrainConfig:
         return _with_loss(config, topk=k)
     if server_max is not None and loss.topk > server_max:
         raise ValueError(
-            f"loss.topk={loss.topk} but teacher server {config.teacher.url} allows at most "
+            f"loss.topk={loss.topk} but teacher server {url} allows at most "
             f"{server_max} (its --max-topk); set loss.topk <= {server_max}"
         )
+    return config
+
+
+def check_teachers(config: TrainConfig, rows: list[dict]) -> TrainConfig:
+    """Several teachers: each one's checks, a top-k all can serve, every row routed."""
+    topk = []
+    for name, one in teacher_configs(config).items():
+        t = one.teacher
+        if t.kind == "local":
+            check_model_path(f"teachers.{name}.path", t.path)
+        elif t.kind == "cached":
+            raise ValueError(
+                f"teachers.{name}: kind=cached is not available among several teachers"
+            )
+        elif t.kind == "remote":
+            try:
+                topk.append(check_remote(one).loss.topk)
+            except ValueError as err:
+                raise ValueError(f"teachers.{name}: {err}") from None
+    config = _default_topk(config, None)
+    if topk and config.loss.topk:
+        config = _with_loss(config, topk=min(config.loss.topk, *topk))
+    routing = config.routing
+    if routing.key and not routing.default:
+        for i, row in enumerate(rows):
+            value = row.get(routing.key)
+            if value is None or str(value) not in routing.map:
+                raise ValueError(
+                    f"data.train={config.data.train} row {i + 1}: routing.key={routing.key!r} "
+                    f"value {value!r} names no teacher; routing.map knows "
+                    f"{', '.join(map(repr, routing.map))} (teachers: "
+                    f"{', '.join(config.teachers)}); add it or set routing.default"
+                )
     return config
 
 
@@ -177,9 +218,10 @@ def _with_loss(config: TrainConfig, **changes) -> TrainConfig:
 
 def check_remote_config(config) -> None:
     """What a run config must say for any remote teacher (no server contact)."""
-    if not config.teacher.url:
+    if not config.teacher.servers:
         raise ValueError(
-            "teacher.url is required for teacher.kind='remote' (e.g. http://127.0.0.1:8000)"
+            "teacher.url (or teacher.urls, for replicas) is required for teacher.kind='remote' "
+            "(e.g. http://127.0.0.1:8000)"
         )
     if teacher_need(config.loss)[0] == "logits":
         raise ValueError(

@@ -9,6 +9,7 @@ from opd.config.parse import TrainConfig
 from opd.modeling.hf import load_causal_lm, load_tokenizer, shared_vocab_size
 from opd.modeling.vocab import check_same_tokenizer
 from opd.teachers.local import LocalTeacher
+from opd.teachers.routing import build_routed_teacher
 
 
 def build_teacher(
@@ -39,6 +40,10 @@ def build_teacher(
         from opd.teachers.cached import build_cached_teacher
 
         return build_cached_teacher(config, tokenizer)
+    if kind == "routed":  # `teachers:` with several teachers, each built as it would be alone
+        return build_routed_teacher(
+            config, lambda one: build_teacher(one, tokenizer, device, student, resume_from)
+        )
     if kind == "vllm":  # a local vLLM engine scoring with prompt_logprobs
         from opd.teachers.vllm import build_vllm_teacher
 

@@ -10,30 +10,34 @@ fingerprint or vocabulary differs from the student's; a server without that endp
 taken for vLLM and spoken to through `/v1/completions` with `echo: true, max_tokens: 0,
 prompt_logprobs: k` (its tokenizer cannot be checked, so a warning is logged).
 
+`teacher.urls: [...]` names replicas of one teacher (`opd.teachers.replicas`): a micro-batch
+is split over the replicas in rotation (about equal positions each) and a failed request
+moves to another; replicas must agree at connect on their identity and on the log-probs of
+a fixed probe sequence (within SAME_MODEL_TOLERANCE).
+
 Nothing a server answers is trusted: each answer is read within a byte bound derived from
 the request and one deadline (`teacher.timeout_s`) that a trickling body cannot extend
-(`opd.teachers.bounded_http`), then checked against the request (shapes, ids inside the
-vocabulary, log-probs <= 0 and finite, top-k not all -inf: `opd.teachers.answer_checks`).
-A bad answer is retried like a transport error and logged; none of it is ever used.
+(`opd.teachers.bounded_http`), then checked against the request (`opd.teachers.answer_checks`);
+a bad answer is a failure of that server, like a transport error, and none of it is used.
 
 Requests run on a private asyncio loop in a background thread: `submit()` returns a
-`concurrent.futures.Future` at once, so scoring one batch can overlap sampling the next;
-`score_async()` awaits the same from any event loop; `score()` blocks. Transport errors,
-timeouts, unusable answers, 408/429/5xx are retried with exponential backoff (`backoff_s * 2**attempt`, capped,
-with jitter); when the server stays down, `TeacherUnavailable` names the URL and the run
-stops with its last checkpoint intact. Other 4xx raise `TeacherRequestError` at once.
+`concurrent.futures.Future` at once, so scoring one batch can overlap sampling the next or
+a backward (`opd.run.score_ahead`); `score()` blocks. Transport errors, timeouts, unusable
+answers and 408/429/5xx fail over to another replica, or with one server are retried with
+exponential backoff (`backoff_s * 2**attempt`, capped, with jitter); when every server stays
+down, `TeacherUnavailable` names them and the run stops with its last checkpoint intact.
+Other 4xx raise `TeacherRequestError` at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
 import os
-import random
 import threading
-import time
 from concurrent.futures import Future
 
 import httpx
@@ -42,28 +46,29 @@ import torch
 
 from opd.config.checks import teacher_need
 from opd.data.batch import SequenceBatch
-from opd.teachers.answer_checks import (
-    answer_bytes_bound,
-    check_info,
-    check_models,
-    unpack_completions,
-    unpack_opd_score,
-)
+from opd.teachers.answer_checks import answer_bytes_bound, unpack_completions, unpack_opd_score
 from opd.teachers.base import TeacherScores, check_need, check_untempered
-from opd.teachers.bounded_http import INFO_BYTES, error_message, fetch, parse_json
 from opd.teachers.checks import check_remote_config
-from opd.teachers.errors import BadAnswer, TeacherRequestError, TeacherUnavailable
+from opd.teachers.replicas import Replica, ReplicaPool, positions, spread
 from opd.teachers.server.protocol import Limits
 
 log = logging.getLogger("opd")
 
-RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+# Replicas of one teacher must agree on these log-probs (ids in every vocabulary) within
+# SAME_MODEL_TOLERANCE: far above the batch-shape noise of one model in float32 or bfloat16
+# over 8 tokens, far below the gap between two different checkpoints.
+PROBE_SEQUENCE = [1, 2, 3, 4, 5, 6, 7, 8]
+SAME_MODEL_TOLERANCE = 0.05
 
 
 class RemoteTeacher:
+    """`url`: one server, or a list of replicas of one teacher (`opd.teachers.replicas`)."""
+
+    overlaps = True  # scoring waits on the network: the loop may run it beside a backward
+
     def __init__(
         self,
-        url: str,
+        url: str | list[str],
         *,
         token: str | None = None,
         timeout_s: float = 60.0,
@@ -76,25 +81,37 @@ class RemoteTeacher:
         required_topk: int = 0,
         token_env: str = "OPD_TEACHER_TOKEN",
         max_seqs_per_request: int = 64,  # used when the server does not say (vLLM)
+        probe_interval_s: float = 5.0,
     ):
         if protocol not in ("auto", "opd", "vllm"):
             raise ValueError(f"protocol={protocol!r} must be auto, opd or vllm")
-        self.url, self.token_env = url.rstrip("/"), token_env
-        self.timeout_s, self.max_retries = timeout_s, max_retries
-        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
-        self.max_seqs = max_seqs_per_request
+        urls = [u.rstrip("/") for u in ([url] if isinstance(url, str) else url)]
+        self.url = ", ".join(urls)  # what messages name
+        self.timeout_s, self.max_seqs = timeout_s, max_seqs_per_request
         # scored positions x (k + 1) per request: the server's limit (opd), else opd's default
         self.max_logprobs: int = Limits.max_logprobs_per_request
         self.vocab_size = expected_vocab_size  # ids must stay below it (opd: the server's)
-        self._headers = {"Content-Type": "application/json"}
+        self._probe_reference: tuple[str, np.ndarray] | None = None
+        self._failovers_logged = 0
+        headers = {"Content-Type": "application/json"}
         if token:
-            self._headers["Authorization"] = f"Bearer {token}"
+            headers["Authorization"] = f"Bearer {token}"
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, daemon=True, name="opd-remote-teacher"
         )
         self._thread.start()
-        self._client: httpx.AsyncClient | None = None
+        self.pool = ReplicaPool(
+            urls,
+            self._client,
+            headers,
+            token_env=token_env,
+            timeout_s=timeout_s,
+            max_retries=max_retries,
+            backoff_s=backoff_s,
+            max_backoff_s=max_backoff_s,
+            probe_interval_s=probe_interval_s,
+        )
         try:
             self.info = self._call(self._connect(protocol))
             self._check(expected_fingerprint, expected_vocab_size, required_topk)
@@ -107,29 +124,45 @@ class RemoteTeacher:
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    async def _connect(self, protocol: str) -> dict:
-        self._client = httpx.AsyncClient(
-            base_url=self.url,
+    def _client(self, url: str) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=url,
             timeout=httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, 10.0)),
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
             trust_env=False,  # a teacher is reached directly, never through an HTTP proxy
         )
-        info = None
-        if protocol != "vllm":
-            parse = lambda body: check_info(self.url, body)  # noqa: E731
-            info = await self._request("GET", "/opd/v1/info", ok404=True, parse=parse)
-        if info is None and protocol == "opd":
-            raise TeacherRequestError(f"{self.url} has no /opd/v1/info: it is not an opd server")
-        if info is not None:
-            limits = info["limits"]
-            self.protocol, self.model = "opd", info["model"]
-            self.max_seqs = limits["max_seqs_per_request"]
-            self.max_logprobs = limits.get("max_logprobs_per_request") or self.max_logprobs
-            self.vocab_size = info["vocab_size"]
+
+    async def _connect(self, protocol: str) -> dict:
+        self.pool.verify = self._same_scores if len(self.pool.replicas) > 1 else None
+        info = await self.pool.connect(protocol)
+        self.protocol, self.model = self.pool.protocol, info["model"]
+        if self.protocol == "vllm":
             return info
-        parse = lambda body: check_models(self.url, body)  # noqa: E731
-        self.protocol, self.model = "vllm", await self._request("GET", "/v1/models", parse=parse)
-        return {"model": self.model}
+        self.vocab_size = info["vocab_size"]
+        self.max_logprobs = info["limits"].get("max_logprobs_per_request") or self.max_logprobs
+        # chunks are cut before a replica is chosen: within every replica's limit
+        self.max_seqs = min(
+            r.info["limits"]["max_seqs_per_request"] for r in self.pool.replicas if r.info
+        )
+        return info
+
+    async def _same_scores(self, replica: Replica) -> None:
+        """Refuse a replica whose log-probs of a fixed probe differ from the first one's:
+        another checkpoint behind the same name and tokenizer."""
+        (tok, _, _), *_ = await self._score_chunk(replica, [(0, PROBE_SEQUENCE, 1)], 0)
+        tok = np.asarray(tok, dtype=np.float64)
+        if self._probe_reference is None:
+            self._probe_reference = (replica.url, tok)
+            return
+        url, want = self._probe_reference
+        gap = float(np.abs(tok - want).max())
+        if not gap <= SAME_MODEL_TOLERANCE:
+            raise ValueError(
+                f"teacher replica {replica.url} scores a probe sequence differently from {url} "
+                f"(max |difference of log-probs| {gap:.3g} > {SAME_MODEL_TOLERANCE}): it serves "
+                "another model under the same name; every server in teacher.urls must serve "
+                "the same weights"
+            )
 
     def _check(self, fingerprint, vocab_size, topk) -> None:
         if self.protocol == "vllm":
@@ -157,11 +190,25 @@ class RemoteTeacher:
                 f"{info['limits']['max_topk']} (its --max-topk)"
             )
 
+    @property
+    def failovers(self) -> int:
+        """Requests moved to another replica after one failed (cumulative)."""
+        return self.pool.failovers
+
+    def step_record(self) -> dict:
+        """Per-step metrics: failovers since the last call, replicas in rotation now."""
+        total = self.pool.failovers
+        since, self._failovers_logged = total - self._failovers_logged, total
+        return {
+            "teacher_failovers": since,
+            "teacher_replicas_healthy": len(self.pool.healthy),
+        }
+
     def close(self) -> None:
         if self._loop.is_closed():
             return
-        if self._client is not None and self._thread.is_alive():
-            self._call(self._client.aclose())
+        if self._thread.is_alive():
+            self._call(self.pool.aclose())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._loop.close()
@@ -171,65 +218,6 @@ class RemoteTeacher:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    # -- HTTP with retries -------------------------------------------------------------------
-
-    async def _request(
-        self,
-        method: str,
-        path: str,
-        body: bytes | None = None,
-        ok404=False,
-        *,
-        parse=None,
-        max_bytes: int = INFO_BYTES,
-    ):
-        """One request with retries; a 200 answer is read within `max_bytes` and the
-        deadline, decoded, and passed through `parse` (which raises `BadAnswer`)."""
-        start, last, tries = time.monotonic(), "", self.max_retries + 1
-        for attempt in range(tries):
-            try:
-                status, raw = await fetch(
-                    self._client,
-                    method,
-                    path,
-                    server=self.url,
-                    content=body,
-                    headers=self._headers,
-                    max_bytes=max_bytes,
-                    deadline_s=self.timeout_s,
-                )
-                if status == 200:
-                    data = parse_json(self.url, path, raw)
-                    return parse(data) if parse is not None else data
-            except httpx.TransportError as err:  # refused, reset, timed out, ...
-                last = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-            except BadAnswer as err:  # none of it is used; the next attempt may be sound
-                last = f"unusable answer: {err.problem}"
-                log.warning("%s (attempt %d of %d)", err, attempt + 1, tries)
-            else:
-                if status == 404 and ok404:
-                    return None
-                message = error_message(raw)
-                if status in (401, 403):
-                    raise TeacherRequestError(
-                        f"teacher server {self.url} refused the bearer token (HTTP "
-                        f"{status}: {message}); set the environment variable "
-                        f"{self.token_env} to the server's token"
-                    )
-                if status not in RETRY_STATUS:
-                    raise TeacherRequestError(
-                        f"teacher server {self.url}{path} answered HTTP {status}: {message}"
-                    )
-                last = f"HTTP {status}: {message}"
-            if attempt < self.max_retries:
-                delay = min(self.max_backoff_s, self.backoff_s * 2**attempt)
-                await asyncio.sleep(delay * (1 + 0.25 * random.random()))
-        raise TeacherUnavailable(self.url, self.max_retries + 1, time.monotonic() - start, last)
-
-    async def _post(self, path: str, payload: dict, parse, max_bytes: int):
-        body = json.dumps(payload, separators=(",", ":")).encode()
-        return await self._request("POST", path, body, parse=parse, max_bytes=max_bytes)
 
     # -- scoring ----------------------------------------------------------------------------
 
@@ -265,9 +253,19 @@ class RemoteTeacher:
         # Positions past a row's completion are masked by the loss, but must stay finite.
         ids = torch.arange(k, dtype=torch.long).expand(B, L, k).clone()
         lps = torch.full((B, L, k), -math.log(k + 1), dtype=torch.float32)
+        # Each micro-batch is shared by the replicas in rotation, about equal positions each.
         every = self.protocol == "vllm"  # vLLM scores every position, not only from start
-        chunks = request_chunks(rows, k, self.max_seqs, self.max_logprobs, every)
-        parts = await asyncio.gather(*(self._score_chunk(c, k) for c in chunks))
+        chunks = [
+            chunk
+            for part in spread(rows, len(self.pool.healthy))
+            for chunk in request_chunks(part, k, self.max_seqs, self.max_logprobs, every)
+        ]
+        parts = await asyncio.gather(
+            *(
+                self.pool.run(functools.partial(self._score_chunk, rows=c, k=k), positions(c))
+                for c in chunks
+            )
+        )
         for chunk, part in zip(chunks, parts):
             for (r, _seq, _start), (tok, top_ids, top_lps) in zip(chunk, part):
                 n = len(tok)
@@ -280,32 +278,40 @@ class RemoteTeacher:
             scores.topk_ids, scores.topk_logprobs = ids.to(device), lps.to(device)
         return scores
 
-    async def _score_chunk(self, rows, k: int) -> list[tuple]:
+    async def _score_chunk(self, replica: Replica, rows, k: int) -> list[tuple]:
         """Checked `(token_logprobs, topk_ids, topk_logprobs)` per row of one request."""
         seqs, starts = [r[1] for r in rows], [r[2] for r in rows]
-        vocab = self.vocab_size
-        if self.protocol == "opd":
+        url, vocab = replica.url, self.vocab_size
+        if self.pool.protocol == "opd":  # self.protocol is set once the pool has connected
             want = [len(s) - st for s, st in zip(seqs, starts)]
             return await self._post(
+                replica,
                 "/opd/v1/score",
                 {"sequences": seqs, "start": starts, "topk": k},
-                lambda body: unpack_opd_score(self.url, body, want, k, vocab),
+                lambda body: unpack_opd_score(url, body, want, k, vocab),
                 answer_bytes_bound(sum(want), len(seqs), k, "opd"),
             )
         payload = {
-            "model": self.model,
+            "model": self.pool.identity["model"],
             "prompt": seqs,
             "max_tokens": 0,
             "echo": True,
             "prompt_logprobs": k,
             "return_token_ids": True,  # lets vLLM skip detokenizing the echoed prompt
         }
-        positions = sum(len(s) for s in seqs)  # every position is scored, and echoed
+        scored = sum(len(s) for s in seqs)  # every position is scored, and echoed
         return await self._post(
+            replica,
             "/v1/completions",
             payload,
-            lambda body: unpack_completions(self.url, body, seqs, starts, k, vocab),
-            answer_bytes_bound(positions, len(seqs), k, "vllm"),
+            lambda body: unpack_completions(url, body, seqs, starts, k, vocab),
+            answer_bytes_bound(scored, len(seqs), k, "vllm"),
+        )
+
+    async def _post(self, replica: Replica, path: str, payload: dict, parse, max_bytes: int):
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        return await self.pool.request(
+            replica, "POST", path, body, parse=parse, max_bytes=max_bytes
         )
 
 
@@ -347,7 +353,7 @@ def remote_teacher_from_config(config, tokenizer) -> RemoteTeacher:
     check_remote_config(config)
     t = config.teacher
     return RemoteTeacher(
-        t.url,
+        t.servers,
         token=os.environ.get(t.api_key_env) or None,
         timeout_s=t.timeout_s,
         max_retries=t.max_retries,

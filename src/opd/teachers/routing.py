@@ -1,0 +1,214 @@
+"""Several teachers in one run: each row scored by the teacher its route names.
+
+    teachers:
+      math: {kind: remote, urls: [http://a:8000, http://b:8000]}
+      code: {kind: local, path: Qwen/Qwen3-8B}
+    routing: {key: domain, map: {algebra: math, python: code}, default: math}
+    # or a fixed mix:  routing: {mix: {math: 0.7, code: 0.3}}
+
+`RoutedTeacher` is one `Teacher` to the objectives and the loop: `score(batch, ...)` splits
+the batch's rows by route, lets each teacher score its rows (remote ones concurrently,
+through their `submit`), and puts the answers back in row order, so every loss and
+estimator works unchanged. A route is a data column's value mapped to a teacher name
+(`routing.key`, `routing.map`, `routing.default`; a value that names no teacher is refused
+with the known ones), or a fixed mix: each row's teacher is drawn from the weights by a
+hash of (seed, the row's tokens), so the draw does not depend on anything a resume could
+lose and a resumed run routes every row as the uninterrupted one did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+
+import torch
+
+from opd.config.parse import TrainConfig
+from opd.config.teachers import teacher_configs
+from opd.data.batch import SequenceBatch
+from opd.teachers.base import TeacherScores
+
+Route = Callable[[SequenceBatch, int], str]
+
+
+def column_route(key: str, mapping: dict[str, str], default: str, names) -> Route:
+    """Row r's teacher: `mapping[str(row[key])]`, else `default`; else refused."""
+
+    def route(batch: SequenceBatch, r: int) -> str:
+        row = batch.rows[r] if r < len(batch.rows) else {}
+        value = row.get(key)
+        name = mapping.get(str(value), default) if value is not None else default
+        if not name:
+            known = ", ".join(f"{v!r} -> {t}" for v, t in mapping.items())
+            raise ValueError(
+                f"a row's routing.key={key!r} value {value!r} names no teacher (routing.map: "
+                f"{known}; teachers: {', '.join(names)}); add it to routing.map or set "
+                "routing.default"
+            )
+        return name
+
+    return route
+
+
+def mix_route(weights: dict[str, float], seed: int) -> Route:
+    """Row r's teacher drawn from `weights` by a hash of (seed, the row's tokens)."""
+    total = sum(weights.values())
+    bounds, at = [], 0.0
+    for name, w in weights.items():
+        at += w / total
+        bounds.append((at, name))
+
+    def route(batch: SequenceBatch, r: int) -> str:
+        ids = batch.input_ids[r][batch.attention_mask[r].bool()].tolist()
+        digest = hashlib.blake2b(f"{seed}:{ids}".encode(), digest_size=8).digest()
+        u = int.from_bytes(digest, "little") / 2**64
+        return next((name for bound, name in bounds if u < bound), bounds[-1][1])
+
+    return route
+
+
+def subset(batch: SequenceBatch, rows: list[int]) -> SequenceBatch:
+    """The batch's `rows`, same prompt and completion widths (so scores align column-wise)."""
+    index = torch.tensor(rows, dtype=torch.long, device=batch.input_ids.device)
+    sampled = batch.sampler_logprobs
+    return SequenceBatch(
+        input_ids=batch.input_ids.index_select(0, index),
+        attention_mask=batch.attention_mask.index_select(0, index),
+        completion_mask=batch.completion_mask.index_select(0, index),
+        prompt_width=batch.prompt_width,
+        source=batch.source,
+        sampler_logprobs=None if sampled is None else sampled.index_select(0, index),
+        rows=[batch.rows[r] for r in rows] if batch.rows else [],
+    )
+
+
+class RoutedTeacher:
+    """`teachers` by name behind one `score`; `route(batch, r)` names row r's teacher."""
+
+    def __init__(self, teachers: dict, route: Route):
+        self.teachers, self.route = teachers, route
+        self._stats = {name: [0, 0, 0.0] for name in teachers}  # rows, tokens, seconds
+
+    @property
+    def overlaps(self) -> bool:
+        return all(getattr(t, "overlaps", False) for t in self.teachers.values())
+
+    def routes(self, batch: SequenceBatch) -> dict[str, list[int]]:
+        groups: dict[str, list[int]] = {}
+        for r in range(batch.size):
+            groups.setdefault(self.route(batch, r), []).append(r)
+        return groups
+
+    def score(
+        self, batch: SequenceBatch, need: str, topk: int = 0, temperature: float = 1.0
+    ) -> TeacherScores:
+        kw = {"temperature": temperature} if temperature != 1.0 else {}
+        parts, started = {}, {}
+        groups = self.routes(batch)
+        for name, rows in groups.items():  # remote teachers first, all at once
+            teacher, sub = self.teachers[name], subset(batch, rows)
+            started[name] = time.perf_counter()
+            if hasattr(teacher, "submit") and not kw:
+                parts[name] = (sub, teacher.submit(sub, need, topk))
+        for name, rows in groups.items():
+            if name not in parts:
+                sub = subset(batch, rows)
+                parts[name] = (sub, self.teachers[name].score(sub, need, topk, **kw))
+                self._stats[name][2] += time.perf_counter() - started[name]
+        out = None
+        for name, (sub, result) in parts.items():
+            scores = result if isinstance(result, TeacherScores) else result.result()
+            if not isinstance(result, TeacherScores):
+                self._stats[name][2] += time.perf_counter() - started[name]
+            stats = self._stats[name]
+            stats[0] += len(groups[name])
+            stats[1] += sub.num_target_tokens()
+            out = _scatter(out, scores, groups[name], batch.size)
+        out.tokens_scored = batch.num_target_tokens()
+        return out
+
+    def step_record(self) -> dict:
+        """Per teacher since the last call: rows, scored tokens, their share, seconds
+        spent scoring, failovers (a teacher with replicas). 0, never NaN, without rows."""
+        total = sum(s[1] for s in self._stats.values())
+        record = {}
+        for name, (rows, tokens, seconds) in self._stats.items():
+            sub = getattr(self.teachers[name], "step_record", dict)()
+            record |= {
+                f"teacher_{name}_rows": rows,
+                f"teacher_{name}_tokens": tokens,
+                f"teacher_{name}_share": tokens / total if total else 0.0,
+                f"teacher_{name}_seconds": seconds,
+                f"teacher_{name}_failovers": sub.get("teacher_failovers", 0),
+            }
+        self._stats = {name: [0, 0, 0.0] for name in self.teachers}
+        return record
+
+    def checkpoint_state(self) -> dict:
+        """The teachers manifest (resume checks it) and each teacher's own state."""
+        return {
+            "teachers": {name: manifest(t) for name, t in self.teachers.items()},
+            "states": {
+                name: t.checkpoint_state()
+                for name, t in self.teachers.items()
+                if hasattr(t, "checkpoint_state")
+            },
+        }
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        saved = state.get("teachers")
+        current = {name: manifest(t) for name, t in self.teachers.items()}
+        if saved is not None and saved != current:
+            raise ValueError(
+                f"resume: the checkpoint was trained with teachers {saved}, this run has "
+                f"{current}; resuming would not continue the same run"
+            )
+        for name, sub in state.get("states", {}).items():
+            if hasattr(self.teachers.get(name), "load_checkpoint_state"):
+                self.teachers[name].load_checkpoint_state(sub)
+
+    def close(self) -> None:
+        for teacher in self.teachers.values():
+            if hasattr(teacher, "close"):
+                teacher.close()
+
+
+def build_routed_teacher(config: TrainConfig, build: Callable[[TrainConfig], object]):
+    """`teachers:` with `routing:`; `build(config)` makes one teacher (the registry's)."""
+    teachers = {name: build(c) for name, c in teacher_configs(config).items()}
+    routing = config.routing
+    if routing.key:
+        route = column_route(routing.key, routing.map, routing.default, list(teachers))
+    else:
+        route = mix_route(routing.mix, config.seed)
+    return RoutedTeacher(teachers, route)
+
+
+def manifest(teacher) -> dict:
+    """What a checkpoint records of one teacher: its class and the model it serves."""
+    model = getattr(teacher, "model", None)
+    name = (
+        model
+        if isinstance(model, str)
+        else getattr(getattr(model, "config", None), "_name_or_path", "")
+    )
+    return {"kind": type(teacher).__name__, "model": name or ""}
+
+
+def _scatter(out: TeacherScores | None, part: TeacherScores, rows: list[int], size: int):
+    """Put `part` (scores of `rows`) into `out`, a `size`-row `TeacherScores` made on first use."""
+    index = torch.tensor(rows, dtype=torch.long)
+    if out is None:
+        out = TeacherScores()
+    for field in ("logits", "token_logprobs", "topk_ids", "topk_logprobs"):
+        value = getattr(part, field)
+        if value is None:
+            continue
+        full = getattr(out, field)
+        if full is None:
+            # rows no teacher wrote stay finite: every row is written by exactly one teacher
+            full = torch.zeros((size, *value.shape[1:]), dtype=value.dtype, device=value.device)
+            setattr(out, field, full)
+        full.index_copy_(0, index.to(value.device), value)
+    return out
