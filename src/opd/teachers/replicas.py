@@ -154,7 +154,6 @@ class ReplicaPool:
         except httpx.TransportError as err:  # refused, reset, timed out, ...
             raise ReplicaFailed(describe(err)) from None
         except BadAnswer as err:  # none of it is used; another replica or try may be sound
-            log.warning("%s", err)
             raise ReplicaFailed(f"unusable answer: {err.problem}") from None
         if status == 404 and ok404:
             return None
@@ -310,7 +309,8 @@ class ReplicaPool:
             try:
                 result = await attempt(replica)
             except ReplicaFailed as err:
-                last = f"{replica.url}: {err}"
+                last, tries = f"{replica.url}: {err}", self.max_retries + 1
+                log.warning("teacher server %s (attempt %d of %d)", last, rounds + 1, tries)
                 self._fail(replica, str(err))
                 tried.add(self.replicas.index(replica))
                 if self._pick(tried) is not None:
