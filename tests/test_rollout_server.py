@@ -44,35 +44,57 @@ def serve_command(model, port: int) -> list[str]:
     return cmd
 
 
+def start(model, port: int, log) -> subprocess.Popen:
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
+    return subprocess.Popen(
+        serve_command(model, port), stdout=log, stderr=subprocess.STDOUT, env=env
+    )
+
+
+def wait_up(proc: subprocess.Popen, url: str, log) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        assert proc.poll() is None, f"vLLM server exited; see {log.name}"
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"vLLM server not up in {START_TIMEOUT_S}s"
+        time.sleep(1)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# The module's server process, replaced by the restart test (`restart`).
+SERVER: dict = {}
+
+
 @pytest.fixture(scope="module")
 def server(vllm_pair, tmp_path_factory):
     port = free_port()
     log = (tmp_path_factory.mktemp("rollout_server") / "server.log").open("w")
-    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
-    proc = subprocess.Popen(
-        serve_command(vllm_pair[1], port), stdout=log, stderr=subprocess.STDOUT, env=env
-    )
     url = f"http://127.0.0.1:{port}"
+    SERVER.update(proc=start(vllm_pair[1], port, log), model=vllm_pair[1], port=port, log=log)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, f"vLLM server exited; see {log.name}"
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"vLLM server not up in {START_TIMEOUT_S}s"
-            time.sleep(1)
+        wait_up(SERVER["proc"], url, log)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(SERVER["proc"])
         log.close()
+
+
+def restart() -> None:
+    """Stop the module's server and start it again on the same port (not waiting for it)."""
+    stop(SERVER["proc"])
+    SERVER["proc"] = start(SERVER["model"], SERVER["port"], SERVER["log"])
 
 
 def server_gap(sampler, model, sampling_config) -> float:
@@ -170,6 +192,7 @@ def test_a_server_gone_mid_run_stops_with_its_name_and_a_checkpoint(
 
     monkeypatch.setattr(VllmServerSampler, "push_weights", push_then_lose_server)
     cfg = server_config(vllm_pair, addition_data, tmp_path, server, save_every=1)
+    cfg["vllm"] = {**cfg["vllm"], "server_timeout_s": 20.0}  # how long a server is waited for
     with pytest.raises(RolloutServerError, match=re.escape(f"rollout server {dead} failed")):
         train(config_from_dict(cfg))
     assert latest_checkpoint(tmp_path).name == "step-0000001"
@@ -197,3 +220,25 @@ def test_two_processes_share_one_server_and_one_push(server, vllm_pair, addition
     assert all(r["sampler_logprob_gap"] < GAP for r in records), records
     pushed = sorted(p.name for p in (out / "rollout_weights").iterdir())
     assert pushed == ["push-0000003"], pushed  # start + 3 steps, one directory kept
+
+
+def test_a_server_restarted_mid_run_is_survived(
+    server, vllm_pair, addition_data, tmp_path, monkeypatch
+):
+    """The server is stopped after step 1's push and started again: the next rollouts wait
+    for it and give it the current weights first (a restarted server holds the model it
+    loaded from disk, which the gap would show), and the run finishes."""
+    real_push = VllmServerSampler.push_weights
+
+    def push_then_restart(self, model):
+        real_push(self, model)
+        if self.pushes == 2:
+            restart()
+
+    monkeypatch.setattr(VllmServerSampler, "push_weights", push_then_restart)
+    cfg = server_config(vllm_pair, addition_data, tmp_path, server)
+    cfg["vllm"] = {**cfg["vllm"], "server_timeout_s": float(START_TIMEOUT_S)}
+    result = train(config_from_dict(cfg))
+    assert result["step"] == 3
+    gaps = [r["sampler_logprob_gap"] for r in read_metrics(tmp_path)]
+    assert max(gaps) < GAP, gaps  # step 2 sampled from the restarted server, re-pushed

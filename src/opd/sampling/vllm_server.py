@@ -22,8 +22,11 @@ through one of vLLM 0.32's supported paths (`vllm.weight_sync`):
   `/finish_weight_update` routes), the path TRL's async trainer calls; servers started
   with `--weight-transfer-config '{"backend": "nccl"}'`, one GPU worker each.
 
-A server that cannot be reached stops the run (`RolloutServerError`) with its checkpoint
-intact; `resume=true` after restarting it pushes the checkpoint's weights first.
+A server that stops answering while rollouts are drawn (a restart) is waited for, up to
+`vllm.server_timeout_s`, and given the current weights again (filesystem pushes: the last
+push directory) before the request is retried; one that stays away, or fails a push, stops
+the run (`RolloutServerError`) with its checkpoint intact, and `resume=true` pushes the
+checkpoint's weights first.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -46,6 +51,10 @@ log = logging.getLogger("opd")
 
 class RolloutServerError(RuntimeError):
     """A rollout server failed or could not be reached; the message names it."""
+
+
+class ServerUnreachable(RolloutServerError):
+    """The server did not answer at all: down, or restarting."""
 
 
 class VllmServerSampler:
@@ -84,6 +93,7 @@ class VllmServerSampler:
         self.client = httpx.Client(timeout=timeout_s)
         self.model_name = self._get(self.url, "/v1/models")["data"][0]["id"]
         self._pool = ThreadPoolExecutor(16, thread_name_prefix="opd-vllm-server")
+        self._recover_lock, self._epoch = threading.Lock(), 0
 
     # -- HTTP -------------------------------------------------------------------------
     def _request(self, method: str, url: str, path: str, **kw):
@@ -91,6 +101,12 @@ class VllmServerSampler:
 
         try:
             response = self.client.request(method, url + path, **kw)
+        except httpx.TransportError as err:
+            raise ServerUnreachable(
+                f"rollout server {url} failed on {path}: {type(err).__name__}: {err}. Is it "
+                "running (see the README's `vllm serve` command)? The run's last checkpoint "
+                "is intact: restart the server and resume with resume=true"
+            ) from None
         except httpx.HTTPError as err:
             raise RolloutServerError(
                 f"rollout server {url} failed on {path}: {type(err).__name__}: {err}. Is it "
@@ -146,7 +162,12 @@ class VllmServerSampler:
 
         def one(i: int):
             body = {**base, "prompt": list(prompts[i]), "seed": int(seeds[i])}
-            return self._post(self.url, "/v1/completions", body)["choices"][0]
+            epoch = self._epoch
+            try:
+                return self._post(self.url, "/v1/completions", body)["choices"][0]
+            except ServerUnreachable:  # a restart: wait for it, give it the weights, retry
+                self._recover(epoch)
+                return self._post(self.url, "/v1/completions", body)["choices"][0]
 
         completions, logprobs, finished = [], [], []
         for choice in self._pool.map(one, range(len(prompts))):
@@ -159,6 +180,37 @@ class VllmServerSampler:
                 logprobs.append([0.0] * len(tokens))
             finished.append(choice["finish_reason"] == "stop")
         return Rollout(completions=completions, logprobs=logprobs, finished=finished)
+
+    def _recover(self, epoch: int) -> None:
+        """The server stopped answering: wait (up to the request timeout) until it answers
+        again, then reload the current weights into it, since a restarted server holds the
+        model it loaded from disk. Once per outage (`epoch`), whichever request saw it."""
+        with self._recover_lock:
+            if epoch != self._epoch:
+                return  # another request already waited for it and reloaded
+            deadline = time.monotonic() + self.client.timeout.read
+            while True:
+                try:
+                    self._get(self.url, "/v1/models")
+                    break
+                except ServerUnreachable:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(1.0)
+            if self.pushes and self.weight_sync == "filesystem":
+                current = self.weights_dir / f"push-{self.pushes - 1:07d}"
+                reload = {"method": "reload_weights", "kwargs": {"weights_path": str(current)}}
+                self._post(self.url, "/collective_rpc", reload)
+                self._post(self.url, "/reset_prefix_cache")
+            elif self.pushes:
+                raise RolloutServerError(
+                    f"rollout server {self.url} restarted; with vllm.weight_sync=nccl its weights "
+                    "cannot be sent again mid-step. Resume with resume=true"
+                )
+            self._epoch += 1
+            log.warning(
+                "rollout server %s answered again; push %d reloaded", self.url, self.pushes - 1
+            )
 
     # -- weight pushes --------------------------------------------------------------------
     @torch.no_grad()
