@@ -25,9 +25,8 @@ from opd.run.loop import train
 from opd.run.metrics import read_metrics
 from opd.run.rollouts import sampler_token_stats
 from opd.sampling.vllm_server import RolloutServerError, VllmServerSampler
-from test_vllm_server import free_port
 from test_vllm_train import config
-from vllm_util import vllm_or_skip
+from vllm_util import free_port, vllm_or_skip
 
 vllm_or_skip()
 
