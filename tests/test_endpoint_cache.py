@@ -68,6 +68,8 @@ def test_faults_are_retried_or_recorded_and_the_key_stays_off_disk(tmp_path, mon
     # every request carried the key; none of it reached the cache, stdout or stderr
     assert all(e["auth"] == f"Bearer {KEY}" for e in log)
     assert_key_not_under(tmp_path, printed.out, printed.err)
+    assert "| total | 18 | 9 | 4 |" in printed.out  # the cost table, then the JSON summary
+    assert json.loads(printed.out.splitlines()[-1])["errors"] == m["errors"]
     attempts = {p: [e for e in log if e["prompt"] == p] for p in FAULTS}
     rate = attempts["RATE 2+2="]
     assert [e["status"] for e in rate] == [429, 200]
@@ -110,11 +112,12 @@ def test_chat_api_sends_messages_and_records_a_refusal(tmp_path, monkeypatch):
     rows = [{"prompt": "hi there"}, {"prompt": [{"role": "user", "content": "REFUSE this"}]}]
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    spec = CacheSpec(topk=2, n=1, shard_size=8, max_new_tokens=8, system_prompt="Be brief.")
+    spec = CacheSpec(topk=2, n=1, shard_size=8, max_new_tokens=8, system_prompt="Be brief.",
+                     temperature=0.7, top_p=0.9)  # fmt: skip
     with FakeAPI() as api:
         m = build_endpoint_cache(  # the OpenAI SDK's base_url form, .../v1, works too
             api.url + "/v1/", "fake-model", path, tmp_path / "c", spec,
-            EndpointSettings(api_key_env=ENV), api="chat",
+            EndpointSettings(api_key_env=ENV), api="chat", stop=["###"],
         )  # fmt: skip
         bodies = [e["body"] for e in api.log]
     assert {e["path"] for e in api.log} == {"/v1/chat/completions"}
@@ -124,6 +127,8 @@ def test_chat_api_sends_messages_and_records_a_refusal(tmp_path, monkeypatch):
         {"role": "user", "content": "hi there"},
     ]
     assert first["logprobs"] is True and first["top_logprobs"] == 2  # text cache: k as asked
+    assert (first["temperature"], first["top_p"], first["max_tokens"]) == (0.7, 0.9, 8)
+    assert first["stop"] == ["###"] and m["teacher"]["stop"] == ["###"] and first["n"] == 1
     assert m["errors"] == {"refusal": 1} and m["tokenizer"]["chat_template_used"] == "server"
     rows = CacheReader(tmp_path / "c").rows()
     assert [r["completion"] for r in rows] == [answer_text("hi there", first["seed"], 0)]
