@@ -23,6 +23,7 @@ from typing import Literal
 import yaml
 
 from opd.config.checks import check_combinations, check_preset_conflicts
+from opd.config.cross_tokenizer import CrossTokenizerConfig
 from opd.config.presets import PRESETS
 from opd.config.rollouts import RolloutsConfig, SamplingConfig, VllmConfig
 from opd.config.sections import (  # noqa: F401  (re-exported: the names tests and callers import from here)
@@ -88,6 +89,7 @@ class TrainConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     teachers: dict[str, TeacherConfig] = field(default_factory=dict)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    cross_tokenizer: CrossTokenizerConfig = field(default_factory=CrossTokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -220,9 +220,14 @@ def load_run_data(
     tokenizer,
     read_train: list[dict] | None = None,
     read_eval: list[dict] | None = None,
+    retokenize=None,
 ) -> RunData:
     """Load, check and encode the train and eval rows: every row is checked (fields, types,
-    lengths) and cut/dropped rows are counted and logged, before any model loads."""
+    lengths) and cut/dropped rows are counted and logged, before any model loads.
+
+    `retokenize(rows, encoder) -> rows`: for an opd cache made with another tokenizer, its
+    rows in the student's tokens (`opd.teachers.cross_tokenizer.cache`); without it such a
+    cache is refused."""
     d = config.data
     if not d.train:
         raise ValueError("data.train is required: it provides the prompts (and completions)")
@@ -230,7 +235,8 @@ def load_run_data(
     path, extra = config.student.path, config.sampling.eos_token_ids
     encoder.end_ids = end_token_ids(path, tokenizer, encoder.stop_id, extra)
     log.info("%s", describe_sampling(path, tokenizer, encoder.end_ids, config.sampling))
-    check_cache_tokenizer(d.train, tokenizer)  # no-op unless it is an opd cache
+    if retokenize is None:
+        check_cache_tokenizer(d.train, tokenizer)  # no-op unless it is an opd cache
     with_completion = config.source.lmbda < 1.0 and config.source.off_policy == "dataset"
     rewarded = bool(config.reward.function) and metric_reads_answer(config.reward.function)
     extra, privileged = (), None
@@ -247,6 +253,8 @@ def load_run_data(
     )
     # `read_train` / `read_eval`: the rows `opd.run.preflight` already read (not read twice).
     rows = read_train if read_train is not None else load_rows(d.train, d.split, d.max_row_bytes)
+    if retokenize is not None:
+        rows = retokenize(rows, encoder)
     check_rows(rows, spec, d.train)
     train_rows, report = encoder.encode_rows(
         rows, with_completion=with_completion, where=d.train, extra_prompt=privileged

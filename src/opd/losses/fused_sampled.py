@@ -30,7 +30,7 @@ from opd.losses.fused_tiles import (
     head_grads,
     head_logits,
 )
-from opd.losses.sparse import log_tail_mass
+from opd.losses.sparse import log_tail_mass, padded_ids, without_padding
 
 # One student head only, no eager gradient: wide tiles, vocabulary-outer backward.
 DEFAULT_TOKEN_CHUNK = 1024
@@ -211,14 +211,18 @@ def fused_sparse_token_divergence(
         )
     if kd_temperature <= 0:
         raise ValueError(f"kd_temperature must be > 0, got {kd_temperature}")
-    h, ids = _flat(student_hidden, student_head_weight, student_head_bias, teacher_topk_ids)
+    ids, pad = padded_ids(teacher_topk_ids)
+    h, ids = _flat(student_hidden, student_head_weight, student_head_bias, ids)
+    pad = pad.reshape(ids.shape)
     V = student_head_weight.shape[0]
     picked, log_z, log_out = _HeadGather.apply(
         h, student_head_weight, student_head_bias, ids, float(kd_temperature),
         token_chunk, vocab_chunk or V, True,
     )  # fmt: skip
     student = torch.cat([picked - log_z[:, None], (log_out - log_z)[:, None]], dim=-1)
+    student = without_padding(student, pad)
     t_head = teacher_topk_logprobs.reshape(ids.shape).to(student.dtype)
+    t_head = torch.where(pad, torch.full_like(t_head, -math.inf), t_head)
     t_tail = log_tail_mass(t_head).unsqueeze(-1)
     if ids.shape[-1] >= V:  # as in sparse_token_divergence: k = V leaves no tail
         t_tail = torch.full_like(t_tail, -math.inf)

@@ -29,22 +29,44 @@ def reverse_kl_k3(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor
     return torch.expm1(log_ratio) - log_ratio
 
 
+def span_sums(values_BT: torch.Tensor, span_end_BT: torch.Tensor) -> torch.Tensor:
+    """Each span's sum of `values` at its last column (`span_end`: the column of the last
+    token of each position's span, -1 outside any span), zero elsewhere. A one-token span
+    keeps its value exactly (0 + a = a)."""
+    B, T = values_BT.shape
+    inside = span_end_BT >= 0
+    flat = (torch.arange(B, device=values_BT.device)[:, None] * T + span_end_BT)[inside]
+    out = torch.zeros(B * T, dtype=values_BT.dtype, device=values_BT.device)
+    return out.index_add(0, flat, values_BT[inside]).view(B, T)
+
+
 def distill_advantages(
     student_logprobs_BT: torch.Tensor,
     teacher_logprobs_BT: torch.Tensor,
     mask_BT: torch.Tensor,
     discount: float = 0.0,
+    span_end_BT: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token advantage A_t = -(log p_S - log p_T), optionally discounted to go.
 
     With discount gamma > 0, A_t = sum_{k>=t} gamma^(k-t) * a_k over unmasked positions of
     the same row (tinker-cookbook's `kl_discount_factor`); gamma = 0 keeps each token's own
     value. Returned without gradient. Shapes `[B, T]`.
+
+    `span_end_BT` (a teacher with another tokenizer, `opd.teachers.cross_tokenizer`): the
+    teacher's log-prob of a span's text sits at the span's last token, and the student's
+    log-probs are summed over the same span to meet it there: a = log p_T(span text) -
+    log p_S(span tokens) at the span's last token, 0 at its other tokens (they share in it
+    through the discounted return only). Per-token rewards then sum to log p_T(text) -
+    log p_S(y) over a row, and with one token per span this is the per-token advantage.
     """
     if not 0.0 <= discount <= 1.0:
         raise ValueError(f"discount must be in [0, 1], got {discount}")
     per_token = -(student_logprobs_BT.detach() - teacher_logprobs_BT.detach())
     per_token = torch.where(mask_BT.bool(), per_token, torch.zeros_like(per_token))
+    if span_end_BT is not None:
+        span_end = torch.where(mask_BT.bool(), span_end_BT.to(per_token.device), -1)
+        per_token = span_sums(per_token, span_end)
     if discount == 0.0:
         return per_token
     returns = torch.zeros_like(per_token)

@@ -47,6 +47,26 @@ def fold_student_to_buckets(
     return torch.cat([head, tail], dim=-1)
 
 
+def padded_ids(topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids with padding entries (id < 0) replaced by a real id of the same position, the
+    padding mask). A teacher mapped from another vocabulary has fewer than k entries at some
+    positions (`opd.teachers.cross_tokenizer.vocab_map`); a padding entry repeats an id
+    already in the head, which leaves the student's tail unchanged, and both sides' head
+    values there are set to -inf, so it adds nothing to any divergence."""
+    ids = topk_ids.long()
+    pad = ids < 0
+    fill = ids.amax(dim=-1, keepdim=True).clamp(min=0).expand_as(ids)
+    return torch.where(pad, fill, ids), pad
+
+
+def without_padding(buckets: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """Student buckets `[..., k+1]` with the padding entries' head values set to -inf."""
+    if not bool(pad.any()):
+        return buckets
+    mask = torch.cat([pad, torch.zeros_like(pad[..., :1])], dim=-1)
+    return torch.where(mask, torch.full_like(buckets, -math.inf), buckets)
+
+
 def sparse_token_divergence(
     student_logits: torch.Tensor,
     teacher_topk_ids: torch.Tensor,
@@ -71,9 +91,11 @@ def sparse_token_divergence(
         )
     if temperature <= 0:
         raise ValueError(f"kd_temperature must be > 0, got {temperature}")
-    ids = teacher_topk_ids.long()
+    ids, pad = padded_ids(teacher_topk_ids)
     student_buckets = fold_student_to_buckets(student_logits, ids, temperature)
+    student_buckets = without_padding(student_buckets, pad)
     t_head = teacher_topk_logprobs.to(student_buckets.dtype)
+    t_head = torch.where(pad, torch.full_like(t_head, -math.inf), t_head)
     t_tail = log_tail_mass(t_head).unsqueeze(-1)
     if ids.shape[-1] >= student_logits.shape[-1]:
         # The ids cover the whole vocabulary, so the tail is empty by construction; the

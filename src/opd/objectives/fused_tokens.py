@@ -22,7 +22,7 @@ from opd.losses import (
 from opd.modeling.hf import lm_head
 from opd.objectives.base import Scored
 from opd.objectives.fused import supervised_hidden
-from opd.objectives.plain import PlainObjective
+from opd.objectives.plain import PlainObjective, scored_mask
 from opd.teachers.base import TeacherScores
 
 
@@ -44,6 +44,8 @@ def fused_per_token_loss(
     the student's hidden states there; the values of `plain.per_token_loss` at those cells."""
     weight, bias = head
     mask = batch.loss_mask().to(hidden_NH.device)
+    # A teacher with another tokenizer scores some positions only: the others count zero.
+    scored = scored_mask(batch, scores).to(hidden_NH.device) if scores is not None else mask
     ids = batch.completion_ids().to(hidden_NH.device)[mask]
     if loss.objective == "ce":
         nll = -fused_token_logprobs(hidden_NH, weight, ids, head_bias=bias)
@@ -60,11 +62,13 @@ def fused_per_token_loss(
             kd_temperature=loss.kd_temperature,
             student_head_bias=bias,
         )
+        if scores.aligned is not None:
+            value = torch.where(scored[mask], value, torch.zeros_like(value))
         return value, value.detach()
     # pg: advantages (discounted along each row) and importance ratios live on the grid.
     student_lp = _on_grid(fused_token_logprobs(hidden_NH, weight, ids, head_bias=bias), mask)
     teacher_lp = scores.token_logprobs.to(student_lp.device)
-    advantages = distill_advantages(student_lp, teacher_lp, mask, loss.discount)
+    advantages = distill_advantages(student_lp, teacher_lp, scored, loss.discount, scores.span_end)
     sampler_lp = None
     if batch.sampler_logprobs is not None:
         sampler_lp = batch.sampler_logprobs[:, batch.prompt_width :].to(student_lp.device)
@@ -76,7 +80,8 @@ def fused_per_token_loss(
         loss.ratio_correction,
         loss.ratio_floor,
     )
-    return value[mask], (student_lp - teacher_lp).detach()[mask]
+    divergence = torch.where(scored, student_lp - teacher_lp, torch.zeros_like(student_lp))
+    return value[mask], divergence.detach()[mask]
 
 
 class FusedTokenObjective:

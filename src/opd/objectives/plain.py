@@ -23,6 +23,15 @@ from opd.objectives.base import Scored
 from opd.teachers.base import TeacherScores
 
 
+def scored_mask(batch: SequenceBatch, scores: TeacherScores | None) -> torch.Tensor:
+    """`[B, L]` bool: the supervised completion positions the teacher scored (a teacher
+    with another tokenizer masks what it cannot align; every one otherwise)."""
+    mask = batch.loss_mask()
+    if scores is not None and scores.aligned is not None:
+        mask = mask & scores.aligned.to(mask.device)
+    return mask
+
+
 def per_token_loss(
     student_logits_BLV: torch.Tensor,
     batch: SequenceBatch,
@@ -35,11 +44,11 @@ def per_token_loss(
         nll = -token_logprobs(student_logits_BLV, ids)
         return nll, nll.detach()
     params = {"beta": loss.beta, "alpha": loss.skew_alpha, "temperature": loss.kd_temperature}
-    if loss.objective == "kd" and loss.estimator == "full":
+    if loss.objective == "kd" and loss.estimator == "full" and scores.logits is not None:
         teacher_logits = scores.logits.to(student_logits_BLV.device)
         value = token_divergence(student_logits_BLV, teacher_logits, loss.divergence, **params)
         return value, value.detach()
-    if loss.objective == "kd":
+    if loss.objective == "kd":  # top-k, or a full distribution mapped from another vocabulary
         value = sparse_token_divergence(
             student_logits_BLV,
             scores.topk_ids.to(student_logits_BLV.device),
@@ -51,8 +60,8 @@ def per_token_loss(
     # pg: Thinking Machines' sampled-token reverse KL as a per-token advantage.
     student_lp = token_logprobs(student_logits_BLV, ids)
     teacher_lp = scores.token_logprobs.to(student_lp.device)
-    mask = batch.loss_mask()
-    advantages = distill_advantages(student_lp, teacher_lp, mask, loss.discount)
+    mask = scored_mask(batch, scores).to(student_lp.device)
+    advantages = distill_advantages(student_lp, teacher_lp, mask, loss.discount, scores.span_end)
     sampler_lp = None
     if batch.sampler_logprobs is not None:
         sampler_lp = batch.sampler_logprobs[:, batch.prompt_width :].to(student_lp.device)
@@ -76,7 +85,7 @@ def batch_loss(
 ) -> tuple[torch.Tensor, float]:
     """Loss of one micro-batch normalized by the step's token count, and its divergence sum."""
     value, divergence = per_token_loss(student_logits_BLV, batch, scores, loss)
-    mask = batch.loss_mask().to(value.device)
+    mask = scored_mask(batch, scores).to(value.device)
     return masked_sum(value, mask) / max(num_tokens, 1), float(masked_sum(divergence, mask))
 
 
@@ -97,7 +106,7 @@ class PlainObjective:
             return Scored(None)
         # Top-k log-probs must be tempered as the student is (kd_temperature); asked only
         # when it matters, so teachers of the older `score(batch, need, topk)` keep working.
-        tempered = self.need == "topk" and self.config.kd_temperature != 1.0
+        tempered = self.need != "token" and self.config.kd_temperature != 1.0
         kw = {"temperature": self.config.kd_temperature} if tempered else {}
         scores = self.teacher.score(batch, self.need, self.topk, **kw)
         return Scored(scores, scores.tokens_scored)

@@ -23,6 +23,7 @@ from opd.run.preflight import Checked, preflight
 from opd.run.world import World, init_world
 from opd.sampling.vllm import VllmSampler
 from opd.sampling.vllm_server import VllmServerSampler
+from opd.teachers.cross_tokenizer.cache import cache_retokenizer
 from opd.teachers.registry import build_teacher
 
 
@@ -116,11 +117,15 @@ def _build_run(config: TrainConfig, checked: Checked | None) -> RunSetup:
         )
     tokenizer = load_tokenizer(config.student.path)
     # every row checked and encoded, before the models load
-    data = load_run_data(config, tokenizer, checked.train_rows, checked.eval_rows)
+    # a cache written in another tokenizer is re-tokenized for the student
+    retokenize = cache_retokenizer(config, tokenizer)
+    data = load_run_data(config, tokenizer, checked.train_rows, checked.eval_rows, retokenize)
     encoder, train_rows, eval_rows = data.encoder, data.train_rows, data.eval_rows
     order = PromptOrder(len(train_rows), config.seed)
     student = build_student(config, device, resume_from)
-    teacher = build_teacher(config, tokenizer, device, student=student, resume_from=resume_from)
+    teacher = build_teacher(
+        config, tokenizer, device, student=student, resume_from=resume_from, encoder=encoder
+    )
     vocab_size = shared_vocab_size(tokenizer, student)
     path = decide_path(config, distributed=world.distributed, student=student, teacher=teacher)
     student = world.wrap_student(student)  # DDP/FSDP; the model itself in one process

@@ -29,6 +29,13 @@ class TeacherScores:
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
     tokens_scored: int = 0  # completion tokens the teacher scored (cost accounting)
+    # A teacher with another tokenizer (opd.teachers.cross_tokenizer): `[B, L]` bool, the
+    # completion positions it scored (others add nothing to the loss), and for `token`
+    # scores `[B, L]` long, the column of the last student token of each position's span
+    # (its log-prob sits there, for the span's text); None means every position, one token
+    # per span.
+    aligned: torch.Tensor | None = None
+    span_end: torch.Tensor | None = None
 
 
 @runtime_checkable

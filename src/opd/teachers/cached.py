@@ -20,6 +20,8 @@ import torch
 from opd.data.batch import SequenceBatch
 from opd.data.cache_format import CacheError, CacheReader
 from opd.teachers.base import TeacherScores, check_need
+from opd.teachers.cross_tokenizer.build import wrap
+from opd.teachers.cross_tokenizer.cache import cache_in_other_tokenizer
 
 log = logging.getLogger("opd")
 
@@ -105,7 +107,7 @@ class CachedTeacher:
         )
 
 
-def build_cached_teacher(config, tokenizer) -> CachedTeacher:
+def build_cached_teacher(config, tokenizer, encoder=None):
     """`teacher.kind: cached` from a run config, checked by opd.run.preflight.check_cache."""
     from opd.data.cache_format import is_cache, looks_like_cache, read_manifest
     from opd.teachers.checks import check_cache
@@ -117,4 +119,9 @@ def build_cached_teacher(config, tokenizer) -> CachedTeacher:
     cache_dir = config.teacher.cache_dir or (train if train and is_cache(train) else "")
     if not config.teacher.cache_dir:
         log.info("teacher.cache_dir not set; using the cache in data.train (%s)", cache_dir)
-    return CachedTeacher(cache_dir, tokenizer)
+    teacher_tok = cache_in_other_tokenizer(config, tokenizer)
+    if teacher_tok is None:
+        return CachedTeacher(cache_dir, tokenizer)
+    # The rows were re-tokenized for the student (opd.data); scores are aligned to them.
+    inner = CachedTeacher(cache_dir, teacher_tok)
+    return wrap(config, inner, tokenizer, teacher_tok, encoder, cache_dir)

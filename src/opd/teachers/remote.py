@@ -8,7 +8,9 @@ per position, never full logits, so they serve the `pg` objective and the `topk`
 At connect the client reads `/opd/v1/info` and refuses a teacher whose tokenizer
 fingerprint or vocabulary differs from the student's; a server without that endpoint is
 taken for vLLM and spoken to through `/v1/completions` with `echo: true, max_tokens: 0,
-prompt_logprobs: k` (its tokenizer cannot be checked, so a warning is logged).
+prompt_logprobs: k`, its tokenizer checked by `/tokenize` of a probe text. A teacher with
+another tokenizer is named by `cross_tokenizer.teacher_tokenizer` and checked the same way
+(`opd.teachers.registry` wraps it for alignment).
 
 `teacher.urls: [...]` names replicas of one teacher (`opd.teachers.replicas`): a micro-batch
 is split over the replicas in rotation (about equal positions each) and a failed request
@@ -59,6 +61,8 @@ log = logging.getLogger("opd")
 # over 8 tokens, far below the gap between two different checkpoints.
 PROBE_SEQUENCE = [1, 2, 3, 4, 5, 6, 7, 8]
 SAME_MODEL_TOLERANCE = 0.05
+# Text whose tokens tell tokenizers apart: digits, accents, CJK, an emoji, spaces, a newline.
+TOKENIZE_PROBE = "The 2024 café: 日本語 🙂  naïve\n\tx=3.14159"
 
 
 class RemoteTeacher:
@@ -82,6 +86,7 @@ class RemoteTeacher:
         token_env: str = "OPD_TEACHER_TOKEN",
         max_seqs_per_request: int = 64,  # used when the server does not say (vLLM)
         probe_interval_s: float = 5.0,
+        tokenizer=None,  # the tokenizer the server must use: checked by /tokenize (vLLM)
     ):
         if protocol not in ("auto", "opd", "vllm"):
             raise ValueError(f"protocol={protocol!r} must be auto, opd or vllm")
@@ -115,6 +120,8 @@ class RemoteTeacher:
         try:
             self.info = self._call(self._connect(protocol))
             self._check(expected_fingerprint, expected_vocab_size, required_topk)
+            if self.protocol == "vllm":
+                self._call(self._check_tokenize(tokenizer))
         except BaseException:
             self.close()
             raise
@@ -164,21 +171,45 @@ class RemoteTeacher:
                 "the same weights"
             )
 
+    async def _check_tokenize(self, tokenizer) -> None:
+        """Each vLLM replica's `/tokenize` of a probe text must give `tokenizer`'s ids; a
+        server without it (or no tokenizer to check against) is used unchecked, with a
+        warning."""
+        probe = {"model": self.model, "prompt": TOKENIZE_PROBE, "add_special_tokens": False}
+        body = json.dumps(probe).encode()
+        want = None if tokenizer is None else tokenizer(TOKENIZE_PROBE, add_special_tokens=False)
+        for replica in self.pool.replicas:
+            got = None
+            if want is not None:
+                got = await self.pool.request(replica, "POST", "/tokenize", body, ok404=True)
+            if got is None:
+                log.warning(
+                    "teacher %s has neither /opd/v1/info nor /tokenize: its tokenizer cannot be "
+                    "checked; make sure it is the one this run expects",
+                    replica.url,
+                )
+                continue
+            tokens = got.get("tokens") if isinstance(got, dict) else None
+            if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+                raise TeacherRequestError(f"{replica.url}/tokenize answered without a token list")
+            if tokens != want.input_ids:
+                name = getattr(tokenizer, "name_or_path", "?")
+                raise ValueError(
+                    f"teacher {self.model!r} at {replica.url} tokenizes a probe text as "
+                    f"{tokens[:12]} but tokenizer {name!r} as {want.input_ids[:12]}: the server "
+                    "runs another tokenizer (set cross_tokenizer.teacher_tokenizer to the server's)"
+                )
+
     def _check(self, fingerprint, vocab_size, topk) -> None:
         if self.protocol == "vllm":
-            log.warning(
-                "teacher %s has no /opd/v1/info (vLLM?): its tokenizer cannot be checked against "
-                "the student's; make sure both use the same one",
-                self.url,
-            )
-            return
+            return  # its tokenizer is checked by /tokenize (`_check_tokenize`)
         info = self.info
         if fingerprint and info["tokenizer_fingerprint"] != fingerprint:
             raise ValueError(
                 f"teacher {info['model']!r} at {self.url} uses a different tokenizer than the "
                 f"student (fingerprint {info['tokenizer_fingerprint']}, {info['vocab_size']} "
-                f"tokens vs {fingerprint}, {vocab_size} tokens); token-level distillation needs "
-                "a shared tokenizer"
+                f"tokens vs {fingerprint}, {vocab_size} tokens); to distill across tokenizers "
+                "set cross_tokenizer.teacher_tokenizer to the server's tokenizer"
             )
         if vocab_size is not None and info["vocab_size"] != vocab_size:
             raise ValueError(
@@ -361,4 +392,5 @@ def remote_teacher_from_config(config, tokenizer) -> RemoteTeacher:
         expected_fingerprint=tokenizer_fingerprint(tokenizer),
         expected_vocab_size=len(tokenizer),
         required_topk=teacher_need(config.loss)[1],
+        tokenizer=tokenizer,
     )

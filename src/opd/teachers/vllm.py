@@ -20,6 +20,7 @@ from opd.config.checks import teacher_need
 from opd.data.batch import SequenceBatch
 from opd.data.cache_format import tail_logmass_from_topk
 from opd.teachers.base import TeacherScores, check_need, check_untempered
+from opd.teachers.cross_tokenizer.build import needs_alignment, wrap
 from opd.teachers.remote import sequences_of
 
 FULL_VOCAB_REFUSAL = (
@@ -86,7 +87,7 @@ def unpack_prompt_logprobs(plp, seq: list[int], start: int, k: int):
     return tok, top_ids, top_lps
 
 
-def build_vllm_teacher(config, tokenizer) -> VllmTeacher:
+def build_vllm_teacher(config, tokenizer, encoder=None):
     """The `teacher.kind: vllm` of a run config; refuses full-vocabulary objectives first."""
     from opd.modeling.hf import load_tokenizer
     from opd.modeling.vocab import check_same_tokenizer
@@ -98,12 +99,17 @@ def build_vllm_teacher(config, tokenizer) -> VllmTeacher:
     t = config.teacher
     if not t.path:
         raise ValueError("teacher.path is required for teacher.kind='vllm'")
-    check_same_tokenizer(tokenizer, load_tokenizer(t.path), t.path)
+    teacher_tok = load_tokenizer(t.path)
+    cross = needs_alignment(config, tokenizer, teacher_tok)
+    if not cross:
+        check_same_tokenizer(tokenizer, teacher_tok, t.path)
     s, data = config.sampling, config.data
     longest = s.max_new_tokens  # student samples only (lambda = 1), else dataset rows too
     if config.source.lmbda < 1:
         longest = max(longest, data.max_completion_tokens)
     max_len = data.max_prompt_tokens + longest
+    if cross:  # the same text in the teacher's tokens: room for a tokenizer twice as fine
+        max_len *= 2
     max_logprobs = max(topk, 1)
     llm = start_engine(
         t.path,
@@ -113,7 +119,10 @@ def build_vllm_teacher(config, tokenizer) -> VllmTeacher:
         seed=config.seed,
         max_logprobs=max_logprobs,
     )
-    return VllmTeacher(llm, len(tokenizer), max_logprobs)
+    if not cross:
+        return VllmTeacher(llm, len(tokenizer), max_logprobs)
+    inner = VllmTeacher(llm, len(teacher_tok), max_logprobs)
+    return wrap(config, inner, tokenizer, teacher_tok, encoder, t.path)
 
 
 def cache_records(

@@ -257,6 +257,18 @@ def create_app(service: TeacherService, token: str | None = None) -> FastAPI:
         body = completion_chunks(service.name, job, results, decoded, service.tokenizer)
         return StreamingResponse(body, media_type="application/json")
 
+    @app.post("/tokenize", dependencies=guarded)
+    async def tokenize(request: Request):
+        """vLLM's `/tokenize` (`{"prompt", "add_special_tokens"}` -> `{"tokens"}`): clients
+        check the server's tokenizer against theirs by it, on vLLM and opd servers alike."""
+        body = await read_json(request, service.limits)
+        prompt = body.get("prompt") if isinstance(body, dict) else None
+        if not isinstance(prompt, str) or len(prompt) > service.limits.max_seq_len * 64:
+            raise RequestError(400, "tokenize needs a 'prompt' string", "prompt")
+        specials = bool(body.get("add_special_tokens", True))
+        ids = service.tokenizer(prompt, add_special_tokens=specials).input_ids
+        return {"tokens": ids, "count": len(ids), "max_model_len": service.limits.max_seq_len}
+
     @app.post("/opd/v1/score", dependencies=guarded)
     async def score(request: Request):
         work = parse_score(

@@ -1,0 +1,33 @@
+"""The `cross_tokenizer` section: a teacher whose tokenizer or chat template is not the
+student's (`opd.teachers.cross_tokenizer`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from opd.config.sections import _check_choices
+
+
+@dataclass
+class CrossTokenizerConfig:
+    """A teacher with another tokenizer or chat template, scored by byte alignment.
+
+    Attributes:
+        when: auto: align when the teacher's tokenizer, special tokens or chat template
+            differ from the student's (the shared-vocabulary path otherwise) | always: align
+            even the student's own tokenizer (checks, comparisons)
+        prompt_template: the teacher's prompt: the row rendered by its own chat template
+            (native: the teacher as it is used) | the student's rendered prompt text in the
+            teacher's tokens (student, as peers do: the teacher reads the student's header)
+        teacher_tokenizer: teacher.kind=remote or cached: the teacher's tokenizer (a
+            directory or hub id), checked against the server's (opd serve's fingerprint,
+            vLLM's /tokenize) or the cache's; a cache's own teacher directory by default
+    """
+
+    when: Literal["auto", "always"] = "auto"
+    prompt_template: Literal["native", "student"] = "native"
+    teacher_tokenizer: str = ""
+
+    def __post_init__(self):
+        _check_choices(self)

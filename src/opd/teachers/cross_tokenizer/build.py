@@ -1,0 +1,75 @@
+"""When a run's teacher needs alignment, and the wrapped teacher it then gets."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from opd.data.encoding import Encoder
+from opd.modeling.vocab import vocabulary_differences
+from opd.teachers.cross_tokenizer.align import ByteTable
+from opd.teachers.cross_tokenizer.teacher import CrossTokenizerTeacher
+
+log = logging.getLogger("opd")
+
+
+def same_tokenizer(student_tok, teacher_tok) -> bool:
+    """The fast identity check: the same vocabulary (token -> id), the same special tokens
+    and the same chat template. Such a teacher takes the shared-vocabulary path untouched."""
+    return (
+        student_tok.get_vocab() == teacher_tok.get_vocab()
+        and getattr(student_tok, "chat_template", None) == getattr(teacher_tok, "chat_template", None)
+        and set(student_tok.all_special_tokens) == set(teacher_tok.all_special_tokens)
+    )
+
+
+def needs_alignment(config, student_tok, teacher_tok) -> bool:
+    return config.cross_tokenizer.when == "always" or not same_tokenizer(student_tok, teacher_tok)
+
+
+def refuse_unsupported(config, where: str) -> None:
+    """What alignment cannot serve, with the reason (a one-line error)."""
+    if config.source.lmbda < 1 and config.source.off_policy == "teacher":
+        raise ValueError(
+            f"teacher {where} has another tokenizer: source.off_policy=teacher would sample "
+            "completions in the teacher's tokens, which the student's batches cannot hold; "
+            "use source.off_policy=dataset (e.g. a SeqKD cache written by opd generate)"
+        )
+
+
+def wrap(config, inner, student_tok, teacher_tok, student_encoder, where: str):
+    """`inner` (a teacher scoring its own tokens) seen through the student's grid."""
+    refuse_unsupported(config, where)
+    for tok in (student_tok, teacher_tok):
+        try:
+            ByteTable.of(tok)
+        except ValueError as err:  # no byte reading: the vocabularies cannot be aligned
+            differ = vocabulary_differences(student_tok, teacher_tok)
+            shown = "; ".join(differ[:3])
+            raise ValueError(
+                f"teacher {where} reads {len(differ)} of the student's token ids as other "
+                f"tokens ({shown}), and cannot be aligned by bytes: {err}"
+            ) from None
+    # The teacher's prompt is not cut: the student's rows fit the student's limit, and the
+    # teacher's rendering of the same row may take more tokens.
+    data = replace(config.data, max_prompt_tokens=max(config.data.max_prompt_tokens, 1 << 20))
+    teacher_encoder = Encoder(teacher_tok, data)
+    if not teacher_encoder.use_chat and student_encoder.use_chat:
+        log.warning("teacher %s has no chat template: its prompt is the row's plain text", where)
+    teacher = CrossTokenizerTeacher(
+        inner,
+        student_tokenizer=student_tok,
+        teacher_tokenizer=teacher_tok,
+        student_encoder=student_encoder,
+        teacher_encoder=teacher_encoder,
+        prompt_template=config.cross_tokenizer.prompt_template,
+    )
+    log.info(
+        "teacher %s has another tokenizer or chat template: scoring by byte alignment "
+        "(prompt_template=%s; %.0f%% of the student's vocabulary has a teacher token of the "
+        "same bytes)",
+        where,
+        config.cross_tokenizer.prompt_template,
+        100 * teacher.vocab.coverage(len(student_tok)),
+    )
+    return teacher

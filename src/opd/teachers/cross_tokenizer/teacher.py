@@ -1,0 +1,120 @@
+"""A teacher with another tokenizer, seen through the student's token grid.
+
+`CrossTokenizerTeacher(inner, ...)` wraps any teacher that scores batches in its own
+tokens (local, remote, vLLM). For each student batch it builds the teacher's batch (its
+prompt, the student's completion bytes in its tokens: `render`), asks `inner` to score it,
+and returns the scores on the student's `[B, L]` completion grid (`grid`): span log-probs
+for `pg`, distributions mapped into the student's vocabulary at one-to-one positions for
+`kd`. It counts aligned tokens, spans and masked rows per step (`record`, `stats`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd.data.batch import SequenceBatch, assemble
+from opd.teachers.base import TeacherScores, check_need
+from opd.teachers.cross_tokenizer.align import ByteTable
+from opd.teachers.cross_tokenizer.grid import student_grid_scores
+from opd.teachers.cross_tokenizer.render import (
+    CompletionAligner,
+    RowAlignment,
+    teacher_prompt_ids,
+)
+from opd.teachers.cross_tokenizer.stats import AlignmentStats
+from opd.teachers.cross_tokenizer.vocab_map import VocabMap
+
+
+class CrossTokenizerTeacher:
+    """`score(batch, need, topk, temperature)` of a teacher in its own tokens (module doc)."""
+
+    def __init__(
+        self,
+        inner,
+        *,
+        student_tokenizer,
+        teacher_tokenizer,
+        student_encoder,
+        teacher_encoder,
+        prompt_template: str = "native",
+    ):
+        if prompt_template not in ("native", "student"):
+            raise ValueError(f"cross_tokenizer.prompt_template={prompt_template!r} not in native, student")
+        self.inner = inner
+        self.student_tok, self.teacher_tok = student_tokenizer, teacher_tokenizer
+        self.s_encoder, self.t_encoder = student_encoder, teacher_encoder
+        self.prompt_template = prompt_template
+        self.s_table = ByteTable.of(student_tokenizer)
+        self.t_table = ByteTable.of(teacher_tokenizer)
+        self.aligner = CompletionAligner(
+            self.s_table,
+            self.t_table,
+            self._encode,
+            student_encoder.end_ids,
+            teacher_encoder.stop_id,
+        )
+        self.vocab = VocabMap(
+            self.s_table, self.t_table, student_encoder.stop_id, teacher_encoder.stop_id
+        )
+        self.stats = AlignmentStats()
+
+    def _encode(self, text: str) -> list[int]:
+        return self.teacher_tok(text, add_special_tokens=False, split_special_tokens=True).input_ids
+
+    @property
+    def model(self):
+        return getattr(self.inner, "model", None)
+
+    def teacher_batch(self, batch: SequenceBatch) -> tuple[SequenceBatch, list[RowAlignment]]:
+        """The teacher's batch (its prompts, the student's completions in its tokens) and
+        each row's alignment."""
+        if len(batch.rows) != batch.size:
+            raise ValueError(
+                "a teacher with another tokenizer renders its prompt from each sequence's "
+                f"dataset row; the batch has {len(batch.rows)} rows for {batch.size} sequences"
+            )
+        P = batch.prompt_width
+        ids, real = batch.input_ids.cpu(), batch.attention_mask.bool().cpu()
+        comp = batch.completion_mask[:, P:].bool().cpu()
+        prompts, rows = [], []
+        for b, data_row in enumerate(batch.rows):
+            s_comp = ids[b, P:][comp[b]].tolist()
+            if "teacher_completion_ids" in data_row:  # a cache's row: the teacher's own ids
+                prompts.append(list(data_row["teacher_prompt_ids"]))
+                stored = list(data_row["teacher_completion_ids"])
+                rows.append(self.aligner.pair(s_comp, stored, self.t_encoder.end_ids))
+                continue
+            s_prompt = ids[b, :P][real[b, :P]].tolist()
+            prompts.append(
+                teacher_prompt_ids(
+                    self.prompt_template, data_row, s_prompt, self.t_encoder, self.student_tok
+                )
+            )
+            rows.append(self.aligner(s_comp))
+        pad = self.teacher_tok.pad_token_id
+        pad = pad if pad is not None else self.t_encoder.stop_id
+        completions = [r.teacher_ids for r in rows]
+        tbatch = assemble(prompts, completions, pad_id=pad, source=batch.source, rows=batch.rows)
+        return tbatch, rows
+
+    def step_record(self) -> dict:
+        """Per-step metrics: the wrapped teacher's, and how well this step's batches aligned
+        (`stats.AlignmentStats.record`)."""
+        return {**getattr(self.inner, "step_record", dict)(), **self.stats.record()}
+
+    @torch.no_grad()
+    def score(
+        self, batch: SequenceBatch, need: str, topk: int = 0, temperature: float = 1.0
+    ) -> TeacherScores:
+        check_need(need, topk)
+        tbatch, rows = self.teacher_batch(batch)
+        self.stats.add(rows, need)
+        kw = {"temperature": temperature} if temperature != 1.0 else {}
+        scores = self.inner.score(tbatch, need, topk, **kw)
+        return student_grid_scores(
+            rows, batch.completion_width, scores, need, self.vocab, temperature
+        )
+
+    def after_optimizer_step(self) -> None:
+        if hasattr(self.inner, "after_optimizer_step"):
+            self.inner.after_optimizer_step()

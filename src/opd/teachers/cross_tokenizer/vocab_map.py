@@ -1,0 +1,90 @@
+"""The teacher's next-token distribution in the student's vocabulary, by token bytes.
+
+At a position where one student token and one teacher token cover the same bytes after
+the same prefix, both models predict "which token comes next" over the same text. A teacher
+token maps to the student token of the same bytes; several teacher tokens of the same
+bytes (a piece and its `<0xNN>` spelling) merge into one entry (their probabilities add);
+teacher tokens without a student counterpart keep their mass in the tail bucket of the
+sparse divergence (`opd.losses.sparse`). Special tokens map by their text (`<|im_end|>` to
+`<|im_end|>`), and the teacher's end-of-turn token to the student's stop token.
+
+This is approximate where the vocabularies differ: P_T(" the") in a vocabulary without
+" them" also holds " them"'s continuation mass. With the student's own tokenizer every id
+maps to itself and the result is the same-tokenizer distribution.
+
+Mapped entries: `ids >= 0`; entries whose id is -1 are padding (log-prob -inf), which the
+sparse divergences ignore.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from opd.teachers.cross_tokenizer.align import ByteTable
+
+
+class VocabMap:
+    def __init__(self, student: ByteTable, teacher: ByteTable, student_stop: int, teacher_end: int):
+        by_bytes: dict[bytes, int] = {}
+        for sid, piece in enumerate(student.table):
+            if piece is None:
+                continue
+            if piece not in by_bytes or by_bytes[piece] in student.fallback:
+                by_bytes[piece] = sid  # prefer "A" over its byte spelling <0x41>
+        student_specials = {name: i for i, name in (student.specials or {}).items()}
+        t2s = []
+        for tid, piece in enumerate(teacher.table):
+            if piece is not None:
+                t2s.append(by_bytes.get(piece, -1))
+            else:
+                t2s.append(student_specials.get((teacher.specials or {}).get(tid), -1))
+        if 0 <= teacher_end < len(t2s) and t2s[teacher_end] < 0:
+            t2s[teacher_end] = student_stop
+        self.t2s = torch.tensor(t2s, dtype=torch.long)
+        # For full distributions: the distinct student ids reached, and each teacher id's group.
+        self.student_ids = torch.unique(self.t2s[self.t2s >= 0])
+        group = torch.full_like(self.t2s, -1)
+        mapped = self.t2s >= 0
+        group[mapped] = torch.searchsorted(self.student_ids, self.t2s[mapped])
+        self.group = group
+
+    def coverage(self, student_size: int) -> float:
+        """Fraction of the student's vocabulary some teacher token maps to."""
+        return len(self.student_ids) / max(student_size, 1)
+
+    def topk(self, ids_NK: torch.Tensor, logprobs_NK: torch.Tensor):
+        """Teacher top-k entries -> student ids `[N, k]` (-1: padding) and log-probs, entries
+        with the same student id merged by log-sum-exp into the first of them."""
+        t2s = self.t2s.to(ids_NK.device)
+        sid = torch.where(ids_NK >= 0, t2s[ids_NK.clamp(min=0)], -1)
+        lp = torch.where(sid >= 0, logprobs_NK, torch.full_like(logprobs_NK, -math.inf))
+        same = (sid[..., :, None] == sid[..., None, :]) & (sid[..., :, None] >= 0)  # [N, k, k]
+        k = sid.shape[-1]
+        earlier = torch.ones(k, k, dtype=torch.bool, device=sid.device).tril(-1)
+        first = ~(same & earlier).any(-1) & (sid >= 0)
+        grouped = torch.where(same, lp[..., None, :], torch.full_like(same, -math.inf, dtype=lp.dtype))
+        top = grouped.amax(-1, keepdim=True)
+        safe = torch.where(top > -math.inf, top, torch.zeros_like(top))
+        merged = safe.squeeze(-1) + torch.log(torch.exp(grouped - safe).sum(-1))
+        # A single entry keeps its exact value (log(exp(0)) = 0 is exact, but be explicit).
+        single = same.sum(-1) == 1
+        merged = torch.where(single, lp, merged)
+        out_ids = torch.where(first, sid, -1)
+        out_lp = torch.where(first, merged, torch.full_like(merged, -math.inf))
+        return out_ids, out_lp
+
+    def full(self, logprobs_NV: torch.Tensor):
+        """A teacher distribution over its whole vocabulary `[N, Vt]` -> log-probs on
+        `self.student_ids` `[N, M]`, groups merged by log-sum-exp."""
+        V = logprobs_NV.shape[-1]
+        group = self.group[:V].to(logprobs_NV.device)
+        keep = group >= 0
+        lp, g = logprobs_NV[:, keep], group[keep].expand(logprobs_NV.shape[0], -1)
+        M = len(self.student_ids)
+        top = torch.full((lp.shape[0], M), -math.inf, dtype=lp.dtype, device=lp.device)
+        top = top.scatter_reduce(1, g, lp, reduce="amax", include_self=True)
+        safe = torch.where(top > -math.inf, top, torch.zeros_like(top))
+        total = torch.zeros_like(top).scatter_add(1, g, torch.exp(lp - safe.gather(1, g)))
+        return torch.where(total > 0, safe + torch.log(total), torch.full_like(top, -math.inf))

@@ -1,0 +1,81 @@
+"""A teacher with another tokenizer behind `opd serve` (both client protocols)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from opd.config.parse import config_from_dict
+from opd.modeling.hf import load_tokenizer
+from opd.run.loop import train
+from opd.run.metrics import read_metrics
+from opd.teachers.remote import RemoteTeacher
+from opd.teachers.server.protocol import Limits
+from real_format import write_data
+from serve_util import LIMITS, TOKEN, start_server
+from sp_format import save_cross_pair
+
+WIDE = Limits(**{**LIMITS.__dict__, "max_seq_len": 256, "max_batch_tokens": 4096})
+
+
+@pytest.fixture(scope="module")
+def served_sp(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cross_remote")
+    teacher, student = save_cross_pair(root)
+    server, _ = start_server(teacher, limits=WIDE)
+    yield server, teacher, student, write_data(root, "plain", "jsonl")
+    server.stop()
+
+
+def remote_config(served_sp, tmp_path, loss, teacher_tokenizer=""):
+    server, _teacher_dir, student, data = served_sp
+    return config_from_dict(
+        {
+            "student": {"path": str(student)},
+            "teacher": {"kind": "remote", "url": server.url, "max_retries": 0},
+            "cross_tokenizer": {"teacher_tokenizer": teacher_tokenizer},
+            "data": {"train": str(data), "max_prompt_tokens": 64},
+            "loss": loss,
+            "source": {"lmbda": 1.0},
+            "steps": 3,
+            "batch_size": 4,
+            "micro_batch_size": 2,
+            "sampling": {"max_new_tokens": 12},
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    "loss", [{"objective": "pg"}, {"objective": "kd", "estimator": "topk", "topk": 8}]
+)
+def test_three_steps_with_a_served_teacher_of_another_tokenizer(
+    served_sp, tmp_path, monkeypatch, loss
+):
+    monkeypatch.setenv("OPD_TEACHER_TOKEN", TOKEN)
+    _, teacher_dir, _, _ = served_sp
+    cfg = remote_config(served_sp, tmp_path, loss, str(teacher_dir))
+    train(cfg)
+    records = read_metrics(cfg.output_dir)
+    assert len(records) == 3 and not any(r["skipped"] for r in records)
+    for r in records:
+        assert math.isfinite(r["loss"]) and r["divergence"] != 0
+        assert 0 < r["xtok_aligned_frac"] <= 1 and r["teacher_tokens_scored"] > 0
+
+
+def test_the_server_tokenizer_is_checked(served_sp, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPD_TEACHER_TOKEN", TOKEN)
+    server, teacher_dir, student, _ = served_sp
+    cfg = remote_config(served_sp, tmp_path, {"objective": "pg"})  # no teacher_tokenizer
+    with pytest.raises(ValueError, match=r"set cross_tokenizer\.teacher_tokenizer to the server's"):
+        train(cfg)
+    # spoken to as a vLLM server: /tokenize of a probe text tells the tokenizers apart
+    with pytest.raises(ValueError, match="tokenizes a probe text"):
+        RemoteTeacher(
+            server.url, token=TOKEN, protocol="vllm", tokenizer=load_tokenizer(str(student))
+        ).close()
+    ok = RemoteTeacher(
+        server.url, token=TOKEN, protocol="vllm", tokenizer=load_tokenizer(str(teacher_dir))
+    )
+    ok.close()
