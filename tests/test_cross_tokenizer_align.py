@@ -54,6 +54,17 @@ def test_styles_and_pieces(pair):
     assert t_table.get(teacher.bos_token_id) is None
 
 
+def test_a_character_vocabulary_reads_as_its_text():
+    from opd.cli.demo.tiny import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    table = ByteTable.of(tok)
+    assert tokenizer_style(tok) == "literal" and table.style == "literal"
+    ids = tok("12 + 3 = 15", add_special_tokens=False).input_ids
+    assert b"".join(table.get(i) for i in ids) == b"12 + 3 = 15"
+    assert table.get(tok.eos_token_id) is None
+
+
 def test_year_as_one_token_vs_four():
     a = align([4, 1], [1, 1, 1, 1, 1])  # "2024" + "." against "2","0","2","4","."
     assert a.spans == (Span(0, 1, 0, 4), Span(1, 2, 4, 5))

@@ -319,10 +319,17 @@ def test_corrupted_shard_is_named(models, pairs, tmp_path, damage):
     assert m["complete"] and CacheReader(cache).row_ids() == list(range(2 * N_PROMPTS))
 
 
-def test_cache_from_another_tokenizer_is_refused(models, pairs, tmp_path):
+def test_cache_from_another_tokenizer_needs_that_tokenizer(models, pairs, tmp_path):
+    """A cache in another tokenizer is re-tokenized for the student when its tokenizer is at
+    hand (opd.teachers.cross_tokenizer.cache), and refused, saying what to set, when not."""
+    import shutil
+
     teacher, _ = models
+    gone = tmp_path / "teacher_copy"
+    shutil.copytree(teacher, gone)
     cache = tmp_path / "cache"
-    build_cache(str(teacher), pairs, cache, small_spec())
+    build_cache(str(gone), pairs, cache, small_spec())
+    shutil.rmtree(gone)  # the manifest's teacher directory is no longer there
     other = tmp_path / "other_student"
     tok = build_char_tokenizer("0123456789+=abc", chat=True)
     tiny_causal_lm(
@@ -331,10 +338,20 @@ def test_cache_from_another_tokenizer_is_refused(models, pairs, tmp_path):
     tok.save_pretrained(other)
     for objective in ("ce", "kd"):  # as a dataset (SeqKD) and as a teacher
         cfg = train_config(other, cache, tmp_path / f"run_{objective}", loss__objective=objective)
-        with pytest.raises(CacheError, match="another tokenizer"):
+        with pytest.raises(CacheError, match="another tokenizer.*cross_tokenizer.teacher_tok"):
             setup_mod.build_run(cfg)
     with pytest.raises(CacheError, match="another tokenizer"):
         CachedTeacher(cache, load_tokenizer(str(other)))
+    cfg = train_config(
+        other, cache, tmp_path / "run_named", cross_tokenizer__teacher_tokenizer=str(teacher)
+    )
+    run = setup_mod.build_run(cfg)  # SeqKD: the stored text in the student's tokens
+    stored = {r["cache_row"]: r for r in CacheReader(cache).rows()}
+    for row in run.train_rows:
+        assert row["teacher_completion_ids"] == stored[row["cache_row"]]["completion_ids"]
+        ids = row["completion_ids"]
+        text = tok.decode(ids[:-1] if ids and ids[-1] == run.encoder.stop_id else ids)
+        assert row["completion"].startswith(text)  # cut where the student lacks a character
 
 
 def test_missing_columns_and_bad_settings_are_named(models, pairs, tmp_path):

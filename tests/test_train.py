@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tokenizers import decoders
 from tests.conftest import save_model_with_tokenizer
 from transformers import AutoModelForCausalLM
 
@@ -155,12 +156,24 @@ def test_non_finite_steps_are_skipped_then_stop(base_config, monkeypatch):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_teacher_with_other_tokenizer_is_refused(base_config, tmp_path):
+def test_teacher_with_other_tokenizer_is_aligned_or_refused_with_the_reason(
+    base_config, tmp_path
+):
+    # ids that mean other characters, and a chat template: scored by byte alignment
     other = save_model_with_tokenizer(tmp_path / "other", chat=True)
+    cfg = config_from_dict(base_config(preset="supervised_kd", teacher__path=str(other), steps=2))
+    train(cfg)
+    records = read_metrics(cfg.output_dir)
+    assert all(0 < r["xtok_aligned_frac"] <= 1 and not r["skipped"] for r in records)
+    # a vocabulary without a byte reading (a WordPiece decoder) cannot be aligned
+    tok = load_tokenizer(str(other))
+    tok.backend_tokenizer.decoder = decoders.WordPiece()
+    tok.save_pretrained(other)
     cfg = config_from_dict(base_config(preset="supervised_kd", teacher__path=str(other)))
     with pytest.raises(
         ValueError,
-        match=r"reads \d+ of the student.s token ids as other tokens \(id 3: student .0., teacher",
+        match=r"reads \d+ of the student.s token ids as other tokens \(id 3: student .0., teacher"
+        r".*cannot be aligned by bytes",
     ):
         train(cfg)
 

@@ -44,16 +44,23 @@ BYTE_DECODER = _gpt2_byte_decoder()
 
 
 def tokenizer_style(tokenizer) -> str:
-    """'byte_level' | 'sentencepiece' | 'unknown', read from the fast tokenizer's decoder
-    (a ByteLevel decoder; a Metaspace or `▁` replacement or ByteFallback decoder)."""
+    """'byte_level' | 'sentencepiece' | 'literal' | 'unknown', read from the fast tokenizer:
+    a ByteLevel decoder; a Metaspace or `▁` replacement or ByteFallback decoder; a word-level
+    vocabulary decoded by concatenation (a character vocabulary: each token is its text)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return "unknown"
-    decoder = json.dumps(json.loads(backend.to_str()).get("decoder"), ensure_ascii=False)
+    spec = json.loads(backend.to_str())
+    decoder = json.dumps(spec.get("decoder"), ensure_ascii=False)
     if "ByteLevel" in decoder:
         return "byte_level"
     if "Metaspace" in decoder or "ByteFallback" in decoder or "▁" in decoder:
         return "sentencepiece"
+    if spec.get("model", {}).get("type") == "WordLevel" and spec.get("decoder") in (
+        None,
+        {"type": "Fuse"},
+    ):
+        return "literal"
     return "unknown"
 
 
@@ -74,6 +81,8 @@ def piece_bytes(piece: str, style: str) -> bytes | None:
         if match:
             return bytes([int(match.group(1), 16)])
         return piece.replace("▁", " ").encode("utf-8")
+    if style == "literal":
+        return piece.encode("utf-8")
     return None
 
 
@@ -93,8 +102,9 @@ class ByteTable:
         if style == "unknown":
             raise ValueError(
                 f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} is neither byte-level "
-                "BPE nor SentencePiece-style (no ByteLevel / Metaspace / ByteFallback decoder): "
-                "its tokens have no byte reading to align by"
+                "BPE, SentencePiece-style nor a word-level vocabulary of literal text (no "
+                "ByteLevel / Metaspace / ByteFallback decoder): its tokens have no byte "
+                "reading to align by"
             )
         specials = special_token_ids(tokenizer)
         added = getattr(tokenizer, "added_tokens_decoder", {}) or {}

@@ -18,7 +18,7 @@ from pathlib import Path
 from opd.data.cache_format import CacheError, is_cache, read_manifest
 from opd.data.encoding import Encoder
 from opd.modeling.hf import load_tokenizer, tokenizer_fingerprint
-from opd.teachers.cross_tokenizer.align import ByteTable, valid_utf8_prefix
+from opd.teachers.cross_tokenizer.align import ByteTable, matching_prefix, valid_utf8_prefix
 
 
 def cache_teacher_tokenizer(config, root, manifest: dict):
@@ -69,6 +69,7 @@ def retokenize_cache_rows(rows: list[dict], encoder, teacher_tok, teacher_end_id
     """Cache rows in the teacher's tokens -> rows in the student's (module doc). Rows whose
     prompt cannot be fitted are left out, as `Encoder.encode_rows` leaves them."""
     table, tok = ByteTable.of(teacher_tok), encoder.tokenizer
+    s_table = ByteTable.of(tok)
     end_ids, limit = set(teacher_end_ids), encoder.config.max_completion_tokens
     out = []
     for row in rows:
@@ -77,6 +78,9 @@ def retokenize_cache_rows(rows: list[dict], encoder, teacher_tok, teacher_end_id
         if prompt_ids is None:
             continue
         ids = tok(text, add_special_tokens=False, split_special_tokens=True).input_ids
+        # Text the student's tokenizer cannot spell (an unknown character) ends the row there.
+        good = matching_prefix(ids, s_table, text.encode("utf-8"))
+        finished, ids = finished and good == len(ids), ids[:good]
         ids = [*ids, encoder.stop_id] if finished else ids
         out.append(
             {
