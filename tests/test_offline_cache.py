@@ -338,7 +338,7 @@ def test_cache_from_another_tokenizer_needs_that_tokenizer(models, pairs, tmp_pa
     tok.save_pretrained(other)
     for objective in ("ce", "kd"):  # as a dataset (SeqKD) and as a teacher
         cfg = train_config(other, cache, tmp_path / f"run_{objective}", loss__objective=objective)
-        with pytest.raises(CacheError, match="another tokenizer.*cross_tokenizer.teacher_tok"):
+        with pytest.raises(CacheError, match=r"another tokenizer.*cross_tokenizer\.teacher_tok"):
             setup_mod.build_run(cfg)
     with pytest.raises(CacheError, match="another tokenizer"):
         CachedTeacher(cache, load_tokenizer(str(other)))

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tokenizers import decoders
 from tests.conftest import save_model_with_tokenizer
+from tokenizers import decoders
 from transformers import AutoModelForCausalLM
 
 import opd.objectives.plain as plain_mod
