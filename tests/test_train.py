@@ -169,7 +169,11 @@ def test_teacher_with_other_tokenizer_is_aligned_or_refused_with_the_reason(
     tok = load_tokenizer(str(other))
     tok.backend_tokenizer.decoder = decoders.WordPiece()
     tok.save_pretrained(other)
-    cfg = config_from_dict(base_config(preset="supervised_kd", teacher__path=str(other)))
+    cfg = config_from_dict(
+        base_config(
+            preset="supervised_kd", teacher__path=str(other), output_dir=str(tmp_path / "b")
+        )
+    )
     with pytest.raises(
         ValueError,
         match=r"reads \d+ of the student.s token ids as other tokens \(id 3: student .0., teacher"
