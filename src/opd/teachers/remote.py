@@ -51,6 +51,7 @@ from opd.data.batch import SequenceBatch
 from opd.teachers.answer_checks import answer_bytes_bound, unpack_completions, unpack_opd_score
 from opd.teachers.base import TeacherScores, check_need, check_untempered
 from opd.teachers.checks import check_remote_config
+from opd.teachers.errors import TeacherRequestError
 from opd.teachers.replicas import Replica, ReplicaPool, positions, spread
 from opd.teachers.server.protocol import Limits
 
