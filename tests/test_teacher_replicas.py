@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import random
 import signal
+import socket
 import threading
+import time
 
 import pytest
 import torch
@@ -85,6 +87,32 @@ def test_replica_serving_another_model_is_refused(tiny_pair, servers):
     finally:
         other.stop()
         renamed.stop()
+
+
+def test_replica_down_at_connect_joins_when_a_health_check_reaches_it(tiny_pair, servers):
+    with socket.socket() as s:  # a port nothing listens on (reserved, then released)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    late = f"http://127.0.0.1:{port}"
+    t0 = time.monotonic()
+    with remote([servers[0], late], max_retries=3, backoff_s=2.0, probe_interval_s=0.2) as pool:
+        assert time.monotonic() - t0 < 2.0  # started on the live one, no backoff waited
+        first, second = pool.pool.replicas
+        assert (first.healthy, second.healthy) == (True, False)
+        batch = a_batch(pool.vocab_size)
+        pool.score(batch, "token")
+        assert second.served == 0
+        back, _ = start_server(tiny_pair[0], port=port)
+        try:
+            deadline = time.monotonic() + 20
+            while not second.healthy and time.monotonic() < deadline:
+                pool.score(batch, "token")  # requests start the due probes
+                time.sleep(0.1)
+            assert second.healthy
+            pool.score(batch, "token")
+            assert second.served > 0
+        finally:
+            back.stop()
 
 
 def a_config(base_config, tmp_path, name: str, teacher: dict, **kw):

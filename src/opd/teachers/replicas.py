@@ -184,45 +184,41 @@ class ReplicaPool:
 
     # -- connect ----------------------------------------------------------------------------
 
-    async def _connect_one(self, replica: Replica, protocol: str) -> tuple[str, dict]:
-        """The replica's info with the single-server retry schedule."""
-        start, last = time.monotonic(), ""
+    async def _reach(self, protocol: str) -> dict:
+        """Each replica's `(protocol, info)` or its `ReplicaFailed`. All are asked at once;
+        another round (after the backoff) only while none has answered, at most
+        `max_retries` more: one live replica is enough to start, the rest join later."""
+        start, results, last = time.monotonic(), {}, ""
         for attempt in range(self.max_retries + 1):
-            try:
-                return await self._fetch_info(replica, protocol)
-            except ReplicaFailed as err:
-                last = str(err)
+            todo = [r for r in self.replicas if not isinstance(results.get(r.url), tuple)]
+            outcomes = await asyncio.gather(
+                *(self._fetch_info(r, protocol) for r in todo), return_exceptions=True
+            )
+            for replica, outcome in zip(todo, outcomes):
+                if isinstance(outcome, BaseException) and not isinstance(outcome, ReplicaFailed):
+                    raise outcome  # a wrong token or a non-opd server: the user must fix it
+                results[replica.url] = outcome
+                last = str(outcome) if isinstance(outcome, ReplicaFailed) else last
+            if any(isinstance(v, tuple) for v in results.values()):
+                return results
             if attempt < self.max_retries:
                 await asyncio.sleep(self._delay(attempt))
-        raise TeacherUnavailable(replica.url, self.max_retries + 1, time.monotonic() - start, last)
+        tries, seconds = self.max_retries + 1, time.monotonic() - start
+        raise TeacherUnavailable(", ".join(self.urls), tries, seconds, last)
 
     async def connect(self, protocol: str) -> dict:
-        """Reach every replica, check they serve one model; the first reachable one's info."""
-        results = await asyncio.gather(
-            *(self._connect_one(r, protocol) for r in self.replicas), return_exceptions=True
-        )
-        for result in results:  # a wrong token or a non-opd server: the user must fix it
-            if isinstance(result, BaseException) and not isinstance(result, TeacherUnavailable):
-                raise result
-        reached = [
-            (r, res) for r, res in zip(self.replicas, results) if not isinstance(res, BaseException)
-        ]
-        if not reached:
-            if len(self.replicas) == 1:
-                raise results[0]
-            first = results[0]
-            raise TeacherUnavailable(
-                ", ".join(self.urls), first.attempts, first.seconds, first.last_error
-            )
+        """Reach the replicas, check they serve one model; the first reachable one's info."""
+        results = await self._reach(protocol)
+        reached = [(r, results[r.url]) for r in self.replicas if isinstance(results[r.url], tuple)]
         first, (self.protocol, info) = reached[0][0], reached[0][1]
         self.identity = identity(self.protocol, info)
         for replica, (proto, their) in reached:
             self._check_same(replica, identity(proto, their), first.url)
             replica.info = their
-        for replica, result in zip(self.replicas, results):
+        for replica in self.replicas:
             try:
-                if isinstance(result, BaseException):
-                    raise ReplicaFailed(result.last_error)
+                if isinstance(results[replica.url], ReplicaFailed):
+                    raise results[replica.url]
                 if self.verify is not None:
                     await self.verify(replica)
                 replica.healthy = True
