@@ -189,3 +189,32 @@ def test_generate_on_a_full_disk_exits_4_naming_the_space_needed_then_resumes(
     assert cli_main(argv) == 0  # resumes: the written shard is verified and kept
     summary = json.loads(capsys.readouterr().out)
     assert summary["counts"]["prompts"] == 32
+
+
+def test_generate_from_an_endpoint_on_a_full_disk_exits_4_too(tmp_path, capsys, monkeypatch):
+    from endpoint_fake import KEY, FakeAPI
+
+    monkeypatch.setenv("OPD_TEST_ENDPOINT_KEY", KEY)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{i}+1="}) + "\n" for i in range(6)))
+    out = tmp_path / "cache"
+    real, calls = cache_format.atomic_write, {"n": 0}
+
+    def disk_fills(path, data):
+        calls["n"] += 1
+        if calls["n"] == 5:  # manifest, shard 0 (two files), manifest, then shard 1's first
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(cache_format, "atomic_write", disk_fills)
+    with FakeAPI() as api:
+        argv = ["generate", "--endpoint", api.url, "--model", "fake-model", "--prompts"]
+        argv += [str(prompts), "--out", str(out), "--api-key-env", "OPD_TEST_ENDPOINT_KEY"]
+        argv += ["--shard-size", "2", "--max-new-tokens", "8", "--topk", "0"]
+        assert cli_main(argv) == 4
+        line = _error_line(capsys)
+        assert f"no space left on device in --out {out} (about " in line, line
+        assert "The 1 shard(s) written are intact" in line and "(2 shard(s) left)" in line
+        monkeypatch.setattr(cache_format, "atomic_write", real)
+        assert cli_main(argv) == 0  # resumes
+    assert cache_format.read_manifest(out)["complete"]

@@ -52,7 +52,7 @@ from opd.teachers.cache.endpoint_answers import (
 )
 from opd.teachers.cache.endpoint_http import EndpointClient, EndpointSettings, RequestRefused
 from opd.teachers.cache.endpoint_rows import cost_table, shard_rows, summarize_usage
-from opd.teachers.cache.generate import _open_out, _shard_seed, _summarize
+from opd.teachers.cache.generate import _open_out, _out_of_space, _shard_seed, _summarize
 from opd.teachers.cache.spec import CacheSpec, rows_digest
 
 log = logging.getLogger("opd")
@@ -249,7 +249,12 @@ async def _shards(client, job: _Job, asked: list, out: Path, manifest: dict, on_
             check_setup(client.url, index, results)
         fresh = False
         records, texts, usage = shard_rows(job, prompt_idx, asked, results)
-        entry = write_shard(out, index, pack_shard(records, _stored_k(job), "float32"), texts)
+        arrays = pack_shard(records, _stored_k(job), "float32")
+        whole = len(manifest["shards"])  # a full disk: exit 4 naming the space needed
+        try:
+            entry = write_shard(out, index, arrays, texts)
+        except OSError as err:
+            raise _out_of_space(err, out, manifest, whole, arrays, texts) or err from err
         entry.update(
             prompt_start=start,
             prompt_end=prompt_idx.stop,
@@ -260,7 +265,10 @@ async def _shards(client, job: _Job, asked: list, out: Path, manifest: dict, on_
         manifest["shards"] = sorted([*manifest["shards"], entry], key=lambda e: e["index"])
         summarize_usage(manifest)
         _summarize(manifest, job.vocab)
-        write_manifest(out, manifest)
+        try:
+            write_manifest(out, manifest)
+        except OSError as err:
+            raise _out_of_space(err, out, manifest, whole, arrays, texts) or err from err
         bar.update(len(prompt_idx))
         log.info(
             "%s: %d rows, %d requests, %d prompt + %d completion tokens, %d errors",
