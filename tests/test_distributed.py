@@ -9,9 +9,11 @@ global micro-batch) are the same ones.
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -231,3 +233,58 @@ def test_remote_teacher_serves_both_processes(tiny_pair, addition_data, tmp_path
     for a, b in zip(read_metrics(out), read_metrics(tmp_path / "one"), strict=True):
         assert a["teacher_tokens_scored"] == b["teacher_tokens_scored"] == a["tokens"] > 0
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def _rank_pid(launcher: int, rank: int) -> int | None:
+    """The pid of the worker process with RANK=`rank` among `launcher`'s descendants."""
+    todo = [launcher]
+    while todo:
+        pid = todo.pop()
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            continue
+        if pid != launcher and f"RANK={rank}".encode() in env:
+            return pid
+        todo += [int(k) for k in kids]
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds workers via /proc")
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(base_config, tmp_path):
+    """A SIGTERM that reaches one rank alone: the ranks agree (one all-reduce per step) and
+    all save the same step's checkpoint and stop; without the agreement the signalled rank
+    runs the save's collectives while the other starts the next step's, and the run hangs
+    or dies."""
+    cfg = base_config(preset="supervised_kd", steps=400, device="cpu", save_every=0)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", _free_port(), "-m", "opd.cli", "train", str(path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        lines, deadline = [], time.monotonic() + TIMEOUT_S
+        while time.monotonic() < deadline:  # rank 0's progress: both ranks are training
+            lines.append(proc.stderr.readline())
+            if lines[-1].startswith("step 2/"):
+                break
+        worker = _rank_pid(proc.pid, 1)
+        assert worker is not None, "".join(lines)
+        os.kill(worker, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)  # a hang without the agreement
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = "".join(lines) + stderr
+    assert proc.returncode != 0, stderr  # torchrun reports the workers' exit 143
+    stopped = [line for line in stderr.splitlines() if line.startswith("opd: stopped: SIGTERM")]
+    assert len(stopped) == 1, stderr[-4000:]  # rank 0 says it, for both
+    ckpts = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1, stderr[-4000:]
+    step = int(ckpts[0].name.split("-")[1])
+    assert 2 <= step < 400 and f"at step {step}: saved checkpoint" in stopped[0]
+    assert len(read_metrics(tmp_path / "run")) == step
+    state = load_trainer_state(ckpts[0])
+    assert state["step"] == step

@@ -187,3 +187,52 @@ def test_engine_and_cuda_graphs_keys_choose_the_path(monkeypatch):
     assert calls == ["prefill", "step_static", "step_static", "step_static"]
     _assert_same(ref, fast)
     _assert_same(ref, graphs)
+
+
+def test_graph_checks_are_kept_per_model_and_shape():
+    """A CUDA graph's replay checked for one model and shape says nothing about another:
+    each (model, batch, cache width, dtype, device) is checked on its own first replay, and
+    a disagreeing one runs eagerly without turning off the others. The replay here is a
+    plain callable (CUDA graphs need a GPU); the bookkeeping is the one the sampler uses."""
+    import gc
+    import weakref
+
+    from opd.sampling.fast import GraphChecks, checked_replay
+
+    checks = GraphChecks()
+    a, b = _model("llama", seed=1), _model("llama", seed=2)
+    x = torch.arange(6.0).reshape(2, 3)
+    eager_calls = []
+
+    def eager(tokens, positions, col):
+        eager_calls.append(col)
+        return x
+
+    def good(tokens, positions, col):
+        return x.clone()
+
+    def bad(tokens, positions, col):
+        return x + 1.0
+
+    shape1 = (2, 40, torch.float32, "cuda:0")
+    shape2 = (2, 41, torch.float32, "cuda:0")
+    step = checked_replay(good, eager, checks, a, shape1)
+    assert torch.equal(step(None, None, 7), x) and eager_calls == [7]  # checked once
+    assert checks.get(a, shape1) == "verified"
+    assert torch.equal(step(None, None, 8), x) and eager_calls == [7]  # then replayed alone
+    # Another shape of the same model, and the same shape of another model, are unchecked.
+    assert checks.get(a, shape2) is None and checks.get(b, shape1) is None
+    wrong = checked_replay(bad, eager, checks, a, shape2)
+    assert torch.equal(wrong(None, None, 9), x)  # the eager result, not the graph's
+    assert checks.get(a, shape2) == "disabled" and checks.get(a, shape1) == "verified"
+    assert torch.equal(wrong(None, None, 10), x) and eager_calls == [7, 9, 10]
+    fresh = checked_replay(bad, eager, checks, b, shape1)  # b's graph is checked too
+    assert torch.equal(fresh(None, None, 11), x) and checks.get(b, shape1) == "disabled"
+    assert checks.get(a, shape1) == "verified"
+    # The decoder's shape is part of the key; entries go with their model.
+    decoder = lean.LeanDecoder(a, len(TOK), 3, 12)
+    assert GraphChecks.key(decoder, 3) == (3, 12, torch.float32, "cpu")
+    gone = weakref.ref(b)
+    del b, fresh
+    gc.collect()
+    assert gone() is None and len(checks._state) == 1

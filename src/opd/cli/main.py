@@ -263,9 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Interrupted as err:
-        print(f"opd: stopped: {err}", file=sys.stderr)
-        if args.command == "train":
-            print(f"opd: to continue: {resume_command(argv)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank stopped at this step; one says so
+            print(f"opd: stopped: {err}", file=sys.stderr)
+            if args.command == "train":
+                print(f"opd: to continue: {resume_command(argv)}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("opd: interrupted; nothing was saved by this command", file=sys.stderr)

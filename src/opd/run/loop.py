@@ -333,10 +333,14 @@ def _train(config: TrainConfig, run: RunSetup | None, extra_eval) -> dict:
             saved = (config.save_every and (step + 1) % config.save_every == 0) or done
             if saved:
                 _save(run, step + 1, state)
-            if stop.requested and not done:
+            # Ranks may get the signal at different steps (or one alone: a scheduler's
+            # SIGTERM, a Ctrl-C straddling a step's end), and saving runs collectives: every
+            # rank stops at the step where any rank asked, with that signal (one all-reduce).
+            signum = int(run.world.max_all([stop.signum or 0])[0])
+            if signum and not done:
                 path = latest_checkpoint(config.output_dir) if saved else None
                 path = path or _save(run, step + 1, state)
-                raise Interrupted(stop.signum, step + 1, path)
+                raise Interrupted(signum, step + 1, path)
     finally:
         rollouts.close()
         stop.restore()

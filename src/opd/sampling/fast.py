@@ -22,6 +22,7 @@ across processes (`all_finished`, FSDP), get `sample` itself.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -97,7 +98,7 @@ def _decode(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, tempe
     decoder = LeanDecoder(model, vocab_size, B, P + max_new_tokens - 1)
     step = decoder.step
     if static:
-        step = _static_step(decoder, B)
+        step = _static_step(model, decoder, B)
     logits = decoder.prefill(ids, mask)
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logq = torch.zeros((B, max_new_tokens), device=device)
@@ -151,13 +152,33 @@ def _decode(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, tempe
     return to_rollout(tokens, logq, lengths, done)
 
 
-# A graph replays whatever it captured; the first replay in a process is checked against
-# the same step run eagerly (its cache writes are idempotent), and graphs are dropped for
-# good if they ever disagree.
-_GRAPHS = {"verified": False, "disabled": False}
+class GraphChecks:
+    """Which CUDA-graph decode steps were checked against eager, per model and shape.
+
+    A graph replays the kernels it captured for one model at one (batch, cache width, dtype,
+    device); a replay that agreed for one of these says nothing about another, so each is
+    checked on its first replay (`"verified"`) and, if it ever disagrees or fails to
+    capture, runs eagerly from then on (`"disabled"`). Models are held weakly."""
+
+    def __init__(self):
+        self._state: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @staticmethod
+    def key(decoder: LeanDecoder, batch: int) -> tuple:
+        bias = decoder.key_bias
+        return (batch, decoder.width, bias.dtype, str(bias.device))
+
+    def get(self, model, key: tuple) -> str | None:
+        return self._state.get(model, {}).get(key)
+
+    def set(self, model, key: tuple, state: str) -> None:
+        self._state.setdefault(model, {})[key] = state
 
 
-def _static_step(decoder: LeanDecoder, batch: int):
+_GRAPHS = GraphChecks()
+
+
+def _static_step(model, decoder: LeanDecoder, batch: int, checks: GraphChecks = _GRAPHS):
     """The fixed-shape step: replayed as a CUDA graph on CUDA, else run as it is."""
     column = torch.zeros(1, dtype=torch.long, device=decoder.key_bias.device)
 
@@ -165,29 +186,38 @@ def _static_step(decoder: LeanDecoder, batch: int):
         column.fill_(col)
         return decoder.step_static(tokens, positions, column)
 
-    if decoder.key_bias.device.type != "cuda" or _GRAPHS["disabled"]:
+    key = checks.key(decoder, batch)
+    if decoder.key_bias.device.type != "cuda" or checks.get(model, key) == "disabled":
         return eager
     try:
         graphed = GraphedStep(decoder, batch)
     except RuntimeError as err:  # capture unsupported here: the same step, launched eagerly
         log.warning("CUDA graph capture of the decode step failed (%s); running it eagerly", err)
-        _GRAPHS["disabled"] = True
+        checks.set(model, key, "disabled")
         return eager
+    return checked_replay(graphed, eager, checks, model, key)
+
+
+def checked_replay(graphed, eager, checks: GraphChecks, model, key: tuple):
+    """`graphed` (a replayed step) once checked against `eager` for this model and shape."""
 
     def run(tokens, positions, col: int):
-        if _GRAPHS["disabled"]:
+        state = checks.get(model, key)
+        if state == "disabled":
             return eager(tokens, positions, col)
         logits = graphed(tokens, positions, col)
-        if _GRAPHS["verified"]:
+        if state == "verified":
             return logits
-        ref = eager(tokens, positions, col)
+        ref = eager(tokens, positions, col)  # cache writes are idempotent: same column
         if (logits - ref).abs().max() <= 1e-2 * ref.abs().max() + 1e-3:
-            _GRAPHS["verified"] = True
+            checks.set(model, key, "verified")
         else:
             log.warning(
-                "CUDA graph replay of the decode step disagrees with eager; not using graphs"
+                "CUDA graph replay of the decode step disagrees with eager (batch %d, cache "
+                "width %d); running this shape eagerly",
+                *key[:2],
             )
-            _GRAPHS["disabled"] = True
+            checks.set(model, key, "disabled")
         return ref
 
     return run
