@@ -45,8 +45,19 @@ def build(**sections):
             },
             r"cached scores only the completions it stored",
         ),
+        (
+            {"preset": "seqkd", "teacher": {"kind": "cached", "cache_dir": "c"}},
+            r"not 'cached': set source\.off_policy=dataset to train on the completions the cache",
+        ),
+        (
+            {"preset": "seqkd", "teacher": {"kind": "remote", "url": "http://127.0.0.1:1"}},
+            r"not 'remote': use teacher\.kind=local, or source\.off_policy=dataset",
+        ),
         ({"eval_metric": "regex"}, r"eval_metric='regex' needs eval_pattern"),
-        ({"eval_metric": "bleu"}, r"eval_metric='bleu': use one of exact_match, boxed, regex"),
+        (
+            {"eval_metric": "bleu"},
+            r"eval_metric='bleu': use one of exact_match, last_number, boxed, regex",
+        ),
     ],
 )
 def test_meaningless_combinations_say_what_to_set(sections, message):

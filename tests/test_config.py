@@ -42,6 +42,25 @@ def test_listing_shows_every_key_with_type_default_and_choices():
     assert "one of: '', seqkd, supervised_kd, gkd, on_policy" in text  # preset
 
 
+@pytest.mark.parametrize("name", ["seqkd", "gkd", "opsd"])
+def test_a_presets_name_shows_what_it_sets(name):
+    """`opd config seqkd`: every key the preset sets with its value, the defining ones marked;
+    the listing names the presets."""
+    from opd.config.checks import PRESET_DEFINES
+    from opd.config.presets import PRESETS
+
+    lines = format_keys(name).splitlines()
+    assert lines[0] == f"preset={name}:"
+    resolved = config_from_dict({**BASE, "preset": name})  # what the preset really sets
+    for section, values in PRESETS[name].items():
+        for key in values:
+            value = getattr(getattr(resolved, section), key)
+            line = next(x for x in lines if x.startswith(f"  {section}.{key}="))
+            assert line.split()[0] == f"{section}.{key}={value}"
+            assert ("defines the method" in line) == ((section, key) in PRESET_DEFINES[name])
+    assert "presets: seqkd, supervised_kd, gkd" in format_keys()
+
+
 def test_divergence_choices_are_the_losses_kinds():
     from opd.losses import KINDS
 

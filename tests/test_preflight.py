@@ -130,3 +130,38 @@ def test_cached_teacher_checks_and_topk_default(tiny_pair, addition_data, tmp_pa
         check({**data, "source": {"lmbda": 0.5}})
     with pytest.raises(ValueError, match=r"loss\.topk=16 but cache .* stores top-8"):
         check({**data, "loss": {**data["loss"], "topk": 16}})
+
+
+def test_sequences_longer_than_the_models_positions_fail_before_loading(
+    base_config, tmp_path, monkeypatch
+):
+    """The tiny models have 512 positions (config.json): a 400-token prompt with a 200-token
+    completion, or a 510-token prompt sampled for 6 tokens, is refused after encoding and
+    before any model loads, naming the row; cut to fit, the same rows pass."""
+    import opd.run.setup
+    from opd.data.positions import check_positions, model_positions
+    from opd.data.rows import load_run_data
+    from opd.modeling.hf import load_tokenizer
+
+    assert model_positions(base_config()["student"]["path"]) == 512
+    path = tmp_path / "long.jsonl"
+    rows = [{"prompt": "1+1=", "completion": "2"}, {"prompt": "9" * 400, "completion": "8" * 200}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loads = []
+    monkeypatch.setattr(opd.run.setup, "load_causal_lm", lambda *a, **k: loads.append(a))
+    long = dict(data__train=str(path), data__max_prompt_tokens=1000)
+    data = base_config(preset="supervised_kd", data__max_completion_tokens=1000, **long)
+    with pytest.raises(ValueError, match=r"data\.train=.*long\.jsonl: row 1 needs 6\d\d "
+                       r"positions \(prompt 40\d \+ completion 20\d\) but student\.path=.* has 512"):
+        opd.run.setup.build_run(config_from_dict(data))
+    assert loads == []
+    sampled = base_config(preset="on_policy", sampling__max_new_tokens=200, **long)
+    with pytest.raises(ValueError, match=r"row 1 needs 6\d\d positions \(prompt 40\d \+ "
+                       r"sampling\.max_new_tokens 200\)"):
+        opd.run.setup.build_run(config_from_dict(sampled))
+    assert loads == []
+    config = config_from_dict({**data, "data": {**data["data"], "max_prompt_tokens": 300}})
+    tok = load_tokenizer(config.student.path)
+    run_data = load_run_data(config, tok)
+    assert max(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in run_data.train_rows) > 500
+    check_positions(config, run_data.train_rows, [])  # 300 + 20x fits in 512

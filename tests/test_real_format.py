@@ -5,6 +5,7 @@ generation_config, Qwen3 and tied-embedding Llama pairs with a padded teacher em
 prompt/completion and `messages` rows as JSONL, Parquet and `datasets` directories.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -240,6 +241,28 @@ def test_gkd_reports_each_sources_weight_and_term(pairs, data, tmp_path):
         assert r["weight_student"] + r["weight_dataset"] == 1.0
         terms = r["loss_from_student"] + r["loss_from_dataset"]
         assert r["loss"] == pytest.approx(terms, rel=1e-6)
+
+
+def test_seqkd_on_chat_data_says_what_it_trains_on(pairs, data, tmp_path, caplog, capsys):
+    """preset=seqkd samples the teacher: the rows' own assistant turns are unused, and the
+    log says so and why; the progress line calls the per-token cross-entropy `ce`."""
+    cfg = config(pairs["qwen3"], data[("messages", "jsonl")], tmp_path / "o", preset="seqkd")
+    with caplog.at_level("INFO", logger="opd"):
+        train(dataclasses.replace(cfg, steps=1))
+    n = len(rows()["messages"])
+    assert (
+        f"{n} of {n} rows carry a completion (their last assistant turn) that this run does not "
+        "train on: it trains on the teacher's samples for each prompt "
+        "(source.off_policy=teacher); set source.off_policy=dataset"
+    ) in caplog.text
+    progress = [x for x in capsys.readouterr().err.splitlines() if x.startswith("step 1/1")]
+    assert len(progress) == 1 and "  ce " in progress[0] and " div " not in progress[0]
+    caplog.clear()
+    dataset = config(pairs["qwen3"], data[("messages", "jsonl")], tmp_path / "d", preset="seqkd")
+    with caplog.at_level("INFO", logger="opd"):
+        load_run_data(dataclasses.replace(dataset, source=dataclasses.replace(
+            dataset.source, off_policy="dataset")), build_tokenizer())  # fmt: skip
+    assert "does not train on" not in caplog.text
 
 
 # ------------------------------------------------------------------ every preset

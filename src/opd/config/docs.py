@@ -14,7 +14,9 @@ import typing
 from dataclasses import dataclass
 from typing import Literal
 
+from opd.config.checks import PRESET_DEFINES
 from opd.config.parse import TrainConfig
+from opd.config.presets import PRESET_NOTES, PRESETS
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,6 @@ def _choices(hint) -> tuple:
 
 def key_docs(cls=TrainConfig, prefix: str = "") -> list[KeyDoc]:
     """Every leaf key of `cls` (sections expanded in field order)."""
-    from opd.config.presets import PRESETS
-
     hints, docs, out = typing.get_type_hints(cls), attribute_docs(cls), []
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
@@ -101,9 +101,32 @@ def _show(value) -> str:
     return str(value)
 
 
+def format_preset(name: str, width: int = 100) -> str:
+    """`opd config PRESET`: what the preset sets, and which of those define the method."""
+    defines = {f"{section}.{key}" for section, key in PRESET_DEFINES.get(name, ())}
+    lines = [f"preset={name}:"]
+    lines += _wrap(PRESET_NOTES.get(name, ""), width, "  ")
+    lines.append("sets:")
+    for section, values in PRESETS[name].items():
+        for key, value in values.items():
+            dotted = f"{section}.{key}"
+            mark = "  (defines the method: a config setting another value is refused)"
+            lines.append(f"  {dotted}={_show(value)}{mark if dotted in defines else ''}")
+    lines += _wrap(
+        "Every other key keeps its default, and the keys above without the mark can be "
+        f"overridden (preset={name} KEY=VALUE); `opd config KEY` describes a key.",
+        width,
+        "",
+    )
+    return "\n".join(lines)
+
+
 def format_keys(query: str = "", width: int = 100) -> str:
     """The listing of `opd config [QUERY]`: one block per section, one line (wrapped) per key;
-    a query keeps the keys of that section, or the keys whose name contains it."""
+    a query keeps the keys of that section, or the keys whose name contains it; a preset's
+    name shows what that preset sets."""
+    if query in PRESETS:
+        return format_preset(query, width)
     sections, lines, current = section_docs(), [], None
     docs = key_docs()
     if query:
@@ -121,6 +144,8 @@ def format_keys(query: str = "", width: int = 100) -> str:
             head += " one of: " + ", ".join(_show(c) for c in doc.choices)
         lines.append(head)
         lines += _wrap(doc.doc, width, "      ")
+    if not query:
+        lines += ["", f"presets: {', '.join(PRESETS)} (`opd config PRESET` shows what one sets)"]
     return "\n".join(lines).lstrip("\n")
 
 

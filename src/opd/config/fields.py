@@ -57,7 +57,7 @@ def _check_template(key: str, template: str) -> None:
         raise ValueError(f"{key}={template!r}: use named fields such as {{prompt}} or {{answer}}")
 
 
-METRICS = ("exact_match", "boxed", "regex")  # built in (opd.evaluation.rewards); else "module:function"
+METRICS = ("exact_match", "last_number", "boxed", "regex")  # else "module:function"
 
 
 def metric_reads_answer(name: str) -> bool:

@@ -64,7 +64,8 @@ class TrainConfig:
         keep_checkpoints: checkpoints kept on disk (the oldest are deleted)
         eval_every: task metric on data.eval every this many steps (0: never)
         eval_size: rows of data.eval used
-        eval_metric: exact_match (normalized, against data.answer_field) | boxed (the last
+        eval_metric: exact_match (normalized, against data.answer_field) | last_number (the
+            completion's last number) | boxed (the last
             \\boxed{} answer) | regex (with eval_pattern) | 'module:function', fn(text, row) -> float
         eval_pattern: eval_metric=regex: the answer is the last match's first group
         log_every: metrics.jsonl line (and progress line without a terminal) every this
@@ -146,8 +147,17 @@ class TrainConfig:
             )
         needs_teacher_samples = self.source.lmbda < 1.0 and self.source.off_policy == "teacher"
         if needs_teacher_samples and self.teacher.kind not in ("local",):
+            fix = (
+                "set source.off_policy=dataset to train on the completions the cache stored "
+                "(with data.train the cache directory)"
+                if self.teacher.kind == "cached"
+                else "use teacher.kind=local, or source.off_policy=dataset to train on the "
+                "dataset's completions"
+            )
             raise ValueError(
-                "source.off_policy='teacher' needs teacher.kind='local' (a model that can sample)"
+                f"source.off_policy='teacher' samples the teacher live, which needs "
+                f"teacher.kind='local' (a model that can sample), not {self.teacher.kind!r}: "
+                f"{fix}"
             )
         if self.source.lmbda < 1.0 and self.source.off_policy == "dataset" and not self.data.train:
             raise ValueError(

@@ -36,3 +36,18 @@ PRESETS: dict[str, dict] = {
         "source": {"lmbda": 1.0},
     },
 }
+
+# What each preset is, for `opd config PRESET`.
+PRESET_NOTES: dict[str, str] = {
+    "seqkd": "Kim & Rush 2016: cross-entropy on teacher-generated text (sampled live; "
+    "source.off_policy=dataset trains on stored teacher text, e.g. an opd cache)",
+    "supervised_kd": "Hinton et al. / supervised KD: forward KL on fixed prefixes",
+    "gkd": "Agarwal et al. 2024: lambda-mixed sources with generalized JSD(beta)",
+    "on_policy": "Thinking Machines 2025: student samples, per-token reverse-KL advantage",
+    "minillm_like": "Gu et al. 2024 (MiniLLM) without its PPO machinery: full-vocabulary "
+    "reverse KL on student samples",
+    "opsd": "OPSD (Zhao et al. 2026): the student's own model with the reference in its "
+    "prompt (teacher.privileged_template) scores its samples, full-vocabulary JSD",
+    "sdft": "SDFT (Shenfeld et al. 2026): self-distillation with privileged context, "
+    "per-token reverse KL",
+}

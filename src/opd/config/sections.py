@@ -216,7 +216,7 @@ class RewardConfig:
     i.e. maximize (1-a)*E[r] - a*E[D] with a = distill_weight (GKD's alpha; not loss.skew_alpha).
 
     Attributes:
-        function: '' (off) | exact_match | boxed | regex | 'module:function',
+        function: '' (off) | exact_match | last_number | boxed | regex | 'module:function',
             fn(text, row) -> float
         pattern: regex: the answer is the last match's first group (or the whole match)
         distill_weight: GKD's alpha: 1 = pure on-policy distillation, 0 = pure RL

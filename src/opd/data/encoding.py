@@ -101,17 +101,20 @@ class Encoder:
 
     # -- what a row holds ------------------------------------------------------------------
 
+    def ends_with_assistant(self, row: dict) -> bool:
+        """The row is a conversation whose last turn is the assistant's (its completion)."""
+        prompt = row[self.config.prompt_field]
+        return is_conversation(prompt) and bool(prompt) and prompt[-1]["role"] == "assistant"
+
     def row_prompt(self, row: dict):
         """The prompt part of a row: its string, or its conversation before a final
         assistant turn."""
         prompt = row[self.config.prompt_field]
-        if is_conversation(prompt) and prompt and prompt[-1]["role"] == "assistant":
-            return prompt[:-1]
-        return prompt
+        return prompt[:-1] if self.ends_with_assistant(row) else prompt
 
     def row_completion(self, row: dict) -> str:
         prompt = row[self.config.prompt_field]
-        if is_conversation(prompt) and prompt and prompt[-1]["role"] == "assistant":
+        if self.ends_with_assistant(row):
             return prompt[-1]["content"]
         completion = row[self.config.completion_field]
         return completion[0]["content"] if isinstance(completion, list) else completion

@@ -260,6 +260,8 @@ def load_run_data(
         rows, with_completion=with_completion, where=d.train, extra_prompt=privileged
     )
     _log_report(report, d.train, d)
+    if not with_completion:
+        _log_unused_completions(config, encoder, rows)
     eval_rows = []
     if d.eval:
         rows = (
@@ -273,6 +275,37 @@ def load_run_data(
         eval_rows, report = encoder.encode_rows(rows, with_completion=False, where=d.eval)
         _log_report(report, d.eval, d)
     return RunData(encoder, train_rows, eval_rows)
+
+
+def _log_unused_completions(config: TrainConfig, encoder: Encoder, rows: list[dict]) -> None:
+    """Rows that carry a completion this run does not train on: say which sequences it trains
+    on instead, and why (`preset=seqkd` on chat data samples the teacher; the rows' own
+    assistant turns are then unused)."""
+    d, source = config.data, config.source
+    column = d.completion_field
+    turns = sum(encoder.ends_with_assistant(row) for row in rows)
+    n = turns or sum(row.get(column) not in (None, "") for row in rows)
+    if not n:
+        return
+    what = "their last assistant turn" if turns else f"column {column!r}"
+    if source.lmbda >= 1.0:
+        trains_on = "the student's own samples (source.lmbda=1: on-policy)"
+    else:
+        trains_on = (
+            f"the teacher's samples for each prompt (source.off_policy={source.off_policy}"
+            + (f", with the student's own at source.lmbda={source.lmbda}" if source.lmbda else "")
+            + ")"
+        )
+    log.info(
+        "data.train=%s: %d of %d rows carry a completion (%s) that this run does not train "
+        "on: it trains on %s; set source.off_policy=dataset (source.lmbda < 1) to train on "
+        "the rows' completions",
+        d.train,
+        n,
+        len(rows),
+        what,
+        trains_on,
+    )
 
 
 def _log_report(report, where: str, config) -> None:

@@ -4,8 +4,10 @@ The same built-in kinds serve `eval_metric` and `reward.function`:
 
 * `exact_match`: the final answer, normalized, equals the row's answer, normalized. The
   final answer is the text after the last `####` (GSM8K) or `#`, else the last `\\boxed{...}`,
-  else the completion's last words (as many as the answer has: "... is New York." matches
-  "New York").
+  else the whole completion: "the answer is 8, not 7" does not match "7" (nor "8").
+* `last_number`: the completion's last number equals the answer's by value (the lenient
+  reading of free-form math answers: "so the answer is 8." matches "8", and so does "7,
+  no, 8"); a completion without a number scores 0.
 * `boxed`: the content of the last `\\boxed{...}` (nested braces allowed), normalized; a
   completion without one scores 0.
 * `regex`: the first group (or the whole match) of the pattern's last match, normalized.
@@ -65,9 +67,13 @@ def exact_match(completion: str, row: dict, answer_field: str = "answer") -> flo
     boxed = last_boxed(completion)
     if boxed is not None:
         return float(normalize_answer(boxed) == answer)
-    words = completion.split()
-    n = max(1, len(answer.split()))
-    return float(bool(answer) and normalize_answer(" ".join(words[-n:])) == answer)
+    return float(bool(answer) and normalize_answer(completion) == answer)
+
+
+def last_number(completion: str, row: dict, answer_field: str = "answer") -> float:
+    answer = _answer(row, answer_field)
+    numbers = [m.group(0) for m in _NUMBER.finditer(completion) if any(c.isdigit() for c in m.group(0))]
+    return float(bool(numbers) and normalize_answer(numbers[-1]) == answer)
 
 
 def boxed_match(completion: str, row: dict, answer_field: str = "answer") -> float:
@@ -93,6 +99,8 @@ def resolve_metric(
     """A built-in kind (`BUILT_IN`) or a callable named as 'package.module:function'."""
     if name == "exact_match":
         return lambda completion, row: exact_match(completion, row, answer_field)
+    if name == "last_number":
+        return lambda completion, row: last_number(completion, row, answer_field)
     if name == "boxed":
         return lambda completion, row: boxed_match(completion, row, answer_field)
     if name == "regex":

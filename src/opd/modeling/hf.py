@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from contextlib import nullcontext
+import os
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,13 +38,36 @@ def load_tokenizer(path: str):
     return tok
 
 
+@contextmanager
+def every_rank_reads_weights():
+    """`from_pretrained` reads the real weights in every process of a multi-process run.
+
+    Under `accelerate launch --use_fsdp` (FSDP_CPU_RAM_EFFICIENT_LOADING is true by default)
+    transformers 5.16-5.19 fill every parameter with zeros on ranks other than 0, expecting
+    FSDP to broadcast rank 0's weights when it wraps the model; 5.20 and later read them on
+    every rank. A replicated teacher, or one opd shards itself (`teacher.shard`), is never
+    broadcast, so under 5.19 it scored with zero weights on rank 1 (the FSDP run drifted
+    from the one-process run by 6e-3). The student's broadcast, when accelerate does it,
+    then copies equal weights."""
+    key = "FSDP_CPU_RAM_EFFICIENT_LOADING"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
 def load_causal_lm(path: str, *, dtype: str = "float32", device: torch.device | str = "cpu"):
     if not (Path(path).exists() or "/" in path):
         raise FileNotFoundError(f"model path {path!r} does not exist (and is not a hub id)")
     # A local load needs no download bar, and transformers' per-load bar garbles opd's own.
     bars_off = transformers_bars_off() if Path(path).is_dir() else nullcontext()
     try:
-        with bars_off:
+        with bars_off, every_rank_reads_weights():
             model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     except OSError as err:
         raise ValueError(f"cannot load a model from {path!r}: {err}") from None

@@ -300,7 +300,11 @@ def _train(config: TrainConfig, run: RunSetup | None, extra_eval) -> dict:
             {"step": 0, **evaluate_now(run, metric_fn), **(extra_eval(run) if extra_eval else {})}
         )
     progress = Progress(
-        config.steps, start_step, log_every=config.log_every, enabled=run.world.is_main
+        config.steps,
+        start_step,
+        log_every=config.log_every,
+        enabled=run.world.is_main,
+        divergence_name="ce" if config.loss.objective == "ce" else "div",
     )
     stop = StopFlag().install()  # Ctrl-C / SIGTERM: finish the step, save, raise Interrupted
     rollouts.start(start_step)

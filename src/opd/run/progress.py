@@ -31,9 +31,19 @@ class Progress:
     """`update(record)` after each step; `close()` at the end (or on an interrupt)."""
 
     def __init__(
-        self, total: int, start: int, *, log_every: int, enabled: bool = True, stream=None
+        self,
+        total: int,
+        start: int,
+        *,
+        log_every: int,
+        enabled: bool = True,
+        stream=None,
+        divergence_name: str = "div",
     ):
+        """`divergence_name`: what the record's `divergence` is per token (`ce` for a
+        cross-entropy objective, whose value is no divergence)."""
         self.total, self.start, self.log_every = total, start, log_every
+        self.divergence_name = divergence_name
         self.stream = stream or sys.stderr
         self.enabled = enabled
         self.t0, self.tokens = time.perf_counter(), 0
@@ -52,7 +62,7 @@ class Progress:
         rate = self.tokens / elapsed if elapsed > 0 else 0.0
         eta = elapsed / done * (self.total - step) if done else math.nan
         parts = [f"step {step}/{self.total}"]
-        for key, name in (("loss", "loss"), ("divergence", "div")):
+        for key, name in (("loss", "loss"), ("divergence", self.divergence_name)):
             if isinstance(record.get(key), int | float):
                 parts.append(f"{name} {record[key]:.4f}")
         if "eval_accuracy" in record:
@@ -67,7 +77,9 @@ class Progress:
         self.tokens += int(record.get("tokens", 0))
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", div=f"{record['divergence']:.4f}")
+            self.bar.set_postfix(
+                {"loss": f"{record['loss']:.4f}", self.divergence_name: f"{record['divergence']:.4f}"}
+            )
             return
         step = record["step"]
         if step % self.log_every == 0 or step == self.total or "eval_accuracy" in record:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from opd.config.parse import TrainConfig
+from opd.data.positions import check_positions
 from opd.data.rows import Encoder, PromptOrder, load_run_data
 from opd.evaluation.rewards import resolve_reward
 from opd.modeling.hf import (
@@ -121,6 +122,13 @@ def _build_run(config: TrainConfig, checked: Checked | None) -> RunSetup:
     retokenize = cache_retokenizer(config, tokenizer)
     data = load_run_data(config, tokenizer, checked.train_rows, checked.eval_rows, retokenize)
     encoder, train_rows, eval_rows = data.encoder, data.train_rows, data.eval_rows
+    check_positions(  # against the models' config.json, before they load
+        config,
+        train_rows,
+        eval_rows,
+        checked.train_rows,
+        checked.eval_rows,
+    )
     order = PromptOrder(len(train_rows), config.seed)
     student = build_student(config, device, resume_from)
     teacher = build_teacher(
