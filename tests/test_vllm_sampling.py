@@ -6,12 +6,15 @@ attention and separate matmuls), i.e. in summation order: ~1e-6 relative on the 
 ~1e-5 on a log-prob over ~90 tokens. A weight push of lr 1e-2 moves log-probs by > 1e-2.
 """
 
+import logging
+
 import pytest
 import torch
 
 from opd.config.parse import VllmConfig
 from opd.data.batch import assemble
 from opd.modeling.hf import completion_logits, load_causal_lm, load_tokenizer
+from opd.modeling.quiet import VLLM_RELOAD_LOGGER
 from opd.sampling.reference import process_logits
 from vllm_util import SETTINGS, vllm_or_skip
 
@@ -137,9 +140,19 @@ def test_stop_strings_end_rows_as_generated(engine, student, vllm_pair):
     assert stopped >= 3
 
 
-def test_push_follows_the_optimizer_step(engine, student, vllm_pair):
+def test_push_follows_the_optimizer_step(engine, student, vllm_pair, caplog):
     tok = load_tokenizer(str(vllm_pair[1]))
-    engine.push_weights(student)
+    seen = _Records()
+    reload_log = logging.getLogger(VLLM_RELOAD_LOGGER)
+    reload_log.addHandler(seen)
+    try:
+        with caplog.at_level("DEBUG", logger="opd"):
+            engine.push_weights(student)
+    finally:
+        reload_log.removeHandler(seen)
+    # vLLM warns once per rotary layer on every push; none reaches its handlers
+    assert "rotary-layer reload warnings dropped" in caplog.text
+    assert not [r for r in seen.records if "Failed to load weights" in r.getMessage()]
     old = load_causal_lm(str(vllm_pair[1])).eval()
     opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
     ids = torch.tensor([prompts_of(tok, 1)[0] * 3])
@@ -183,3 +196,12 @@ def test_head_dim_without_cpu_kernel_is_refused_before_loading(tiny_pair):
         pytest.skip("CPU kernels only")
     with pytest.raises(ValueError, match="head dimension 16 has no vLLM CPU attention kernel"):
         _check_cpu_head_dim(str(tiny_pair[1]))
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)

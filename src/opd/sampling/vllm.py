@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from opd.modeling.quiet import vllm_rotary_reload_notes_off
 from opd.sampling.reference import Rollout
 
 log = logging.getLogger("opd")
@@ -209,9 +210,13 @@ class VllmSampler:
         """Copy `model`'s current weights into the engine (vLLM's in-place reload, which
         repacks them for its kernels), then drop prompt KV cached under the old weights."""
         weights = [(name, t.detach()) for name, t in vllm_weights(model)]
-        self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
-        )
+        with vllm_rotary_reload_notes_off() as notes:  # benign: one per rotary layer, per push
+            self.llm.collective_rpc(
+                "reload_weights",
+                kwargs={"weights_iterator": weights, "is_checkpoint_format": True},
+            )
+        if notes.dropped:
+            log.debug("weight push: %d vLLM rotary-layer reload warnings dropped", notes.dropped)
         self.llm.reset_prefix_cache()
         self.pushes += 1
 
