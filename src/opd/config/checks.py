@@ -16,10 +16,30 @@ if TYPE_CHECKING:  # parse imports this module: the annotation only
     from opd.config.parse import TrainConfig
 
 
+def check_precision(config: TrainConfig) -> None:
+    """A fully trained student keeps float32 weights (opd.run.precision says why)."""
+    dtype = config.student.dtype
+    if dtype != "float32" and not config.lora.enabled:
+        autocast = "bf16" if dtype == "bfloat16" else "fp16"
+        raise ValueError(
+            f"student.dtype={dtype} with full fine-tuning: AdamW would update {dtype} weights "
+            "with no float32 master copy, and updates smaller than the weight's last digit "
+            f"round away. Set student.dtype=float32 and {autocast}=true ({dtype} compute, "
+            "float32 weights), or lora.enabled=true (adapters are kept in float32)"
+        )
+    if config.student.gradient_checkpointing and config.loss.fused_forward == "lean":
+        raise ValueError(
+            "student.gradient_checkpointing=true with loss.fused_forward=lean: the lean forward "
+            "runs its own layer loop, which transformers' checkpointing does not reach; set "
+            "loss.fused_forward=hf"
+        )
+
+
 def check_combinations(config: TrainConfig) -> None:
     """Refuse settings that run but compute nothing the config names, saying what to set."""
     loss, lmbda, kind = config.loss, config.source.lmbda, config.teacher.kind
     pure_rl = bool(config.reward.function) and config.reward.distill_weight == 0.0
+    check_precision(config)
     if loss.objective == "pg" and lmbda < 1.0:
         raise ValueError(
             f"loss.objective=pg with source.lmbda={lmbda}: pg is the reverse KL estimated on "

@@ -64,14 +64,16 @@ class TrainConfig:
         keep_checkpoints: checkpoints kept on disk (the oldest are deleted)
         eval_every: task metric on data.eval every this many steps (0: never)
         eval_size: rows of data.eval used
-        eval_metric: exact_match (normalized, against data.answer_field) | last_number (the
-            completion's last number) | boxed (the last
-            \\boxed{} answer) | regex (with eval_pattern) | 'module:function', fn(text, row) -> float
+        eval_metric: exact_match (the final answer, normalized, against data.answer_field) |
+            last_number (the completion's last number) | boxed (the last \\boxed{} answer) |
+            regex (with eval_pattern) | 'module:function', fn(text, row) -> float
         eval_pattern: eval_metric=regex: the answer is the last match's first group
         log_every: metrics.jsonl line (and progress line without a terminal) every this
             many steps
         device: auto (CUDA if available, else CPU) | cpu | cuda | cuda:N
-        bf16: bfloat16 autocast of the forward and loss (CUDA only)
+        bf16: bfloat16 autocast of the forward and loss (CUDA only); weights stay float32
+        fp16: float16 autocast of the forward and loss (CUDA only) with a loss scaler
+            (torch.amp.GradScaler); weights stay float32
         max_bad_steps: consecutive non-finite steps before the run stops
         vllm: settings of each vLLM engine (sampling.engine=vllm, teacher.kind=vllm)
         rollouts: asynchronous rollouts: sampling beside training, with bounded staleness
@@ -114,6 +116,7 @@ class TrainConfig:
     log_every: int = 1
     device: str = "auto"
     bf16: bool = False
+    fp16: bool = False
     max_bad_steps: int = 3
     report_to: list[Literal["jsonl", "tensorboard", "wandb", "trackio"]] = field(
         default_factory=lambda: ["jsonl"]
@@ -137,6 +140,8 @@ class TrainConfig:
         _in_range("log_every", self.log_every, 1)
         _in_range("keep_checkpoints", self.keep_checkpoints, 1)
         _in_range("max_bad_steps", self.max_bad_steps, 1)
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16=true and fp16=true: choose one autocast dtype")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ValueError(f"device={self.device!r}: use auto, cpu, cuda, cuda:N or mps")
         if not self.student.path:

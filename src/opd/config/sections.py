@@ -39,11 +39,13 @@ class ModelConfig:
 
     Attributes:
         path: model directory (config.json, weights and tokenizer files) or hub id; required
-        dtype: dtype the weights are loaded in
+        dtype: dtype the weights are loaded in (16 bits only with LoRA; bf16/fp16 set compute)
+        gradient_checkpointing: recompute layer activations in backward (less memory)
     """
 
     path: str = ""
     dtype: DType = "float32"
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         _check_choices(self)
@@ -216,8 +218,7 @@ class RewardConfig:
     i.e. maximize (1-a)*E[r] - a*E[D] with a = distill_weight (GKD's alpha; not loss.skew_alpha).
 
     Attributes:
-        function: '' (off) | exact_match | last_number | boxed | regex | 'module:function',
-            fn(text, row) -> float
+        function: '' (off) | exact_match | last_number | boxed | regex | 'module:function'
         pattern: regex: the answer is the last match's first group (or the whole match)
         distill_weight: GKD's alpha: 1 = pure on-policy distillation, 0 = pure RL
         normalize: group: (r - mean) / (std + eps) over the sampling.n samples | none

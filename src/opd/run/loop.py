@@ -19,10 +19,8 @@ import logging
 import math
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
-import torch
 import yaml
 
 from opd.config.parse import TrainConfig, config_to_dict
@@ -41,6 +39,7 @@ from opd.run.interrupt import Interrupted, StopFlag
 from opd.run.lock import hold_run_dir, is_main_process, release_run_dir
 from opd.run.metrics import MetricsLog, PhaseTimer
 from opd.run.path import RunPath
+from opd.run.precision import autocast
 from opd.run.progress import Progress
 from opd.run.rollouts import Rollouts, sampler_token_stats
 from opd.run.score_ahead import ScoreAhead, overlaps
@@ -87,9 +86,10 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
             scored = scorer.scored(i)
         teacher_scored += scored.tokens_scored
         last = i == len(batches) - 1
-        with timer.phase("update"), _autocast(run), world.grad_sync(run.student, last):
+        precise = autocast(run.config, run.device)
+        with timer.phase("update"), precise, world.grad_sync(run.student, last):
             loss, div_sum = objective.loss(batch, scored, denominators[batch.source])
-            world.backward(loss)
+            world.backward(loss if run.scaler is None else run.scaler.scale(loss))
         loss_total += float(loss.detach())
         loss_by_source[batch.source] += float(loss.detach())
         div_total += div_sum
@@ -103,6 +103,10 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
     )
     with timer.phase("update"):
         grad_norm, finite = optimizer_step(run, loss_total)
+    # fp16: gradients that overflowed at this loss scale (a finite loss) are the scaler's
+    # business: it skipped the update and lowered the scale; not a bad step.
+    overflow = run.scaler is not None and math.isfinite(loss_total) and not finite
+    scale = {} if run.scaler is None else {"loss_scale": run.scaler.get_scale()}
     with timer.phase("weight_sync"):  # the next rollouts must come from these weights
         rollouts.after_update(finite)
     ratios = {}
@@ -119,6 +123,8 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
             "divergence": div_total / max(num_tokens, 1),
             "grad_norm": grad_norm,
             "skipped": not finite,
+            **({"scale_overflow": True} if overflow else {}),
+            **scale,
             "tokens": num_tokens,
             **source_counts(batches),
             # Each source's weight in the loss (its share of the gradient's terms) and the
@@ -137,20 +143,21 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
     )
 
 
-def _autocast(run: RunSetup):
-    if run.config.bf16 and run.device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
 def optimizer_step(run: RunSetup, loss_total: float) -> tuple[float, bool]:
     """Clip, then step only when the loss and gradient are finite; `(grad_norm, finite)`."""
     params = [p for p in run.student.parameters() if p.requires_grad]
     max_norm = run.config.optim.max_grad_norm or float("inf")
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)  # clip the true gradients; records any overflow
     grad_norm = run.world.clip_grad_norm(run.student, params, max_norm)
     finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
+    if run.scaler is not None:
+        if finite:
+            run.scaler.step(run.optimizer)  # finite gradients: steps
+        run.scaler.update()  # halves the scale after an overflow, grows it after a clean run
     if finite:
-        run.optimizer.step()
+        if run.scaler is None:
+            run.optimizer.step()
         run.scheduler.step()
         if hasattr(run.teacher, "after_optimizer_step"):
             run.teacher.after_optimizer_step()  # self teacher, EMA weights
@@ -213,6 +220,7 @@ def _save(run: RunSetup, step: int, state: RunState):
             **state.checkpoint_fields(),
             "teacher_state": getattr(run.teacher, "checkpoint_state", dict)(),
             "rollouts": rollouts_state,  # batches drawn ahead of the steps (pipelined)
+            **({"scaler": run.scaler.state_dict()} if run.scaler is not None else {}),
         },
         config_to_dict(run.config),
         keep=run.config.keep_checkpoints,
@@ -261,11 +269,13 @@ def _train(config: TrainConfig, run: RunSetup | None, extra_eval) -> dict:
         write_run_config(config)
         write_run_path(config, run.path)
         log.info("path: %s", run.path.describe())
-    if config.bf16 and run.device.type != "cuda":
-        # CPU autocast to bf16 is emulated, and slow, on CPUs without bf16 instructions; a
+    if (config.bf16 or config.fp16) and run.device.type != "cuda":
+        # CPU autocast to 16 bits is emulated, and slow, on CPUs without such instructions; a
         # bf16 teacher on CPU is `teacher.dtype: bfloat16`.
         log.warning(
-            "bf16: true applies autocast on CUDA only; training in float32 on %s", run.device
+            "%s: true applies autocast on CUDA only; computing in float32 on %s",
+            "bf16" if config.bf16 else "fp16",
+            run.device,
         )
     state = RunState()
     rollouts = run.rollouts = Rollouts(run)
@@ -279,6 +289,8 @@ def _train(config: TrainConfig, run: RunSetup | None, extra_eval) -> dict:
         if hasattr(run.teacher, "load_checkpoint_state"):
             run.teacher.load_checkpoint_state(saved.get("teacher_state", {}))
         rollouts.load_state(saved.get("rollouts", {}))
+        if run.scaler is not None and "scaler" in saved:
+            run.scaler.load_state_dict(saved["scaler"])
         log.info("resumed from %s at step %d", run.resume_from, state.step)
     start_step = state.step
     metrics = (
@@ -315,7 +327,13 @@ def _train(config: TrainConfig, run: RunSetup | None, extra_eval) -> dict:
             if rollouts.mode != "off":
                 record.update(rollouts.record(time.perf_counter() - t0))
             state.count_skip(record)
-            if record["skipped"]:
+            if record.get("scale_overflow"):
+                log.info(
+                    "step %d: fp16 gradients overflowed; update skipped, loss scale now %g",
+                    step + 1,
+                    record["loss_scale"],
+                )
+            elif record["skipped"]:
                 log.warning("step %d: non-finite loss or gradient; update skipped", step + 1)
                 if state.bad_steps >= config.max_bad_steps:
                     path = _save(run, step + 1, state)

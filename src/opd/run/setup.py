@@ -20,6 +20,7 @@ from opd.modeling.hf import (
 )
 from opd.run.lock import release_run_dir
 from opd.run.path import RunPath, decide_path
+from opd.run.precision import enable_gradient_checkpointing, make_scaler
 from opd.run.preflight import Checked, preflight
 from opd.run.world import World, init_world
 from opd.sampling.vllm import VllmSampler
@@ -50,6 +51,7 @@ class RunSetup:
     rollout_engine: object | None = None
     # where each step's batches come from (opd.run.rollouts.Rollouts); set by opd.run.loop.train
     rollouts: object | None = None
+    scaler: torch.amp.GradScaler | None = None  # fp16: the loss scaler (opd.run.precision)
 
 
 def lr_lambda(config: TrainConfig):
@@ -71,13 +73,14 @@ def lr_lambda(config: TrainConfig):
 
 
 def build_student(config: TrainConfig, device: torch.device, resume_from: Path | None):
+    path = str(resume_from or config.student.path) if not config.lora.enabled else None
+    base = load_causal_lm(path or config.student.path, dtype=config.student.dtype, device=device)
+    if config.student.gradient_checkpointing:
+        enable_gradient_checkpointing(base)
     if not config.lora.enabled:
-        return load_causal_lm(
-            str(resume_from or config.student.path), dtype=config.student.dtype, device=device
-        )
+        return base
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    base = load_causal_lm(config.student.path, dtype=config.student.dtype, device=device)
     if resume_from is not None:
         return PeftModel.from_pretrained(base, str(resume_from), is_trainable=True)
     lora = LoraConfig(
@@ -153,6 +156,8 @@ def _build_run(config: TrainConfig, checked: Checked | None) -> RunSetup:
         params, lr=config.optim.lr, weight_decay=config.optim.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    if config.fp16 and world.sharded:
+        raise ValueError("fp16=true with an FSDP student is not supported: use bf16=true")
     return RunSetup(
         config,
         device,
@@ -171,4 +176,5 @@ def _build_run(config: TrainConfig, checked: Checked | None) -> RunSetup:
         path=path,
         world=world,
         rollout_engine=rollout_engine,
+        scaler=make_scaler(config, device),
     )

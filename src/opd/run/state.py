@@ -35,6 +35,8 @@ class RunState:
     def count_skip(self, record: dict) -> None:
         """A finished step: `step` advances; `bad_steps` counts consecutive skipped steps."""
         self.step = record["step"]
+        if record.get("scale_overflow"):  # fp16 loss scale too high: the scaler's to handle
+            return
         self.bad_steps = self.bad_steps + 1 if record["skipped"] else 0
 
     def add_totals(self, record: dict, seconds: dict[str, float]) -> None:
