@@ -22,12 +22,13 @@ from opd.config.parse import config_from_dict
 from opd.data.batch import assemble
 from opd.data.cache_format import CacheError, CacheReader, read_manifest
 from opd.data.rows import load_run_data
-from opd.modeling.hf import load_tokenizer
+from opd.modeling.hf import load_causal_lm, load_tokenizer
 from opd.run.loop import train
 from opd.run.metrics import read_metrics
 from opd.teachers.cache.generate import CacheSpec, build_cache
 from opd.teachers.cache.inspect import cache_report, inspect_cache
 from opd.teachers.cached import CachedTeacher
+from opd.teachers.local import LocalTeacher
 
 torch.set_num_threads(2)
 N_PROMPTS = 10
@@ -181,18 +182,30 @@ def test_stored_ids_are_used_and_align_with_teacher(models, pairs, tmp_path, mon
     for i, row in enumerate(batch.rows):
         n = len(row["completion_ids"])
         assert batch.completion_ids()[i, :n].tolist() == row["completion_ids"]
-        assert torch.isfinite(scores.topk_logprobs[i]).all()
+    # The cache holds what the live teacher says at the stored ids: the same top-8 ids and
+    # log-probs, the same log-prob of each completion token (stored in float16, the default
+    # logprob_dtype: rounded to 2**-11 relative).
+    live = LocalTeacher(load_causal_lm(str(teacher)), run.vocab_size)
+    _assert_same_scores(scores, live.score(batch, "topk", 8), batch.loss_mask())
     # data.max_completion_tokens cuts stored completions; the teacher serves the prefix.
     short = train_config(student, cache, tmp_path / "short", steps=1, data__max_completion_tokens=3)
     run_short = setup_mod.build_run(short)
     batch = make_micro_batch(run_short, 0, 0, PhaseTimer())
     assert batch.completion_width <= 3
-    assert torch.isfinite(run_short.teacher.score(batch, "topk", 8).topk_logprobs).all()
+    got = run_short.teacher.score(batch, "topk", 8)
+    _assert_same_scores(got, live.score(batch, "topk", 8), batch.loss_mask())
     bad = assemble(
         [r["prompt_ids"] for r in batch.rows], [[5, 1]] * batch.size, pad_id=0, rows=batch.rows
     )
     with pytest.raises(CacheError, match="does not hold the cached completion"):
         run.teacher.score(bad, "topk", 8)
+
+
+def _assert_same_scores(got, want, mask) -> None:
+    assert mask.any() and got.tokens_scored == want.tokens_scored == int(mask.sum())
+    assert torch.equal(got.topk_ids[mask], want.topk_ids[mask])
+    for a, b in ((got.topk_logprobs, want.topk_logprobs), (got.token_logprobs, want.token_logprobs)):
+        torch.testing.assert_close(a[mask], b[mask], atol=1e-5, rtol=2**-11)
 
 
 def test_kill_and_resume_is_exactly_once(models, pairs, tmp_path, monkeypatch):

@@ -284,6 +284,25 @@ def test_every_preset_runs_on_real_formats(pairs, data, tmp_path, arch, preset):
     assert result["loss"] != 0.0
 
 
+@pytest.mark.parametrize("preset", ["supervised_kd", "on_policy"])
+def test_padded_teacher_rows_change_nothing(pairs, data, tmp_path, preset):
+    """The teacher's embedding has 13 rows past the tokenizer (as Qwen's checkpoints do): the
+    run equals the one with those rows cut off the checkpoint (full-vocabulary KD would put
+    mass on them, the sampled-token path would index past the student's vocabulary)."""
+    teacher, student = pairs["qwen3"]
+    tok = build_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(teacher)
+    assert model.get_output_embeddings().weight.shape[0] == len(tok) + 13
+    model.resize_token_embeddings(len(tok))
+    cut = save_checkpoint(tmp_path / "cut-teacher", model, tok)
+    padded_dir, cut_dir = tmp_path / "padded", tmp_path / "cut"
+    train(config(pairs["qwen3"], data[("plain", "jsonl")], padded_dir, kind="plain", preset=preset))
+    train(config((cut, student), data[("plain", "jsonl")], cut_dir, kind="plain", preset=preset))
+    a, b = read_metrics(padded_dir), read_metrics(cut_dir)
+    assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-6, abs=1e-7)
+
+
 def test_dataset_batches_supervise_the_end_and_cut_ones_do_not(pairs, data, tmp_path):
     train_path = data[("messages", "parquet")]
     cfg = config(pairs["llama"], train_path, tmp_path / "o", data__max_completion_tokens=6)

@@ -10,6 +10,7 @@ from concurrent.futures import Future
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from opd.cli import main as cli_main
 from opd.cli.demo.tiny import DEFAULT_CHARS, build_char_tokenizer
@@ -153,7 +154,9 @@ def remote_config(base_config, url, **kw):
         {"preset": "supervised_kd", "loss__estimator": "topk", "loss__topk": 8},
     ],
 )
-def test_training_with_remote_teacher(served, base_config, monkeypatch, overrides):
+def test_training_with_remote_teacher(served, base_config, monkeypatch, tmp_path, overrides):
+    """The run equals the same run with the served model as a local teacher: the server
+    returns the local teacher's scores (to 1e-5), so losses and weights match."""
     server, _ = served
     monkeypatch.setenv("OPD_TEACHER_TOKEN", TOKEN)
     config = remote_config(base_config, server.url, **overrides)
@@ -162,6 +165,21 @@ def test_training_with_remote_teacher(served, base_config, monkeypatch, override
     assert len(records) == config.steps and all(not r["skipped"] for r in records)
     assert all(r["teacher_tokens_scored"] > 0 for r in records)
     assert result["step"] == config.steps
+    local = config_from_dict(
+        base_config(  # base_config's teacher is the model the server serves
+            data__max_prompt_tokens=32,
+            data__max_completion_tokens=16,
+            output_dir=str(tmp_path / "local"),
+            **overrides,
+        )
+    )
+    train(local)
+    for a, b in zip(records, read_metrics(local.output_dir), strict=True):
+        assert a["tokens"] == b["tokens"] and a["teacher_tokens_scored"] == b["teacher_tokens_scored"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    got = load_file(str(latest_checkpoint(config.output_dir) / "model.safetensors"))
+    want = load_file(str(latest_checkpoint(local.output_dir) / "model.safetensors"))
+    assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-5
 
 
 def test_full_logits_objective_is_refused_at_start(served, base_config, monkeypatch):

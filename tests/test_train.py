@@ -131,7 +131,14 @@ def test_killed_save_leaves_previous_checkpoint_loadable(base_config, monkeypatc
         train(cfg)
     ckpt = latest_checkpoint(cfg.output_dir)
     assert ckpt.name == "step-0000002"
-    assert AutoModelForCausalLM.from_pretrained(ckpt) is not None
+    # what loads from it is the model of step 2: that of a clean 2-step run
+    ref_dir = str(Path(cfg.output_dir).parent / "ref")
+    ref = base_config(preset="supervised_kd", steps=2, output_dir=ref_dir)
+    train(config_from_dict(ref))
+    want = _weights(latest_checkpoint(ref["output_dir"]))
+    loaded = AutoModelForCausalLM.from_pretrained(ckpt).state_dict()
+    for key, value in want.items():
+        assert torch.equal(loaded[key], value), key
     monkeypatch.setattr(checkpoint_mod, "write_trainer_state", real_write)
     train(config_from_dict(base_config(preset="supervised_kd", steps=4, save_every=2, resume=True)))
     assert latest_checkpoint(cfg.output_dir).name == "step-0000004"
