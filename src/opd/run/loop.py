@@ -21,6 +21,7 @@ import os
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from opd.config.parse import TrainConfig, config_to_dict
