@@ -104,7 +104,8 @@ def start_server(model: Path, log: Path, args) -> tuple[subprocess.Popen, str]:
 
 def base_config(teacher, student, data, out, args, **over) -> dict:
     cfg = {
-        "student": {"path": str(student), "dtype": args.dtype},
+        "student": {"path": str(student)},  # float32 weights; bf16 below: the compute dtype
+        "bf16": args.dtype == "bfloat16",
         "teacher": {"path": str(teacher), "dtype": args.dtype},
         "data": {"train": str(data), "max_prompt_tokens": 32},
         "steps": args.steps,

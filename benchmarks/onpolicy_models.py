@@ -133,7 +133,9 @@ def opd_config(paths: dict, output_dir, *, steps: int, dtype: str = "float32",
     return config_from_dict(
         {
             "preset": "minillm_like",
-            "student": {"path": str(paths["student"]), "dtype": dtype},
+            # a fully trained student keeps float32 weights; bfloat16 is the compute dtype
+            "student": {"path": str(paths["student"])},
+            "bf16": dtype == "bfloat16",
             "teacher": {"path": str(paths["teacher"]), "dtype": teacher_dtype or dtype},
             "data": {"train": str(paths["prompts"]), "chat_template": "off"},
             "sampling": {"max_new_tokens": MAX_NEW, "temperature": 1.0, "engine": "lean"},

@@ -434,8 +434,9 @@ def test_rl_plus_kd_reports_both_terms(base_config, tmp_path):
     for r in records:
         assert r["reward_samples"] == 8 and 0.0 <= r["reward_mean"] <= 1.0
         assert r["distill_weight"] == 0.4 and r["distill_term"] > 0
-        assert math.isfinite(r["reward_term"])
-        assert r["loss"] == pytest.approx(r["reward_term"] + r["distill_term"], rel=1e-5)
+        # the distillation term is alpha x the step's mean divergence, measured on its own
+        assert r["distill_term"] == pytest.approx(0.4 * r["divergence"], rel=1e-6)
+        # (the reward term's exact value: test_alpha_endpoints_reduce_to_the_pure_objectives)
         assert r["teacher_tokens_scored"] > 0
 
 
