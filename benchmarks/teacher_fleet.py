@@ -196,6 +196,10 @@ def main() -> None:
             results[n, overlap] = timed(read_metrics(cfg.output_dir))
             step, wait = results[n, overlap]
             print(f"{n:>8} {'on' if overlap else 'off':>7} {step:>8.3f} {wait:>15.3f}")
+    # the ratio the runs saw (the calibration is one short run: load on the box shifts it)
+    serial = read_metrics(root / "runs" / "r1-off")[1:]
+    update = statistics.mean(r["time_update"] for r in serial)
+    print(f"measured: teacher wait / student update on 1 replica, serial = {results[1, False][1] / update:.2f}")
     for n in (1, 2, 3):
         hidden = 1 - results[n, True][1] / results[n, False][1]
         print(f"{n} replica(s): overlap hides {hidden:.0%} of the serial teacher wait")
