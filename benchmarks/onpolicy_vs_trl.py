@@ -70,6 +70,7 @@ def run_ours(args, paths: dict, out: Path) -> dict:
         teacher_dtype=args.teacher_dtype,
         device=args.device,
         seed=args.seed,
+        lean=args.lean,
     )
     ends, cpu, tokens = [], [], []
     inner = opd.run.loop.train_step
@@ -203,8 +204,8 @@ def _summary(args, ends, cpu, tokens, rss_before_kb: int) -> dict:
 def check(args, paths: dict, out: Path) -> dict:
     """Both losses, and their gradients, on one batch: same weights, same sampled sequences.
 
-    opd's loss is computed the way its loop computes it (the fused head + divergence on the
-    packed forward) and, for reference, on full logits (`objectives.plain.batch_loss`); TRL's by
+    opd's loss is computed the way its loop computes it (the fused head + divergence, on the
+    HF forward or, with `--lean`, the packed one) and, for reference, on full logits (`objectives.plain.batch_loss`); TRL's by
     its own `DistillationTrainer._compute_loss` on that batch.
     """
     import torch
@@ -227,6 +228,7 @@ def check(args, paths: dict, out: Path) -> dict:
         dtype=args.dtype,
         teacher_dtype=args.teacher_dtype,
         device=args.device,
+        lean=args.lean,
     )
     run = build_run(config)
     student = run.student
@@ -353,6 +355,8 @@ def spawn(side: str, args, paths: dict) -> dict:
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.trl_defaults:
         cmd.append("--trl-defaults")
+    if args.lean:
+        cmd.append("--lean")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -397,6 +401,12 @@ def main(argv=None) -> None:
         "--trl-defaults",
         action="store_true",
         help="run TRL with its default bf16=True, gradient_checkpointing=True",
+    )
+    p.add_argument(
+        "--lean",
+        action="store_true",
+        help="opd with the opt-in lean engine (sampling.engine=lean, loss.fused_forward=lean) "
+        "instead of its defaults",
     )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--paths", default=None, help=argparse.SUPPRESS)

@@ -5,7 +5,8 @@
 
 One `train_step` of 32 prompts x 64 sampled tokens with the tiny Llama pair of
 `onpolicy_models.py` (size `tiny-152k`: teacher 256 x 4 layers, student 128 x 2), float32 on
-CPU. Every measurement runs in a fresh subprocess; "process peak" is its VmHWM after the
+CPU, with opd's default configuration otherwise (`sampling.engine=hf`, the fused loss on
+the HF forward): what a user gets. Every measurement runs in a fresh subprocess; "process peak" is its VmHWM after the
 step (models, optimizer state and all), "step peak" the VmHWM reached during the step minus
 the RSS before it (weights are paged in from their safetensors files during the first
 step, so it includes them); "weights+grads+AdamW" is what any trainer holds at the
@@ -81,7 +82,8 @@ def worker(args) -> dict:
         "step_peak_gb": (peak - before) * 1024 / 1e9,
         "state_gb": (4 * student + teacher) / 1e9,
         "tokens": int(record.get("student_tokens_generated", 0)),
-        "fused": bool(run.fused),
+        "fused": bool(run.path.fused),
+        "engine": run.path.sampler,
     }
 
 
@@ -121,7 +123,7 @@ def main(argv=None) -> None:
             if "error" in r:
                 print(f"{preset:12s} {label:30s} loss.fused={fused:3s} error: {r['error']}")
                 continue
-            print(f"{preset:12s} {label:30s} loss.fused={fused:3s} (fused path: {r['fused']!s:5s}) "
+            print(f"{preset:12s} {label:30s} loss.fused={fused:3s} (fused path: {r['fused']!s:5s}, engine {r.get('engine', '?')}) "
                   f"process peak {r['process_peak_gb']:5.2f} GB  step peak "
                   f"{r['step_peak_gb']:5.2f} GB  weights+grads+AdamW {r['state_gb']:5.2f} GB  "
                   f"tokens {r['tokens']}", flush=True)  # fmt: skip

@@ -7,6 +7,7 @@ global batch: the single run uses `micro_batch_size = W * m` so its lambda draws
 global micro-batch) are the same ones.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -132,6 +133,8 @@ def test_ranks_take_disjoint_slices_of_each_global_micro_batch(tiny_pair, additi
 def test_two_process_ddp_equals_single_process(single_run, tiny_pair, addition_data, tmp_path):
     cfg = _config(tiny_pair, addition_data, tmp_path / "ddp", preset="supervised_kd")
     out = launch(cfg, tmp_path)
+    # the fused objective, run as DDP's forward, equals the plain single-process run
+    assert json.loads((out / "run_path.json").read_text())["objective"] == "fused_full"
     assert max_diff(_weights(out), _weights(single_run)) < 1e-5
     ddp, ref = read_metrics(out), read_metrics(single_run)
     assert len(ddp) == 3  # rank 0 alone writes metrics
@@ -185,6 +188,7 @@ def test_fsdp_equals_single_process_and_saves_a_loadable_model(
         student__gradient_checkpointing=True,
     )
     out = launch(cfg, tmp_path, fsdp=True)
+    assert json.loads((out / "run_path.json").read_text())["objective"] == "fused_full"
     assert max_diff(_weights(out), _weights(single_run)) < 1e-5
     model = AutoModelForCausalLM.from_pretrained(latest_checkpoint(out))
     ref = AutoModelForCausalLM.from_pretrained(latest_checkpoint(single_run))

@@ -9,7 +9,12 @@ import torch
 from opd.config.parse import DataConfig
 from opd.data.batch import assemble
 from opd.data.rows import Encoder
-from opd.evaluation.divergence import exposure_bias, mean_divergences, teacher_logits
+from opd.evaluation.divergence import (
+    exposure_bias,
+    heldout_loss,
+    mean_divergences,
+    teacher_states,
+)
 from opd.evaluation.generation import sample_completions, task_accuracy
 from opd.modeling.hf import completion_logits, load_causal_lm, load_tokenizer
 from opd.teachers.local import LocalTeacher
@@ -86,7 +91,7 @@ def test_task_accuracy_counts_metric_hits_and_is_nan_without_rows(setup):
     assert math.isnan(task_accuracy(student, encoder, [], lambda t, r: True, **sampling))
 
 
-def test_precomputed_teacher_logits_give_the_same_divergences(setup):
+def test_precomputed_teacher_states_give_the_same_divergences(setup):
     student, teacher, encoder, rows, sampling = setup
     samples = sample_completions(teacher.model, encoder, rows, **sampling, seed=3)
     common = {
@@ -97,6 +102,46 @@ def test_precomputed_teacher_logits_give_the_same_divergences(setup):
         "batch_size": 4,
     }
     fresh = mean_divergences(student, teacher, *samples, **common)
-    logits = teacher_logits(teacher, *samples, pad_id=common["pad_id"], batch_size=4)
+    logits = teacher_states(teacher, *samples, pad_id=common["pad_id"], batch_size=4)
     assert len(logits) == 3
     assert mean_divergences(student, teacher, *samples, **common, precomputed=logits) == fresh
+
+
+def test_row_chunks_equal_full_logits(setup, monkeypatch):
+    """Divergences and the held-out loss come from hidden states, `ROWS` positions at a time
+    (never `[B, L, V]` logits); with chunks of 7 positions they equal full-logit float64."""
+    from opd.evaluation import divergence as module
+
+    monkeypatch.setattr(module, "ROWS", 7)
+    student, teacher, encoder, rows, sampling = setup
+    prompts, completions = sample_completions(student, encoder, rows, **sampling, seed=0)
+    pad, vocab = encoder.tokenizer.pad_token_id, sampling["vocab_size"]
+    got = mean_divergences(
+        student, teacher, prompts, completions, pad_id=pad, vocab_size=vocab,
+        kinds=("reverse_kl", "jsd"), beta=0.3, batch_size=6,
+    )  # fmt: skip
+    batch = assemble(prompts, completions, pad_id=pad)
+    with torch.no_grad():
+        s = completion_logits(student, batch, vocab).double()
+        t = completion_logits(teacher.model, batch, vocab).double()
+    mask = batch.loss_mask()
+    ls, lt = s.log_softmax(-1)[mask], t.log_softmax(-1)[mask]
+    rkl = (ls.exp() * (ls - lt)).sum(-1).mean()
+    m = torch.logsumexp(torch.stack([lt + math.log(0.3), ls + math.log(0.7)]), 0)
+    jsd = (0.3 * (lt.exp() * (lt - m)).sum(-1) + 0.7 * (ls.exp() * (ls - m)).sum(-1)).mean()
+    assert got["reverse_kl"] == pytest.approx(float(rkl), rel=1e-5)
+    assert got["jsd"] == pytest.approx(float(jsd), rel=1e-5)
+
+    loss = heldout_loss(
+        student, encoder, rows, prompt_field="prompt", completion_field="completion",
+        vocab_size=vocab, batch_size=4,
+    )  # fmt: skip
+    batch = assemble(
+        [encoder.prompt_ids(r["prompt"]) for r in rows],
+        [encoder.completion_ids(r["completion"]) for r in rows],
+        pad_id=pad,
+    )
+    with torch.no_grad():
+        lp = completion_logits(student, batch, vocab).double().log_softmax(-1)
+    nll = -lp.gather(-1, batch.completion_ids().unsqueeze(-1)).squeeze(-1)[batch.loss_mask()]
+    assert loss == pytest.approx(float(nll.mean()), rel=1e-5)

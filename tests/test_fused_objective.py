@@ -10,7 +10,7 @@ from opd.cli.demo.tiny import build_char_tokenizer, tiny_causal_lm
 from opd.config.parse import LossConfig, config_from_dict
 from opd.data.batch import assemble
 from opd.data.rows import Encoder
-from opd.modeling.hf import completion_logits, load_causal_lm, load_tokenizer
+from opd.modeling.hf import completion_logits, load_causal_lm, load_tokenizer, token_logprobs
 from opd.objectives import build_objective, for_step
 from opd.objectives.fused import (
     FusedObjective,
@@ -20,6 +20,7 @@ from opd.objectives.fused import (
 )
 from opd.objectives.fused_tokens import FusedTokenObjective
 from opd.objectives.plain import PlainObjective, batch_loss
+from opd.objectives.rl import RewardObjective
 from opd.run.checkpoint import latest_checkpoint
 from opd.run.loop import train
 from opd.run.path import objective_path
@@ -239,3 +240,66 @@ def test_on_policy_pg_run_picks_the_token_objective(base_config, tmp_path):
     run = build_run(config_from_dict(base_config(preset="on_policy", output_dir=str(tmp_path))))
     assert run.path.fused
     assert isinstance(for_step(run).distill, FusedTokenObjective)
+
+
+def test_ratio_cap_binds_and_fused_equals_plain_above_the_cap():
+    """`loss.ratio_cap` on the default (fused) pg path: capped ratios above the cap give the
+    plain path's loss and gradients, which differ from the uncapped ones."""
+    student, teacher_model = _models()
+    teacher = LocalTeacher(teacher_model, V)
+    batch = _batch(True)
+    lp = token_logprobs(completion_logits(student, batch, V), batch.completion_ids())
+    ratios = (lp - batch.sampler_logprobs[:, batch.prompt_width :]).exp()[batch.loss_mask()]
+    cap = 0.2  # the ratios here are 0.06 .. 0.55
+    assert int((ratios > cap).sum()) >= 2 and int((ratios < cap).sum()) >= 2
+    n = batch.num_target_tokens()
+    capped = LossConfig(objective="pg", ratio_cap=cap)
+    want, _, g_want = _loss_and_grads(PlainObjective(student, teacher, capped, V), student, batch, n)
+    got, _, g_got = _loss_and_grads(fused_objective(student, teacher, capped, V), student, batch, n)
+    free, _, _ = _loss_and_grads(
+        PlainObjective(student, teacher, LossConfig(objective="pg"), V), student, batch, n
+    )
+    assert abs(float(free) - float(want)) > 1e-4  # the cap changes the loss
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a if a is not None else torch.zeros_like(b), b, rtol=1e-4, atol=1e-6)
+
+
+RL_CASES = [  # (distillation loss, distill weight α)
+    ({"objective": "pg", "ratio_cap": 0.2}, 0.5),
+    ({"objective": "pg"}, 0.0),
+    ({"objective": "kd", "estimator": "topk", "topk": 4, "divergence": "reverse_kl"}, 0.3),
+    ({"objective": "kd", "divergence": "forward_kl", "ratio_cap": 0.2}, 0.7),
+    ({"objective": "kd", "divergence": "jsd", "beta": 0.4}, 1.0),
+]
+
+
+@pytest.mark.parametrize("overrides,alpha", RL_CASES)
+def test_rl_plus_distillation_fused_equals_plain(overrides, alpha):
+    """RL + KD student batches take the fused objective too: the reward PG term (ratio cap
+    included) and the distillation term from hidden states equal the plain path's."""
+    from types import SimpleNamespace
+
+    student, teacher_model = _models()
+    teacher = LocalTeacher(teacher_model, V)
+    config = config_from_dict({
+        "student": {"path": "x"}, "data": {"train": "x"}, "loss": overrides,
+        "source": {"lmbda": 1.0},
+        "reward": {"function": "exact_match", "distill_weight": alpha, "normalize": "none"},
+    })  # fmt: skip
+    rewards = iter([1.0, 0.0, 1.0] * 2)
+    run = SimpleNamespace(
+        reward_fn=lambda text, row: next(rewards), tokenizer=TOK, config=config
+    )
+    batch = _batch(True)
+    n = batch.num_target_tokens() + 1
+    plain = RewardObjective(run, PlainObjective(student, teacher, config.loss, V))
+    fused = RewardObjective(run, fused_objective(student, teacher, config.loss, V))
+    want, div_want, g_want = _loss_and_grads(plain, student, batch, n)
+    got, div_got, g_got = _loss_and_grads(fused, student, batch, n)
+    assert float(want.detach()) != 0.0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert div_got == pytest.approx(div_want, rel=1e-5, abs=1e-6)
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a if a is not None else torch.zeros_like(b), b, rtol=1e-4, atol=1e-6)
+    assert fused.record()["reward_term"] == pytest.approx(plain.record()["reward_term"], rel=1e-5)

@@ -36,8 +36,17 @@ def test_each_decision_and_the_objective_the_step_builds(base_config):
     assert path.objective == "plain" and "loss.fused=false" in path.objective_why
     assert isinstance(for_step(run).distill, PlainObjective)
 
+    # under DDP/FSDP the fused objectives run as the wrapper's forward
     _, path = _path(base_config, distributed=True, preset="on_policy")
-    assert path.objective == "plain" and "multi-process" in path.objective_why
+    assert path.objective == "fused_tokens"
+    _, path = _path(base_config, distributed=True, preset="gkd", loss__estimator="full")
+    assert path.objective == "fused_full"
+
+    run, path = _path(
+        base_config, preset="on_policy", reward__function="exact_match", reward__normalize="none"
+    )
+    assert path.rewarded == "fused_tokens"
+    assert isinstance(for_step(run).rewarded.distill, FusedTokenObjective)
 
     _, path = _path(base_config, preset="seqkd", source__off_policy="dataset")
     assert path.teacher == "none" and path.teacher_need == (None, 0)

@@ -140,16 +140,17 @@ class LossConfig:
             teacher, else 64 (capped at a remote server's limit)
         kd_temperature: divides both models' logits in the loss (not sampling.temperature)
         discount: pg: discount of the per-token advantage to go
-        ratio_cap: pg: cap the importance ratio p_S/q at this value (TRL's truncated
-            importance sampling for vLLM samples); 0 leaves it uncapped. Under
-            ratio_correction=icepop: the upper bound
+        ratio_cap: pg and the RL term (fused and plain paths alike): cap the importance
+            ratio p_S/q at this value (TRL's truncated importance sampling for vLLM
+            samples); 0 leaves it uncapped. Under ratio_correction=icepop: the upper bound
         ratio_correction: pg, stale or vLLM samples: tis (truncate the ratio at ratio_cap)
             | icepop (tokens whose ratio lies outside [ratio_floor, ratio_cap] get no
             gradient, NeMo-RL's ICE-POP)
         ratio_floor: ratio_correction=icepop: the lower bound of the ratio
         fused: every objective from the student's hidden states and LM head in tiles, never
-            materializing [tokens, vocab] logits (same result as the plain path); kd + full
-            also needs a local or self teacher
+            materializing [tokens, vocab] logits (same result as the plain path), also for
+            RL + distillation and under DDP/FSDP (run as the wrapper's forward); kd + full
+            also needs a local teacher, or a self teacher in one process
         fused_forward: decoder forward of the fused objectives: hf (the model's own) | lean
             (packed real tokens via opd.modeling.lean, checked against hf on the first batch)
     """

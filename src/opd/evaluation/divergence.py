@@ -4,18 +4,67 @@ Exposure-bias gap (ours): the student's mean per-token divergence to the teacher
 prefixes the student sampled itself, minus the same on prefixes the teacher sampled,
 `E_{y~p_S}[D(y|x)] - E_{y~p_T}[D(y|x)]`. Offline KD trains only on the second kind of
 state; a large gap is the cost of never seeing one's own mistakes.
+
+Memory: logits exist `ROWS` supervised positions at a time, from the models' hidden states
+and LM heads (as the teacher scores top-k, `opd.teachers.base.scores_from_hidden`): at
+1,024 positions x 64 rows x V = 151,936 one `[B, L, V]` float32 tensor would be 40 GB.
+Models whose logits are more than their head on hidden states (`supports_fused_head`)
+take their full logits instead, a chunk of sequences at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from opd.data.batch import assemble
 from opd.data.encoding import Encoder
 from opd.losses import masked_sum, token_divergence
-from opd.modeling.hf import completion_logits, token_logprobs
+from opd.modeling.hf import (
+    completion_hidden,
+    completion_logits,
+    supports_fused_head,
+    token_logprobs,
+)
+
+ROWS = 128  # supervised positions whose [ROWS, V] logits exist at once
+
+
+@dataclass
+class Rows:
+    """One model's side of a chunk at its supervised positions (row-major), `[N, D]`: final
+    hidden states (`head` set: logits are `head(values)`) or logits themselves."""
+
+    values: torch.Tensor
+    head: torch.nn.Module | None = None
+
+    def logits(self, vocab_size: int, device) -> Iterator[torch.Tensor]:
+        for r in range(0, self.values.shape[0], ROWS):
+            part = self.values[r : r + ROWS]
+            if self.head is not None:
+                part = self.head(part.to(self.head.weight.device))
+            yield part[:, :vocab_size].to(device)
+
+
+def student_rows(model, batch, vocab_size: int) -> Rows:
+    mask = batch.loss_mask()
+    if supports_fused_head(model):
+        hidden = completion_hidden(model, batch)[mask]
+        return Rows(hidden, model.get_output_embeddings())
+    return Rows(completion_logits(model, batch, vocab_size)[mask])
+
+
+def teacher_rows(teacher, batch) -> Rows:
+    """The teacher's side: hidden states where it returns them (local, self teacher), else
+    its full logits."""
+    model = getattr(teacher, "model", None)
+    if hasattr(teacher, "supervised_hidden") and model is not None and supports_fused_head(model):
+        hidden = teacher.supervised_hidden(batch, lambda m, b: completion_hidden(m, b)[b.loss_mask()])
+        return Rows(hidden, model.get_output_embeddings())
+    logits = teacher.score(batch, "logits").logits
+    return Rows(logits[batch.loss_mask().to(logits.device)])
 
 
 @torch.no_grad()
@@ -40,10 +89,11 @@ def heldout_loss(
         for batch in _chunks(
             prompts, completions, encoder.tokenizer.pad_token_id, batch_size, device
         ):
-            logits = completion_logits(model, batch, vocab_size)
-            logp = token_logprobs(logits, batch.completion_ids())
             mask = batch.loss_mask()
-            total -= float(masked_sum(logp, mask))
+            ids = batch.completion_ids()[mask]
+            chunks = student_rows(model, batch, vocab_size).logits(vocab_size, device)
+            for r, logits in zip(range(0, ids.numel(), ROWS), chunks, strict=True):
+                total -= float(token_logprobs(logits, ids[r : r + ROWS]).sum())
             count += int(mask.sum())
     finally:
         model.train(was_training)
@@ -57,13 +107,12 @@ def _chunks(prompts, completions, pad_id: int, batch_size: int, device):
 
 
 @torch.no_grad()
-def teacher_logits(
-    teacher, prompts, completions, *, pad_id: int, batch_size: int = 64
-) -> list[torch.Tensor]:
-    """The teacher's completion logits, one tensor per chunk of `mean_divergences`. A frozen
-    teacher's logits on a fixed sample set can be computed once and passed back in."""
+def teacher_states(teacher, prompts, completions, *, pad_id: int, batch_size: int = 64) -> list[Rows]:
+    """The teacher's side of each chunk of `mean_divergences` (hidden states, or logits for
+    a teacher without them). A frozen teacher's states on a fixed sample set can be
+    computed once and passed back in (`precomputed`)."""
     chunks = _chunks(prompts, completions, pad_id, batch_size, teacher.device)
-    return [teacher.score(batch, "logits").logits for batch in chunks]
+    return [teacher_rows(teacher, batch) for batch in chunks]
 
 
 @torch.no_grad()
@@ -78,11 +127,11 @@ def mean_divergences(
     kinds: Sequence[str] = ("reverse_kl",),
     beta: float | None = None,
     batch_size: int = 64,
-    precomputed: list[torch.Tensor] | None = None,
+    precomputed: list[Rows] | None = None,
 ) -> dict[str, float]:
     """Mean per-token divergence of the student from `teacher` (an `opd.teachers` teacher)
     on these sequences, one figure per kind, over all completion tokens. `precomputed`:
-    the teacher's logits from `teacher_logits` on the same sequences and `batch_size`."""
+    the teacher's states from `teacher_states` on the same sequences and `batch_size`."""
     totals, count = dict.fromkeys(kinds, 0.0), 0
     chunks = _divergence_chunks(
         student,
@@ -123,13 +172,20 @@ def _divergence_chunks(
     try:
         chunks = _chunks(prompts, completions, pad_id, batch_size, device)
         for i, batch in enumerate(chunks):
-            s_logits = completion_logits(student, batch, vocab_size)
-            if precomputed is None:
-                t_logits = teacher.score(batch, "logits").logits.to(device)
-            else:
-                t_logits = precomputed[i].to(device)
-            values = {k: token_divergence(s_logits, t_logits, k, beta=beta) for k in kinds}
-            yield batch.loss_mask(), values
+            mine = student_rows(student, batch, vocab_size)
+            theirs = teacher_rows(teacher, batch) if precomputed is None else precomputed[i]
+            parts = {k: [] for k in kinds}
+            pairs = zip(mine.logits(vocab_size, device), theirs.logits(vocab_size, device))
+            for s_logits, t_logits in pairs:
+                for k in kinds:
+                    parts[k].append(token_divergence(s_logits, t_logits, k, beta=beta))
+            mask = batch.loss_mask()
+            values = {}
+            for k in kinds:  # back on the [B, L] grid, zero where unsupervised
+                values[k] = torch.zeros(mask.shape, device=device)
+                if parts[k]:
+                    values[k][mask] = torch.cat(parts[k])
+            yield mask, values
     finally:
         student.train(was_training)
 
@@ -144,17 +200,17 @@ def exposure_bias(
     vocab_size: int,
     kinds: Sequence[str] = ("reverse_kl",),
     batch_size: int = 64,
-    teacher_logits_on_teacher_samples: list[torch.Tensor] | None = None,
+    teacher_states_on_teacher_samples: list[Rows] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per kind: divergence on the student's own prefixes, on the teacher's, and the gap.
 
     Both sample sets are `(prompt ids, completion ids)` from `sample_completions` on the
-    same rows. While only the student changes, the teacher's samples and its logits on them
-    (`teacher_logits`) can be computed once and passed in."""
+    same rows. While only the student changes, the teacher's samples and its states on them
+    (`teacher_states`) can be computed once and passed in."""
     common = {"pad_id": pad_id, "vocab_size": vocab_size, "kinds": kinds, "batch_size": batch_size}
     on_student = mean_divergences(student, teacher, *own_samples, **common)
     on_teacher = mean_divergences(
-        student, teacher, *teacher_samples, **common, precomputed=teacher_logits_on_teacher_samples
+        student, teacher, *teacher_samples, **common, precomputed=teacher_states_on_teacher_samples
     )
     return {
         kind: {
@@ -177,7 +233,7 @@ def divergence_by_position(
     vocab_size: int,
     kinds: Sequence[str] = ("reverse_kl",),
     batch_size: int = 64,
-    precomputed: list[torch.Tensor] | None = None,
+    precomputed: list[Rows] | None = None,
 ) -> dict[str, list[float]]:
     """Mean per-token divergence at each completion position j (0-based), over the
     sequences that have a token there; `"count"` holds how many that is per position.

@@ -46,13 +46,17 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 def _kl_terms(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
     """Sum over the last dim of p*(log p - log q), with 0*log 0 = 0 and finite gradients.
 
-    The double `where` keeps -inf out of the arithmetic on zero-probability entries, so the
-    backward pass never multiplies 0 by inf (which would give NaN).
+    The `where`s keep -inf out of the arithmetic: on zero-probability entries of p (0 log 0
+    = 0), and where q is zero under p > 0, whose term is +inf in value but is formed
+    outside the differentiated expression, so a row that a mask later drops (its value
+    multiplied by nothing) contributes a zero gradient, never 0 * inf = NaN.
     """
     support = p_logp > -math.inf
+    finite_q = q_logp > -math.inf
     p_safe = torch.where(support, p_logp, torch.zeros_like(p_logp))
-    q_safe = torch.where(support, q_logp, torch.zeros_like(q_logp))
+    q_safe = torch.where(support & finite_q, q_logp, torch.zeros_like(q_logp))
     terms = torch.exp(p_safe) * (p_safe - q_safe)
+    terms = torch.where(finite_q, terms, torch.full_like(terms, math.inf))
     return torch.where(support, terms, torch.zeros_like(terms)).sum(-1)
 
 

@@ -30,7 +30,7 @@ from opd.losses.fused_tiles import (
     head_grads,
     head_logits,
 )
-from opd.losses.sparse import log_tail_mass, padded_ids, without_padding
+from opd.losses.sparse import bucket_tail, padded_ids, teacher_buckets, without_padding
 
 # One student head only, no eager gradient: wide tiles, vocabulary-outer backward.
 DEFAULT_TOKEN_CHUNK = 1024
@@ -190,13 +190,15 @@ def fused_sparse_token_divergence(
     student_head_bias: torch.Tensor | None = None,
     token_chunk: int = DEFAULT_TOKEN_CHUNK,
     vocab_chunk: int | None = DEFAULT_VOCAB_CHUNK,
+    teacher_tail_logmass: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`sparse_token_divergence(student_hidden @ W.T + b, ids, logprobs, kind, ...)` from the
     student's hidden states and head, without [N, V] logits.
 
     Shapes `[..., H], [V, H], [..., k], [..., k] -> [...]`. The teacher's top-k log-probs are
     normalized over the full vocabulary (their tail is implied) and must come from the same
-    `kd_temperature`, which here divides the student's logits.
+    `kd_temperature`, which here divides the student's logits. `teacher_tail_logmass [...]`:
+    the teacher's reported tail, as in `sparse_token_divergence`.
     """
     check_kind(kind, beta=beta, alpha=alpha)
     if teacher_topk_ids.shape != teacher_topk_logprobs.shape:
@@ -219,13 +221,14 @@ def fused_sparse_token_divergence(
         h, student_head_weight, student_head_bias, ids, float(kd_temperature),
         token_chunk, vocab_chunk or V, True,
     )  # fmt: skip
-    student = torch.cat([picked - log_z[:, None], (log_out - log_z)[:, None]], dim=-1)
-    student = without_padding(student, pad)
+    head = picked - log_z[:, None]
+    tail = bucket_tail(head, log_out - log_z, pad)  # -inf when the ids cover the vocabulary
+    student = without_padding(torch.cat([head, tail[:, None]], dim=-1), pad)
     t_head = teacher_topk_logprobs.reshape(ids.shape).to(student.dtype)
     t_head = torch.where(pad, torch.full_like(t_head, -math.inf), t_head)
-    t_tail = log_tail_mass(t_head).unsqueeze(-1)
-    if ids.shape[-1] >= V:  # as in sparse_token_divergence: k = V leaves no tail
-        t_tail = torch.full_like(t_tail, -math.inf)
-    teacher = torch.cat([t_head, t_tail], dim=-1)
+    tail_t = None
+    if teacher_tail_logmass is not None:
+        tail_t = teacher_tail_logmass.reshape(ids.shape[:-1])
+    teacher = teacher_buckets(t_head, V, tail_t, student.dtype)
     out = divergence_from_logprobs(student, teacher, kind, beta=beta, alpha=alpha)
     return out.reshape(teacher_topk_ids.shape[:-1])

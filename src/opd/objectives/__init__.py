@@ -35,7 +35,8 @@ def build_objective(implementation: str, student, teacher, loss, vocab_size: int
 def for_step(run) -> StepObjectives:
     """This step's objectives for `run` (an `opd.run.setup.RunSetup`), as `run.path` decided."""
     args = (run.student, run.teacher, run.config.loss, run.vocab_size)
-    rewarded = None
-    if run.path.rewarded is not None:
-        rewarded = RewardObjective(run, PlainObjective(*args))
-    return StepObjectives(build_objective(run.path.objective, *args), rewarded)
+    distill = build_objective(run.path.objective, *args)
+    # RL + distillation's student batches: the same distillation objective (fused or plain)
+    # plus the reward term, from the same student pass
+    rewarded = RewardObjective(run, distill) if run.path.rewarded is not None else None
+    return StepObjectives(distill, rewarded)

@@ -19,6 +19,19 @@ class Scored:
     tokens_scored: int = 0  # completion tokens the teacher scored (cost accounting)
 
 
+@dataclass
+class TokenTerms:
+    """A fused objective's per-token values at `batch.loss_mask()`'s cells (row-major), `[N]`
+    each, None where not asked for: what RL + distillation mixes (`opd.objectives.rl`)."""
+
+    student_logprobs: torch.Tensor | None = None  # log p_S(y_t), differentiable
+    loss: torch.Tensor | None = None  # the distillation loss per token, differentiable
+    divergence: torch.Tensor | None = None  # its divergence estimate, detached
+
+    def any(self) -> torch.Tensor:
+        return next(t for t in (self.student_logprobs, self.loss) if t is not None)
+
+
 class Objective(Protocol):
     def score(self, batch: SequenceBatch) -> Scored: ...
 

@@ -16,25 +16,37 @@ import torch
 
 from opd.config.parse import LossConfig
 from opd.data.batch import SequenceBatch
-from opd.losses import fused_token_divergence
+from opd.losses import fused_token_divergence, fused_token_logprobs
 from opd.modeling.hf import completion_hidden, lm_head, supports_fused_head
 from opd.modeling.lean import lean_supported, packed_supervised_hidden
 from opd.modeling.lean_check import check_packed_forward
-from opd.objectives.base import Scored
+from opd.modeling.wrapped import as_forward
+from opd.objectives.base import Scored, TokenTerms
+from opd.teachers.local import LocalTeacher
 
 
 def fused_applies(loss: LossConfig, student, teacher) -> bool:
-    """Whether the fused objectives compute this run's loss: the student's logits are its
-    head applied to hidden states; for kd over the full vocabulary the teacher's must be
-    too, from a teacher that returns hidden states (local or self)."""
+    """Whether the fused objectives compute this run's loss (see `why_not_fused`)."""
+    return why_not_fused(loss, student, teacher) is None
+
+
+def why_not_fused(loss: LossConfig, student, teacher, distributed: bool = False) -> str | None:
+    """None when the fused objectives can compute this run's loss, else why not: the
+    student's logits must be its head applied to hidden states; for kd over the full
+    vocabulary the teacher's must be too, from a teacher that returns hidden states (local,
+    or self in one process: the self teacher's model is the student's own module)."""
     if not supports_fused_head(student):
-        return False
+        return "the student's logits are more than its LM head on hidden states"
     if loss.objective != "kd" or loss.estimator != "full":
-        return True
+        return None
     model = getattr(teacher, "model", None)
-    return (
-        hasattr(teacher, "supervised_hidden") and model is not None and supports_fused_head(model)
-    )
+    if not hasattr(teacher, "supervised_hidden") or model is None:
+        return "full-vocabulary kd needs a teacher that returns hidden states (local or self)"
+    if not supports_fused_head(model):
+        return "the teacher's logits are more than its LM head on hidden states"
+    if distributed and not isinstance(teacher, LocalTeacher):
+        return "the self teacher's hidden states under DDP/FSDP"
+    return None
 
 
 def supervised_hidden(model, batch: SequenceBatch, forward: str = "hf") -> torch.Tensor:
@@ -65,7 +77,18 @@ def fused_batch_loss(
     vocab_size: int,
 ) -> tuple[torch.Tensor, float]:
     """Same contract as `objectives.plain.batch_loss`: (loss / step token count, divergence sum)."""
-    hidden_student = supervised_hidden(student, batch, loss.fused_forward)
+    values = fused_divergences(student, teacher, hidden_teacher_NH, batch, loss, vocab_size)
+    return values.sum() / max(num_tokens, 1), float(values.detach().sum())
+
+
+def fused_divergences(
+    student, teacher, hidden_teacher_NH, batch: SequenceBatch, loss: LossConfig, vocab_size: int,
+    hidden_student: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`[N]` divergence per supervised token (row-major), from both models' hidden states
+    (the student's computed here unless given)."""
+    if hidden_student is None:
+        hidden_student = supervised_hidden(student, batch, loss.fused_forward)
     ws, bs = lm_head(student, vocab_size)
     wt, bt = lm_head(teacher.model, vocab_size)
     values = fused_token_divergence(
@@ -80,7 +103,7 @@ def fused_batch_loss(
         student_head_bias=bs,
         teacher_head_bias=None if bt is None else bt.to(hidden_student.device),
     )
-    return values.sum() / max(num_tokens, 1), float(values.detach().sum())
+    return values
 
 
 class FusedObjective:
@@ -94,13 +117,28 @@ class FusedObjective:
         hidden = teacher_hidden(self.teacher, batch, self.config.fused_forward)
         return Scored(hidden, batch.num_target_tokens())
 
+    def token_terms(
+        self, batch: SequenceBatch, hidden_teacher, *, distill: bool = True, logprobs: bool = False
+    ) -> TokenTerms:
+        """As `FusedTokenObjective.token_terms`, the loss being the full-vocabulary divergence."""
+
+        def terms(model) -> TokenTerms:
+            out = TokenTerms()
+            hidden = supervised_hidden(model, batch, self.config.fused_forward)
+            if logprobs:
+                weight, bias = lm_head(model, self.vocab_size)
+                ids = batch.completion_ids().to(hidden.device)[batch.loss_mask().to(hidden.device)]
+                out.student_logprobs = fused_token_logprobs(hidden, weight, ids, head_bias=bias)
+            if distill:
+                out.loss = fused_divergences(
+                    model, self.teacher, hidden_teacher, batch, self.config, self.vocab_size,
+                    hidden,
+                )  # fmt: skip
+                out.divergence = out.loss.detach()
+            return out
+
+        return as_forward(self.student, terms)
+
     def loss(self, batch: SequenceBatch, scored: Scored, num_tokens: int):
-        return fused_batch_loss(
-            self.student,
-            self.teacher,
-            scored.value,
-            batch,
-            self.config,
-            num_tokens,
-            self.vocab_size,
-        )
+        terms = self.token_terms(batch, scored.value)
+        return terms.loss.sum() / max(num_tokens, 1), float(terms.divergence.sum())

@@ -20,7 +20,8 @@ from opd.losses import (
     policy_gradient_loss,
 )
 from opd.modeling.hf import lm_head
-from opd.objectives.base import Scored
+from opd.modeling.wrapped import as_forward
+from opd.objectives.base import Scored, TokenTerms
 from opd.objectives.fused import supervised_hidden
 from opd.objectives.plain import PlainObjective, scored_mask
 from opd.teachers.base import TeacherScores
@@ -51,6 +52,7 @@ def fused_per_token_loss(
         nll = -fused_token_logprobs(hidden_NH, weight, ids, head_bias=bias)
         return nll, nll.detach()
     if loss.objective == "kd":  # top-k + tail buckets (full vocabulary is `FusedObjective`)
+        tail = scores.topk_tail_logmass
         value = fused_sparse_token_divergence(
             hidden_NH,
             weight,
@@ -61,6 +63,7 @@ def fused_per_token_loss(
             alpha=loss.skew_alpha,
             kd_temperature=loss.kd_temperature,
             student_head_bias=bias,
+            teacher_tail_logmass=None if tail is None else tail.to(hidden_NH.device)[mask],
         )
         if scores.aligned is not None:
             value = torch.where(scored[mask], value, torch.zeros_like(value))
@@ -96,8 +99,27 @@ class FusedTokenObjective:
     def score(self, batch: SequenceBatch) -> Scored:
         return self.plain.score(batch)
 
+    def token_terms(
+        self, batch: SequenceBatch, scores, *, distill: bool = True, logprobs: bool = False
+    ) -> TokenTerms:
+        """The distillation loss and/or the student's log-probs at the supervised cells,
+        computed as the student's forward (inside any DDP/FSDP wrapper)."""
+
+        def terms(model) -> TokenTerms:
+            hidden = supervised_hidden(model, batch, self.config.fused_forward)
+            weight, bias = head = lm_head(model, self.vocab_size)
+            out = TokenTerms()
+            if logprobs:
+                ids = batch.completion_ids().to(hidden.device)[batch.loss_mask().to(hidden.device)]
+                out.student_logprobs = fused_token_logprobs(hidden, weight, ids, head_bias=bias)
+            if distill:
+                out.loss, out.divergence = fused_per_token_loss(
+                    hidden, head, batch, scores, self.config
+                )
+            return out
+
+        return as_forward(self.student, terms)
+
     def loss(self, batch: SequenceBatch, scored: Scored, num_tokens: int):
-        hidden = supervised_hidden(self.student, batch, self.config.fused_forward)
-        head = lm_head(self.student, self.vocab_size)
-        value, divergence = fused_per_token_loss(hidden, head, batch, scored.value, self.config)
-        return value.sum() / max(num_tokens, 1), float(divergence.sum())
+        terms = self.token_terms(batch, scored.value)
+        return terms.loss.sum() / max(num_tokens, 1), float(terms.divergence.sum())

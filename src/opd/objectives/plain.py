@@ -32,6 +32,10 @@ def scored_mask(batch: SequenceBatch, scores: TeacherScores | None) -> torch.Ten
     return mask
 
 
+def _on(t: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
+
+
 def per_token_loss(
     student_logits_BLV: torch.Tensor,
     batch: SequenceBatch,
@@ -55,6 +59,7 @@ def per_token_loss(
             scores.topk_logprobs.to(student_logits_BLV.device),
             loss.divergence,
             **params,
+            teacher_tail_logmass=_on(scores.topk_tail_logmass, student_logits_BLV.device),
         )
         return value, value.detach()
     # pg: Thinking Machines' sampled-token reverse KL as a per-token advantage.

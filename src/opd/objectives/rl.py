@@ -31,7 +31,7 @@ from opd.config.parse import LossConfig
 from opd.data.batch import SequenceBatch
 from opd.losses import masked_sum, policy_gradient_loss
 from opd.modeling.hf import completion_logits, token_logprobs
-from opd.objectives.base import Scored
+from opd.objectives.base import Scored, TokenTerms
 from opd.objectives.plain import per_token_loss
 from opd.teachers.base import TeacherScores
 
@@ -137,6 +137,40 @@ def mixed_batch_loss(
     return MixedLoss(total, div_sum, reward_term, distill_term)
 
 
+def mixed_token_loss(
+    terms: TokenTerms,
+    batch: SequenceBatch,
+    loss: LossConfig,
+    num_tokens: int,
+    advantages_B: torch.Tensor,
+    distill_weight: float,
+) -> MixedLoss:
+    """`mixed_batch_loss` from per-token terms at `batch.loss_mask()`'s cells (the fused
+    objectives' `token_terms`: the student's log-probs and the distillation loss there)."""
+    denom = max(num_tokens, 1)
+    total = terms.any().new_zeros((), dtype=torch.float32)
+    reward_term = distill_term = div_sum = 0.0
+    if distill_weight < 1.0:
+        lp = terms.student_logprobs
+        mask = batch.loss_mask().to(lp.device)
+        advantages = advantages_B.to(lp.device)[mask.nonzero(as_tuple=True)[0]]
+        sampler_lp = None
+        if batch.sampler_logprobs is not None:
+            sampler_lp = batch.sampler_logprobs[:, batch.prompt_width :].to(lp.device)[mask]
+        pg = policy_gradient_loss(
+            lp, advantages, sampler_lp, loss.ratio_cap, loss.ratio_correction, loss.ratio_floor
+        )
+        pg = pg.sum() / denom
+        total = total + (1.0 - distill_weight) * pg
+        reward_term = (1.0 - distill_weight) * float(pg.detach())
+    if distill_weight > 0.0:
+        distill = terms.loss.sum() / denom
+        total = total + distill_weight * distill
+        distill_term = distill_weight * float(distill.detach())
+        div_sum = float(terms.divergence.sum())
+    return MixedLoss(total, div_sum, reward_term, distill_term)
+
+
 class RewardStep:
     """Accumulates one optimizer step's reward terms over its student micro-batches."""
 
@@ -149,26 +183,12 @@ class RewardStep:
     def calls_teacher(self) -> bool:
         return self.config.reward.distill_weight > 0.0
 
-    def batch_loss(
-        self,
-        student_logits_BLV: torch.Tensor,
-        batch: SequenceBatch,
-        scores: TeacherScores | None,
-        num_tokens: int,
-        rewards_B: torch.Tensor,
-    ) -> tuple[torch.Tensor, float]:
-        """The micro-batch loss and divergence sum, like `opd.objectives.plain.batch_loss`."""
+    def batch_loss(self, mixed, rewards_B: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The micro-batch loss and divergence sum, like `opd.objectives.plain.batch_loss`;
+        `mixed(advantages_B, distill_weight) -> MixedLoss` computes it from the advantages."""
         cfg = self.config
         advantages = group_advantages(rewards_B, cfg.sampling.n, cfg.reward.normalize)
-        out = mixed_batch_loss(
-            student_logits_BLV,
-            batch,
-            scores,
-            cfg.loss,
-            num_tokens,
-            advantages,
-            cfg.reward.distill_weight,
-        )
+        out = mixed(advantages, cfg.reward.distill_weight)
         self.rewards.append(rewards_B)
         self.reward_term += out.reward_term
         self.distill_term += out.distill_term
@@ -191,11 +211,15 @@ class RewardStep:
 
 
 class RewardObjective:
-    """A student micro-batch of RL + distillation: `(1-α)·PG(reward) + α·distill`."""
+    """A student micro-batch of RL + distillation: `(1-α)·PG(reward) + α·distill`.
+
+    `distill` is the run's distillation objective: the plain one (student logits), or a
+    fused one, whose `token_terms` give the student's log-probs and the distillation loss
+    from hidden states (no `[tokens, vocab]` logits), inside any DDP/FSDP wrapper."""
 
     def __init__(self, run, distill):
         self.step = RewardStep(run.reward_fn, run.tokenizer, run.config)
-        self.distill = distill  # a PlainObjective: the teacher call and the student logits
+        self.distill = distill
 
     def score(self, batch: SequenceBatch) -> Scored:
         rewards = self.step.rewards_for(batch)
@@ -204,8 +228,20 @@ class RewardObjective:
 
     def loss(self, batch: SequenceBatch, scored: Scored, num_tokens: int):
         rewards, scores = scored.value
+        cfg = self.step.config.loss
+        if hasattr(self.distill, "token_terms"):  # fused
+
+            def mixed(advantages, a):
+                terms = self.distill.token_terms(batch, scores, distill=a > 0, logprobs=a < 1)
+                return mixed_token_loss(terms, batch, cfg, num_tokens, advantages, a)
+
+            return self.step.batch_loss(mixed, rewards)
         logits = completion_logits(self.distill.student, batch, self.distill.vocab_size)
-        return self.step.batch_loss(logits, batch, scores, num_tokens, rewards)
+
+        def mixed_plain(advantages, a):
+            return mixed_batch_loss(logits, batch, scores, cfg, num_tokens, advantages, a)
+
+        return self.step.batch_loss(mixed_plain, rewards)
 
     def record(self) -> dict:
         return self.step.record()

@@ -14,7 +14,7 @@ from typing import Literal
 
 from opd.config.checks import teacher_need, uses_teacher
 from opd.config.parse import LossConfig, TrainConfig
-from opd.objectives.fused import fused_applies
+from opd.objectives.fused import why_not_fused
 
 ObjectivePath = Literal["fused_full", "fused_tokens", "plain"]
 
@@ -26,7 +26,8 @@ class RunPath:
             kd from both models' hidden states), `fused_tokens` (ce, pg or top-k kd from the
             student's hidden states), `plain` (from full `[tokens, vocab]` logits).
         objective_why: why that implementation (the reason when the fused head is not taken).
-        rewarded: the implementation of the RL + distillation term on student batches, or None.
+        rewarded: the implementation of the RL + distillation term on student batches (the
+            distillation objective's, with the reward term added), or None.
         sampler: the engine that samples the student (`hf`, `lean`, `vllm`: colocated engine,
             `vllm_server`: separate vLLM servers).
         other_sampler: the engine of teacher samples and evaluation (vLLM holds the student's
@@ -95,13 +96,13 @@ def describe_teacher(config: TrainConfig) -> str:
 
 def objective_path(loss: LossConfig, *, distributed: bool, student, teacher) -> tuple[str, str]:
     """`(implementation, why)` of the distillation objective for these models."""
+    # Under DDP/FSDP the fused objectives run as the wrapper's forward
+    # (opd.modeling.wrapped.as_forward), so gradients sync and sharded weights are gathered.
+    blocker = why_not_fused(loss, student, teacher, distributed) if loss.fused else None
     if not loss.fused:
         objective, why = "plain", "loss.fused=false"
-    elif distributed:
-        # the fused path calls the decoder and head outside the DDP/FSDP forward
-        objective, why = "plain", "multi-process run: the fused head bypasses the DDP/FSDP forward"
-    elif not fused_applies(loss, student, teacher):
-        objective, why = "plain", "the fused head does not apply to these models"
+    elif blocker is not None:
+        objective, why = "plain", f"the fused head does not apply: {blocker}"
     elif loss.objective == "kd" and loss.estimator == "full":
         objective, why = "fused_full", "loss.fused=true"
     else:
@@ -118,7 +119,8 @@ def decide_path(config: TrainConfig, *, distributed: bool, student, teacher) -> 
     return RunPath(
         objective=objective,
         objective_why=why,
-        rewarded="plain" if config.reward.function else None,
+        # the RL term rides on the distillation objective's own student pass
+        rewarded=objective if config.reward.function else None,
         sampler=engine,
         other_sampler="hf" if engine.startswith("vllm") else engine,
         teacher=describe_teacher(config),

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +28,8 @@ from opd.sampling.vllm import VllmSampler
 from opd.sampling.vllm_server import VllmServerSampler
 from opd.teachers.cross_tokenizer.cache import cache_retokenizer
 from opd.teachers.registry import build_teacher
+
+log = logging.getLogger("opd")
 
 
 @dataclass
@@ -139,6 +142,11 @@ def _build_run(config: TrainConfig, checked: Checked | None) -> RunSetup:
     )
     vocab_size = shared_vocab_size(tokenizer, student)
     path = decide_path(config, distributed=world.distributed, student=student, teacher=teacher)
+    if path.fused and world.sharded and config.loss.fused_forward == "lean":
+        # the lean forward reads each block's weights itself; sharded, only the blocks' own
+        # forwards gather them
+        log.info("loss.fused_forward=lean does not apply to an FSDP student: HF forward")
+        config = replace(config, loss=replace(config.loss, fused_forward="hf"))
     student = world.wrap_student(student)  # DDP/FSDP; the model itself in one process
     teacher = world.place_teacher(teacher, config.teacher.shard)
     rollout_engine = None

@@ -8,6 +8,7 @@ need. All outputs are completion-aligned `[B, L, ...]` (see `opd.data.batch`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -28,6 +29,11 @@ class TeacherScores:
     # (the loss's kd_temperature: both sides of a top-k divergence must be tempered alike).
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
+    # log of the mass outside the top-k, [B, L], where the teacher knows it exactly (from its
+    # logits, or stored so): a confident teacher's top-k log-probs round to a sum of 1 in
+    # float32, which no longer tells how much lies outside (opd.losses.sparse). None: the
+    # loss infers it from the log-probs.
+    topk_tail_logmass: torch.Tensor | None = None
     tokens_scored: int = 0  # completion tokens the teacher scored (cost accounting)
     # A teacher with another tokenizer (opd.teachers.cross_tokenizer): `[B, L]` bool, the
     # completion positions it scored (others add nothing to the loss), and for `token`
@@ -71,16 +77,21 @@ SCORE_ROWS = 128
 
 
 def _token_and_topk(logits_NV, ids_N, need: str, topk: int, temperature: float):
-    """log p of `ids_N` (temperature 1) and, for need 'topk', the top-k ids and log-probs of
-    softmax(logits / temperature), from raw logits `[..., V]`."""
+    """log p of `ids_N` (temperature 1) and, for need 'topk', the top-k ids, log-probs and
+    tail log-mass of softmax(logits / temperature), from raw logits `[..., V]`.
+
+    The tail is the log-sum-exp of the log-probs outside the top-k, never `1 - sum(top-k)`:
+    where the rest weighs less than float32's resolution next to the top-1, the top-1's
+    log-prob rounds to 0.0 and that difference reads an empty tail."""
     logp = torch.log_softmax(logits_NV.float(), dim=-1)
     token = logp.gather(-1, ids_N.unsqueeze(-1)).squeeze(-1)
     if need != "topk":
-        return token, None, None
+        return token, None, None, None
     if temperature != 1.0:
         logp = torch.log_softmax(logits_NV.float() / temperature, dim=-1)
     values, ids = logp.topk(min(topk, logp.shape[-1]), dim=-1)
-    return token, ids, values
+    tail = torch.logsumexp(logp.scatter_(-1, ids, -math.inf), dim=-1)  # logp is ours to reuse
+    return token, ids, values, tail
 
 
 def scores_from_logits(
@@ -99,9 +110,13 @@ def scores_from_logits(
     if need == "logits":
         return TeacherScores(logits=logits_BTV, tokens_scored=n)
     ids = batch.completion_ids().to(logits_BTV.device)
-    token, top_ids, top_lp = _token_and_topk(logits_BTV, ids, need, topk, temperature)
+    token, top_ids, top_lp, tail = _token_and_topk(logits_BTV, ids, need, topk, temperature)
     return TeacherScores(
-        token_logprobs=token, topk_ids=top_ids, topk_logprobs=top_lp, tokens_scored=n
+        token_logprobs=token,
+        topk_ids=top_ids,
+        topk_logprobs=top_lp,
+        topk_tail_logmass=tail,
+        tokens_scored=n,
     )
 
 
@@ -131,13 +146,15 @@ def scores_from_hidden(
         for r in range(0, B * T, rows)
     ]
     token = torch.cat([p[0] for p in parts]).view(B, T)
-    top_ids = top_lp = None
+    top_ids = top_lp = tail = None
     if need == "topk":
         top_ids = torch.cat([p[1] for p in parts]).view(B, T, -1)
         top_lp = torch.cat([p[2] for p in parts]).view(B, T, -1)
+        tail = torch.cat([p[3] for p in parts]).view(B, T)
     return TeacherScores(
         token_logprobs=token,
         topk_ids=top_ids,
         topk_logprobs=top_lp,
+        topk_tail_logmass=tail,
         tokens_scored=batch.num_target_tokens(),
     )

@@ -100,6 +100,10 @@ class CachedTeacher:
             lp = renormalized_topk(torch.from_numpy(top_lp), torch.from_numpy(tail))
             out["topk_ids"] = torch.from_numpy(top_ids[..., :topk])
             out["topk_logprobs"] = lp[..., :topk]
+            # the stored tail (exact, from the teacher's logits) plus the stored entries
+            # beyond the k asked for
+            rest = torch.cat([torch.from_numpy(tail)[..., None], lp[..., topk:]], dim=-1)
+            out["topk_tail_logmass"] = torch.logsumexp(rest, dim=-1)
         device = batch.input_ids.device
         # No teacher compute happens here, so nothing is counted as scored.
         return TeacherScores(

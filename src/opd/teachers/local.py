@@ -1,4 +1,7 @@
-"""A local Hugging Face teacher: frozen, eval mode, no gradients."""
+"""A local Hugging Face teacher: frozen, eval mode, no gradients.
+
+Its model may be sharded over processes (`teacher.shard`, FSDP2): every pass runs as the
+model's forward (`opd.modeling.wrapped.as_forward`), so the sharded weights are gathered."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import torch
 
 from opd.data.batch import SequenceBatch
 from opd.modeling.hf import completion_hidden, completion_logits, supports_fused_head
+from opd.modeling.wrapped import as_forward
 from opd.teachers.base import TeacherScores, scores_from_hidden, scores_from_logits
 
 
@@ -26,9 +30,14 @@ class LocalTeacher:
         if need != "logits" and supports_fused_head(self.model):
             # Token and top-k log-probs need a few numbers per position: run the head over
             # the hidden states a chunk of positions at a time instead of [B, L, V] logits.
-            hidden = completion_hidden(self.model, on_device)
-            head = self.model.get_output_embeddings()
-            return scores_from_hidden(hidden, head, self.vocab_size, batch, need, topk, temperature)
+            def chunked(model):
+                hidden = completion_hidden(model, on_device)
+                head = model.get_output_embeddings()
+                return scores_from_hidden(
+                    hidden, head, self.vocab_size, batch, need, topk, temperature
+                )
+
+            return as_forward(self.model, chunked)
         logits = completion_logits(self.model, on_device, self.vocab_size)
         return scores_from_logits(logits, batch, need, topk, temperature)
 
@@ -36,4 +45,5 @@ class LocalTeacher:
     def supervised_hidden(self, batch: SequenceBatch, forward) -> torch.Tensor:
         """Final hidden states at `batch.loss_mask()` (row-major), `[N, H]`, computed by
         `forward(model, batch)` (the fused objectives' choice of decoder forward)."""
-        return forward(self.model, batch.to(self.device))
+        on_device = batch.to(self.device)
+        return as_forward(self.model, lambda model: forward(model, on_device))

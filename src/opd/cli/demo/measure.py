@@ -84,7 +84,7 @@ def exposure_by_step(model, teacher, own, teacher_ref, pad_id) -> dict:
     common = {"pad_id": pad_id, "vocab_size": vocab, "kinds": EXPOSURE_KINDS, "batch_size": 512}
     on_own = divergence_by_position(model, teacher, *own, **common)
     on_teacher = divergence_by_position(
-        model, teacher, *teacher_ref["samples"], **common, precomputed=teacher_ref["logits"]
+        model, teacher, *teacher_ref["samples"], **common, precomputed=teacher_ref["states"]
     )
     out = {}
     for kind in EXPOSURE_KINDS:

@@ -38,7 +38,7 @@ from opd.config.parse import DataConfig, config_from_dict
 from opd.config.paths import make_dir
 from opd.data.cache_format import read_manifest
 from opd.data.rows import Encoder
-from opd.evaluation.divergence import teacher_logits
+from opd.evaluation.divergence import teacher_states
 from opd.evaluation.generation import sample_completions
 from opd.modeling.hf import load_causal_lm, load_tokenizer
 from opd.run.loop import train
@@ -309,8 +309,8 @@ def _teacher_reference(teacher_model, teacher, encoder, eval_sets, settings, see
         seed=seed + 7,
         batch_size=512,
     )
-    logits = teacher_logits(teacher, *samples, pad_id=tok.pad_token_id, batch_size=512)
-    return {"samples": samples, "logits": logits}
+    states = teacher_states(teacher, *samples, pad_id=tok.pad_token_id, batch_size=512)
+    return {"samples": samples, "states": states}
 
 
 def _train_one(name, run_seed, out, offline, common, curve_rows, max_new) -> dict:
