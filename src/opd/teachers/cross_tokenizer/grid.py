@@ -80,6 +80,16 @@ def student_grid_scores(
     out_ids[pb, ps], out_lp[pb, ps] = mapped_ids, mapped_lp
     aligned = torch.zeros((B, L), dtype=torch.bool, device=dev)
     aligned[pb, ps] = True
+    tail = None
+    if need == "topk" and teacher.topk_tail_logmass is not None:
+        # the teacher's exact tail, plus its top-k entries that map to no student token
+        t2s = vocab.t2s.to(sel_ids.device)
+        lost = (sel_ids < 0) | (t2s[sel_ids.clamp(min=0)] < 0)
+        lost_lp = torch.where(lost, sel_lp, torch.full_like(sel_lp, -math.inf))
+        sel_tail = teacher.topk_tail_logmass[pb, pt].to(lost_lp.dtype)[:, None]
+        tail = torch.zeros((B, L), dtype=mapped_lp.dtype, device=dev)  # unaligned: all tail
+        tail[pb, ps] = torch.logsumexp(torch.cat([sel_tail, lost_lp], dim=-1), dim=-1).to(dev)
     return TeacherScores(
-        topk_ids=out_ids, topk_logprobs=out_lp, tokens_scored=teacher.tokens_scored, aligned=aligned
-    )
+        topk_ids=out_ids, topk_logprobs=out_lp, topk_tail_logmass=tail,
+        tokens_scored=teacher.tokens_scored, aligned=aligned,
+    )  # fmt: skip
