@@ -48,12 +48,20 @@ def a_batch(vocab: int, seed: int = 0):
 
 
 @pytest.mark.parametrize("protocol", ["opd", "vllm"])
-def test_scores_equal_local_teacher(served, tiny_pair, protocol):
+def test_scores_equal_local_teacher(served, tiny_pair, protocol, caplog):
     server, service = served
     local = LocalTeacher(load_causal_lm(str(tiny_pair[0])), service.vocab_size)
     batch = a_batch(service.vocab_size)
     mask = batch.loss_mask()
-    with remote(server.url, protocol=protocol, max_seqs_per_request=4) as teacher:
+    with caplog.at_level("INFO", logger="opd"):
+        teacher = remote(server.url, protocol=protocol, max_seqs_per_request=4)
+    # opd serve says the dtype it scores in (/opd/v1/info); vLLM's protocol has no field for it
+    if protocol == "opd":
+        assert f"at {server.url} scores in float32 (the server's --dtype)" in caplog.text
+    else:
+        assert f"teacher {server.url} does not report the dtype it runs in" in caplog.text
+        assert "start it with --dtype float32" in caplog.text
+    with teacher:
         assert teacher.protocol == protocol
         for need, k in (("token", 0), ("topk", 7)):
             want, got = local.score(batch, need, k), teacher.score(batch, need, k)

@@ -54,6 +54,7 @@ from opd.teachers.checks import check_remote_config
 from opd.teachers.errors import TeacherRequestError
 from opd.teachers.replicas import Replica, ReplicaPool, positions, spread
 from opd.teachers.server.protocol import Limits
+from opd.teachers.server_dtype import report_dtype, served_dtype
 
 log = logging.getLogger("opd")
 
@@ -144,6 +145,7 @@ class RemoteTeacher:
         self.pool.verify = self._same_scores if len(self.pool.replicas) > 1 else None
         info = await self.pool.connect(protocol)
         self.protocol, self.model = self.pool.protocol, info["model"]
+        report_dtype(self.url, self.model, await served_dtype(self.pool, self.protocol, info))
         if self.protocol == "vllm":
             return info
         self.vocab_size = info["vocab_size"]
