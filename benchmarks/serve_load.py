@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from opd.teachers.remote import unpack_prompt_logprobs, unpack_score
+from opd.teachers.answer_checks import unpack_completions, unpack_opd_score
 
 
 def build_tiny(root: Path, vocab: int, hidden: int, layers: int) -> Path:
@@ -82,13 +82,11 @@ def make_request(endpoint: str, seqs: list[list[int]], start: int, k: int) -> tu
 def parse(endpoint: str, body: bytes, seqs, start: int, k: int) -> np.ndarray:
     """Token log-probs of the completion positions, `[seqs, completion_len]`."""
     data = json.loads(body)
+    # the client's own checked readers (opd.teachers.answer_checks), as a training run reads
     if endpoint == "compact":
-        parts = unpack_score(data, k)
+        parts = unpack_opd_score("server", data, [len(s) - start for s in seqs], k, None)
     else:
-        choices = sorted(data["choices"], key=lambda c: c["index"])
-        parts = [
-            unpack_prompt_logprobs(c["prompt_logprobs"], s, start, k) for c, s in zip(choices, seqs)
-        ]
+        parts = unpack_completions("server", data, seqs, [start] * len(seqs), k, None)
     return np.array([np.asarray(p[0], dtype=np.float32) for p in parts])
 
 
