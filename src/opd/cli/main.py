@@ -71,7 +71,9 @@ def _cmd_train(args) -> int:
     from opd.run.progress import summary_json
     from opd.run.setup import build_run
 
-    result = train(checked.config, build_run(checked.config, checked))
+    run = build_run(checked.config, checked)
+    result = train(checked.config, run)
+    run.world.close()
     if os.environ.get("RANK", "0") == "0":  # multi-process runs (opd.run.world): one summary
         print(summary_json(result))
     return 0

@@ -149,6 +149,17 @@ class World:
 
             dist.barrier()
 
+    def close(self) -> None:
+        """End the process group once every rank is done. Left to interpreter exit, gloo's
+        threads can be torn down while still joinable and abort one rank ("terminate called
+        without an active exception", exit -6) after a run that finished."""
+        if self.distributed:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.barrier()
+                dist.destroy_process_group()
+
     # --- the student ------------------------------------------------------------------
     def wrap_student(self, model):
         """DDP or FSDP around the student (single process: the model itself)."""
