@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from opd.data.cache_format import CacheError, is_cache, read_manifest
+from opd.data.cache_format import CacheError, is_cache, is_token_level, read_manifest
 from opd.data.encoding import Encoder
 from opd.modeling.hf import load_tokenizer, tokenizer_fingerprint
 from opd.teachers.cross_tokenizer.align import ByteTable, matching_prefix, valid_utf8_prefix
@@ -102,6 +102,8 @@ def cache_in_other_tokenizer(config, tokenizer):
     if not (path and Path(path).is_dir() and is_cache(path)):
         return None
     manifest = read_manifest(path)
+    if not is_token_level(manifest):
+        return None  # a text cache (an endpoint whose tokenizer is unknown): rows are text already
     if manifest["tokenizer"]["fingerprint"] == tokenizer_fingerprint(tokenizer):
         return None
     return cache_teacher_tokenizer(config, path, manifest)
