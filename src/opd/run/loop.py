@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -108,7 +109,10 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
     # business: it skipped the update and lowered the scale; not a bad step.
     overflow = run.scaler is not None and math.isfinite(loss_total) and not finite
     scale = {} if run.scaler is None else {"loss_scale": run.scaler.get_scale()}
-    with timer.phase("weight_sync"):  # the next rollouts must come from these weights
+    # the next rollouts must come from these weights (timed only where there is a sampler
+    # engine to push to: the metrics then show `time_weight_sync` exactly for runs that push)
+    pushing = timer.phase("weight_sync") if rollouts.engine is not None else nullcontext()
+    with pushing:
         rollouts.after_update(finite)
     ratios = {}
     if gap_tokens and rollouts.mode != "off":
