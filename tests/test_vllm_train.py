@@ -123,8 +123,8 @@ KILL_AT_STEP_2 = textwrap.dedent(
 
     real_save = loop._save
 
-    def save_then_die(run, step, totals, bad_steps):
-        path = real_save(run, step, totals, bad_steps)
+    def save_then_die(run, step, state):
+        path = real_save(run, step, state)
         if step == 2:
             os.kill(os.getpid(), signal.SIGKILL)
         return path
