@@ -262,6 +262,17 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "config", None) and "=" in args.config:
         args.overrides.insert(0, args.config)
         args.config = None
+    code = _run_command(args, argv)
+    if args.command == "train" and os.environ.get("WORLD_SIZE", "1") != "1":
+        # a rank of a multi-process run skips interpreter teardown (opd.run.world.exit_rank)
+        from opd.run.world import exit_rank
+
+        exit_rank(code)
+    return code
+
+
+def _run_command(args, argv: list[str]) -> int:
+    """The command's exit code; a user's mistake is one line, not a traceback."""
     try:
         return args.func(args)
     except Interrupted as err:

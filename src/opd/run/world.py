@@ -67,6 +67,22 @@ def _clean_fqn(name: str) -> str:
     return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
 
 
+def exit_rank(code: int) -> None:
+    """A rank of a multi-process run ends here, skipping interpreter teardown: FSDP's device
+    mesh and DDP's reducer keep the gloo group alive past `destroy_process_group`, and when
+    finalization frees it while a gloo worker still holds a tensor, the rank aborts (SIGABRT,
+    "terminate called without an active exception") after a finished run
+    (pytorch/pytorch#179291). Output is flushed first; the run has nothing left to write."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import sys
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 @dataclass
 class World:
     """This process's place in the run. `World()` is the single-process run."""
