@@ -8,16 +8,18 @@ import random
 import pytest
 import torch
 
-from opd.config.parse import config_from_dict
+from opd.config.parse import LossConfig, config_from_dict
 from opd.data.batch import assemble
 from opd.modeling.hf import load_causal_lm
+from opd.objectives import build_objective
+from opd.objectives.plain import PlainObjective
 from opd.run.checkpoint import latest_checkpoint, load_trainer_state
 from opd.run.loop import train
 from opd.run.metrics import read_metrics
 from opd.run.preflight import preflight
 from opd.run.setup import build_run
 from opd.teachers.local import LocalTeacher
-from opd.teachers.routing import RoutedTeacher, column_route, mix_route
+from opd.teachers.routing import RoutedTeacher, column_route, mix_route, subset
 from serve_util import random_seqs
 
 
@@ -87,7 +89,66 @@ def test_step_record_per_teacher_without_nan(two_teachers):
     assert record["teacher_big_tokens"] == batch.num_target_tokens()
     assert record["teacher_big_share"] == 1.0 and record["teacher_small_share"] == 0.0
     assert record["teacher_small_rows"] == 0 and record["teacher_small_seconds"] == 0.0
+    assert record["teacher_small_divergence"] is None  # no rows: null, never NaN
     assert routed.step_record()["teacher_big_tokens"] == 0  # per step: reset
+    # a multi-process run sums each teacher's counts over ranks (here: two identical ranks)
+    routed.score(batch, "token")
+    doubled = routed.step_record(lambda values: [2 * v for v in values])
+    assert doubled["teacher_big_tokens"] == 2 * batch.num_target_tokens()
+    assert doubled["teacher_big_rows"] == 6 and doubled["teacher_big_share"] == 1.0
+
+
+def perturbed_student(path: str):
+    """A student unlike both teachers (one of them is the student model itself)."""
+    student = load_causal_lm(path).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return student
+
+
+@pytest.mark.parametrize(
+    "implementation,loss",
+    [
+        ("plain", {"objective": "kd", "estimator": "full", "divergence": "forward_kl"}),
+        ("plain", {"objective": "pg"}),
+        ("fused_tokens", {"objective": "kd", "estimator": "topk", "topk": 5, "divergence": "jsd"}),
+        ("fused_tokens", {"objective": "pg"}),
+    ],
+)
+def test_each_teachers_divergence_is_the_loss_over_its_rows(
+    two_teachers, tiny_pair, implementation, loss
+):
+    """Per-teacher divergence comes from the loss's own per-token terms: it equals a
+    one-teacher loss over only that teacher's rows (computed independently, by the plain
+    objective), and the token-weighted mean over teachers is the micro-batch's divergence."""
+    teachers, vocab = two_teachers
+    student = perturbed_student(str(tiny_pair[1]))
+    rows = [{"domain": d} for d in ["x", "y", "y", "x", "z", "y", "x"]]
+    batch = a_batch(vocab, rows, seed=5)
+    routed = RoutedTeacher(teachers, column_route("domain", {"y": "small"}, "big", list(teachers)))
+    loss_cfg = LossConfig(**loss)
+    objective = build_objective(implementation, student, routed, loss_cfg, vocab)
+    n = batch.num_target_tokens()
+    with torch.no_grad():
+        _, div_sum = objective.loss(batch, objective.score(batch), n)
+    record = routed.step_record()
+    divergences = {}
+    for name, want_rows in (("big", [0, 3, 4, 6]), ("small", [1, 2, 5])):
+        sub = subset(batch, want_rows)
+        alone = PlainObjective(student, teachers[name], loss_cfg, vocab)
+        with torch.no_grad():
+            _, sub_sum = alone.loss(sub, alone.score(sub), 1)
+        assert record[f"teacher_{name}_tokens"] == sub.num_target_tokens()
+        divergences[name] = sub_sum / sub.num_target_tokens()
+        assert record[f"teacher_{name}_divergence"] == pytest.approx(divergences[name], rel=1e-4)
+    weighted = sum(
+        record[f"teacher_{t}_tokens"] * record[f"teacher_{t}_divergence"] for t in teachers
+    )
+    assert weighted / n == pytest.approx(div_sum / n, rel=1e-5)
+    # the teachers are told apart: crediting a row to the other teacher would show
+    assert abs(divergences["big"] - divergences["small"]) > 0.05 * abs(divergences["big"])
 
 
 @pytest.fixture
@@ -160,6 +221,22 @@ def test_routing_by_column_in_training(base_config, tiny_pair, domain_data, tmp_
         assert r["teacher_big_rows"] + r["teacher_small_rows"] == 4  # batch_size rows per step
         assert r["teacher_big_share"] + r["teacher_small_share"] == pytest.approx(1.0)
         assert r["teacher_big_tokens"] + r["teacher_small_tokens"] == r["teacher_tokens_scored"]
+        # each teacher's divergence, weighted by its tokens, makes up the step's
+        parts = [(r[f"teacher_{t}_tokens"], r[f"teacher_{t}_divergence"]) for t in teachers]
+        weighted = sum(n * d for n, d in parts if n)
+        assert weighted / r["tokens"] == pytest.approx(r["divergence"], rel=1e-5)
+    # the cost accounting: per-teacher totals, in the log and in the checkpoint
+    last = records[-1]
+    totals = load_trainer_state(latest_checkpoint(tmp_path / "split"))["totals"]["teachers"]
+    for t in teachers:
+        tokens = sum(r[f"teacher_{t}_tokens"] for r in records)
+        assert last[f"total_teacher_{t}_tokens_scored"] == tokens == totals[t]["tokens_scored"]
+        seconds = sum(r[f"teacher_{t}_seconds"] for r in records)
+        assert totals[t]["seconds"] == pytest.approx(seconds) and seconds > 0
+    # a teacher that got no rows: null divergence, no NaN anywhere in the log
+    quiet = read_metrics(tmp_path / "to_big")
+    assert all(r["teacher_small_divergence"] is None for r in quiet)
+    assert "NaN" not in (tmp_path / "to_big" / "metrics.jsonl").read_text()
 
 
 def test_routing_refusals_name_the_teachers(base_config, tiny_pair, domain_data):
@@ -204,6 +281,17 @@ def test_fixed_mix_resumes_exactly_and_checks_the_manifest(
     run_losses(base_config, domain_data, "halves", tmp_path, **kw | {"steps": 2, "save_every": 2})
     resumed = run_losses(base_config, domain_data, "halves", tmp_path, **kw | {"resume": True})
     assert resumed == whole
+    # the per-teacher cost totals carry over a resume
+    per_teacher = [
+        load_trainer_state(latest_checkpoint(tmp_path / run))["totals"]["teachers"]
+        for run in ("whole", "halves")
+    ]
+    assert [{t: v["tokens_scored"] for t, v in p.items()} for p in per_teacher] == [
+        {
+            "big": per_teacher[0]["big"]["tokens_scored"],
+            "small": per_teacher[0]["small"]["tokens_scored"],
+        }
+    ] * 2
     state = load_trainer_state(latest_checkpoint(tmp_path / "halves"))["teacher_state"]
     assert set(state["teachers"]) == {"big", "small"}
     config = config_from_dict(base_config(data__train=str(domain_data), teacher={}, **kw))

@@ -61,3 +61,23 @@ class StepObjectives:
     def record(self) -> dict:
         """Per-step JSONL fields the objectives add (the reward terms of RL + KD)."""
         return self.rewarded.record() if self.rewarded is not None else {}
+
+
+def report_divergence(teacher, scores, batch: SequenceBatch, divergence, mask_BL) -> None:
+    """Several teachers (`opd.teachers.routing`): hand the router this micro-batch's
+    divergence summed by row, from the per-token terms the loss summed (no second forward),
+    so each teacher's divergence is logged. `divergence` is `[B, L]`, summed where `mask_BL`
+    holds (the plain objectives), or `[N]` at `batch.loss_mask()`'s cells, row-major (the
+    fused ones). A no-op for scores of any other teacher."""
+    routes = getattr(scores, "routes", None)
+    if routes is None or not hasattr(teacher, "add_divergence"):
+        return
+    values = divergence.detach().double()
+    if values.dim() == 2:
+        mask = mask_BL.to(values.device).bool()
+        per_row = torch.where(mask, values, torch.zeros_like(values)).sum(-1)
+    else:
+        rows = batch.loss_mask().to(values.device).nonzero(as_tuple=True)[0]
+        per_row = values.new_zeros(batch.size).index_add_(0, rows, values)
+    # tokens: the step divergence's denominator counts every supervised token
+    teacher.add_divergence(routes, per_row.cpu(), batch.loss_mask().sum(-1).cpu())

@@ -21,7 +21,7 @@ from opd.losses import (
 )
 from opd.modeling.hf import lm_head
 from opd.modeling.wrapped import as_forward
-from opd.objectives.base import Scored, TokenTerms
+from opd.objectives.base import Scored, TokenTerms, report_divergence
 from opd.objectives.fused import supervised_hidden
 from opd.objectives.plain import PlainObjective, scored_mask
 from opd.teachers.base import TeacherScores
@@ -122,4 +122,5 @@ class FusedTokenObjective:
 
     def loss(self, batch: SequenceBatch, scored: Scored, num_tokens: int):
         terms = self.token_terms(batch, scored.value)
+        report_divergence(self.teacher, scored.value, batch, terms.divergence, None)
         return terms.loss.sum() / max(num_tokens, 1), float(terms.divergence.sum())

@@ -19,7 +19,7 @@ from opd.losses import (
     token_divergence,
 )
 from opd.modeling.hf import completion_logits, token_logprobs
-from opd.objectives.base import Scored
+from opd.objectives.base import Scored, report_divergence
 from opd.teachers.base import TeacherScores
 
 
@@ -87,10 +87,13 @@ def batch_loss(
     scores: TeacherScores | None,
     loss: LossConfig,
     num_tokens: int,
+    teacher=None,
 ) -> tuple[torch.Tensor, float]:
-    """Loss of one micro-batch normalized by the step's token count, and its divergence sum."""
+    """Loss of one micro-batch normalized by the step's token count, and its divergence sum
+    (split by row for `teacher`, when it routes rows to several teachers)."""
     value, divergence = per_token_loss(student_logits_BLV, batch, scores, loss)
     mask = scored_mask(batch, scores).to(value.device)
+    report_divergence(teacher, scores, batch, divergence, mask)
     return masked_sum(value, mask) / max(num_tokens, 1), float(masked_sum(divergence, mask))
 
 
@@ -118,4 +121,4 @@ class PlainObjective:
 
     def loss(self, batch: SequenceBatch, scored: Scored, num_tokens: int):
         logits = completion_logits(self.student, batch, self.vocab_size)
-        return batch_loss(logits, batch, scored.value, self.config, num_tokens)
+        return batch_loss(logits, batch, scored.value, self.config, num_tokens, self.teacher)

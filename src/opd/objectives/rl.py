@@ -31,7 +31,7 @@ from opd.config.parse import LossConfig
 from opd.data.batch import SequenceBatch
 from opd.losses import masked_sum, policy_gradient_loss
 from opd.modeling.hf import completion_logits, token_logprobs
-from opd.objectives.base import Scored, TokenTerms
+from opd.objectives.base import Scored, TokenTerms, report_divergence
 from opd.objectives.plain import per_token_loss
 from opd.teachers.base import TeacherScores
 
@@ -111,8 +111,10 @@ def mixed_batch_loss(
     num_tokens: int,
     advantages_B: torch.Tensor,
     distill_weight: float,
+    teacher=None,
 ) -> MixedLoss:
-    """`(1-a) * PG(reward) + a * distill` of one student micro-batch (see module doc)."""
+    """`(1-a) * PG(reward) + a * distill` of one student micro-batch (see module doc); the
+    divergence split by row for `teacher` when it routes rows to several teachers."""
     mask = batch.loss_mask().to(student_logits_BLV.device)
     denom = max(num_tokens, 1)
     total = student_logits_BLV.new_zeros((), dtype=torch.float32)
@@ -134,6 +136,7 @@ def mixed_batch_loss(
         total = total + distill_weight * distill
         distill_term = distill_weight * float(distill.detach())
         div_sum = float(masked_sum(divergence, mask))
+        report_divergence(teacher, scores, batch, divergence, mask)
     return MixedLoss(total, div_sum, reward_term, distill_term)
 
 
@@ -233,13 +236,16 @@ class RewardObjective:
 
             def mixed(advantages, a):
                 terms = self.distill.token_terms(batch, scores, distill=a > 0, logprobs=a < 1)
+                if a > 0:
+                    report_divergence(self.distill.teacher, scores, batch, terms.divergence, None)
                 return mixed_token_loss(terms, batch, cfg, num_tokens, advantages, a)
 
             return self.step.batch_loss(mixed, rewards)
         logits = completion_logits(self.distill.student, batch, self.distill.vocab_size)
 
         def mixed_plain(advantages, a):
-            return mixed_batch_loss(logits, batch, scores, cfg, num_tokens, advantages, a)
+            teacher = self.distill.teacher
+            return mixed_batch_loss(logits, batch, scores, cfg, num_tokens, advantages, a, teacher)
 
         return self.step.batch_loss(mixed_plain, rewards)
 

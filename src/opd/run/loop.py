@@ -137,8 +137,8 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
             **{f"weight_{s}": w for s, w in source_weights(batches).items()},
             **{f"loss_from_{s}": v for s, v in zip(SOURCES, by_source, strict=True)},
             "teacher_tokens_scored": teacher_scored,
-            # failovers of replicas; per-teacher rows, tokens, seconds of several teachers
-            **getattr(run.teacher, "step_record", dict)(),
+            # failovers of replicas; per teacher of several: rows, tokens, divergence, seconds
+            **(run.teacher.step_record(world.sum_all) if hasattr(run.teacher, "step_record") else {}),
             "lr": run.scheduler.get_last_lr()[0],
             **objectives.record(),
             # mean |log p_S - log q| over vLLM-sampled tokens (absent without such tokens)

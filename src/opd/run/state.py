@@ -18,7 +18,9 @@ class RunState:
     """Attributes:
     step: optimizer steps done (the next step is `step + 1`).
     bad_steps: consecutive steps skipped for a non-finite loss or gradient.
-    totals: tokens generated/scored so far and seconds per phase (`time_*` keys).
+    totals: tokens generated/scored so far and seconds per phase (`time_*` keys); with
+        several teachers (`teachers:`), `teachers: {name: {tokens_scored, seconds,
+        failovers}}` too, each teacher's share of the cost.
     """
 
     step: int = 0
@@ -46,3 +48,21 @@ class RunState:
             record[f"total_{key}"] = self.totals[key]
         for key, value in seconds.items():
             self.totals["seconds"][key] = self.totals["seconds"].get(key, 0.0) + value
+        for name in teacher_names(record):
+            mine = self.totals.setdefault("teachers", {}).setdefault(name, _empty_teacher())
+            for key, column in PER_TEACHER.items():
+                mine[key] += record[f"teacher_{name}_{column}"]
+                record[f"total_teacher_{name}_{key}"] = mine[key]
+
+
+# a total per teacher of several (`opd.teachers.routing` step records): total key <- field
+PER_TEACHER = {"tokens_scored": "tokens", "seconds": "seconds", "failovers": "failovers"}
+
+
+def _empty_teacher() -> dict:
+    return {"tokens_scored": 0, "seconds": 0.0, "failovers": 0}
+
+
+def teacher_names(record: dict) -> list[str]:
+    """The teachers of a several-teacher step record (each has a `teacher_<name>_share`)."""
+    return [k[8:-6] for k in record if k.startswith("teacher_") and k.endswith("_share")]

@@ -42,6 +42,9 @@ class TeacherScores:
     # per span.
     aligned: torch.Tensor | None = None
     span_end: torch.Tensor | None = None
+    # Several teachers (opd.teachers.routing): teacher name -> the rows it scored, so the
+    # loss can report each teacher's divergence (`opd.objectives.base.report_divergence`).
+    routes: dict[str, list[int]] | None = None
 
 
 @runtime_checkable

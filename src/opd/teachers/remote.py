@@ -229,12 +229,13 @@ class RemoteTeacher:
         """Requests moved to another replica after one failed (cumulative)."""
         return self.pool.failovers
 
-    def step_record(self) -> dict:
-        """Per-step metrics: failovers since the last call, replicas in rotation now."""
+    def step_record(self, sum_all=None) -> dict:
+        """Per-step metrics: failovers since the last call (summed over ranks by `sum_all`,
+        a multi-process run's), replicas in rotation now (this process's view)."""
         total = self.pool.failovers
         since, self._failovers_logged = total - self._failovers_logged, total
         return {
-            "teacher_failovers": since,
+            "teacher_failovers": sum_all([since])[0] if sum_all is not None else since,
             "teacher_replicas_healthy": len(self.pool.healthy),
         }
 

@@ -88,7 +88,7 @@ class RoutedTeacher:
 
     def __init__(self, teachers: dict, route: Route):
         self.teachers, self.route = teachers, route
-        self._stats = {name: [0, 0, 0.0] for name in teachers}  # rows, tokens, seconds
+        self._stats = _empty(teachers)
 
     @property
     def overlaps(self) -> bool:
@@ -126,23 +126,43 @@ class RoutedTeacher:
             stats[1] += sub.num_target_tokens()
             out = _scatter(out, scores, groups[name], batch.size)
         out.tokens_scored = batch.num_target_tokens()
+        out.routes = groups
         return out
 
-    def step_record(self) -> dict:
-        """Per teacher since the last call: rows, scored tokens, their share, seconds
-        spent scoring, failovers (a teacher with replicas). 0, never NaN, without rows."""
-        total = sum(s[1] for s in self._stats.values())
-        record = {}
-        for name, (rows, tokens, seconds) in self._stats.items():
+    def add_divergence(self, routes: dict[str, list[int]], per_row, tokens_per_row) -> None:
+        """The loss's divergence of one micro-batch, summed by row (`[B]` each), credited
+        to the teacher that scored each row (`opd.objectives.base.report_divergence`)."""
+        for name, rows in routes.items():
+            index = torch.tensor(rows, dtype=torch.long)
+            self._stats[name][3] += float(per_row.index_select(0, index).sum())
+            self._stats[name][4] += int(tokens_per_row.index_select(0, index).sum())
+
+    def step_record(self, sum_all: Callable[[list], list] | None = None) -> dict:
+        """Per teacher since the last call: rows, scored tokens, their share, the loss's
+        divergence over its rows (its token-weighted mean over teachers is the step's
+        `divergence`), seconds spent scoring, failovers (a teacher with replicas). Summed
+        over ranks by `sum_all` (a multi-process run's). A teacher without rows this step has
+        share 0 and divergence null: never NaN."""
+        names = list(self._stats)
+        values = []
+        for name in names:  # failovers since the last call, of a teacher with replicas
             sub = getattr(self.teachers[name], "step_record", dict)()
+            values += [*self._stats[name], sub.get("teacher_failovers", 0)]
+        if sum_all is not None:
+            values = sum_all(values)
+        per = {name: values[i * 6 : (i + 1) * 6] for i, name in enumerate(names)}
+        total = sum(v[1] for v in per.values())
+        record = {}
+        for name, (rows, tokens, seconds, div_sum, div_tokens, failovers) in per.items():
             record |= {
                 f"teacher_{name}_rows": rows,
                 f"teacher_{name}_tokens": tokens,
                 f"teacher_{name}_share": tokens / total if total else 0.0,
+                f"teacher_{name}_divergence": div_sum / div_tokens if div_tokens else None,
                 f"teacher_{name}_seconds": seconds,
-                f"teacher_{name}_failovers": sub.get("teacher_failovers", 0),
+                f"teacher_{name}_failovers": failovers,
             }
-        self._stats = {name: [0, 0, 0.0] for name in self.teachers}
+        self._stats = _empty(self.teachers)
         return record
 
     def checkpoint_state(self) -> dict:
@@ -183,6 +203,11 @@ def build_routed_teacher(config: TrainConfig, build: Callable[[TrainConfig], obj
     else:
         route = mix_route(routing.mix, config.seed)
     return RoutedTeacher(teachers, route)
+
+
+def _empty(teachers) -> dict[str, list]:
+    """Per teacher: rows, tokens, seconds, divergence sum, its tokens."""
+    return {name: [0, 0, 0.0, 0.0, 0] for name in teachers}
 
 
 def manifest(teacher) -> dict:

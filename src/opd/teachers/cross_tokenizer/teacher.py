@@ -97,10 +97,11 @@ class CrossTokenizerTeacher:
         tbatch = assemble(prompts, completions, pad_id=pad, source=batch.source, rows=batch.rows)
         return tbatch, rows
 
-    def step_record(self) -> dict:
+    def step_record(self, sum_all=None) -> dict:
         """Per-step metrics: the wrapped teacher's, and how well this step's batches aligned
         (`stats.AlignmentStats.record`)."""
-        return {**getattr(self.inner, "step_record", dict)(), **self.stats.record()}
+        inner = self.inner.step_record(sum_all) if hasattr(self.inner, "step_record") else {}
+        return {**inner, **self.stats.record()}
 
     @torch.no_grad()
     def score(
