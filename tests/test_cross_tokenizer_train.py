@@ -83,3 +83,18 @@ def test_teacher_samples_in_another_tokenizer_are_refused(cross_setup, tmp_path)
     cfg.source.lmbda, cfg.source.off_policy = 0.5, "teacher"
     with pytest.raises(ValueError, match="off_policy=teacher would sample completions"):
         build_run(cfg)
+
+
+def test_span_kd_key_reaches_the_loss(cross_setup, tmp_path):
+    """cross_tokenizer.span_kd=span changes the first step's loss (the same samples: the
+    same seed) by the span terms; masked is the default."""
+    losses = {}
+    for rule in ("masked", "span"):
+        cfg = config(cross_setup, tmp_path / rule, **LOSSES["topk"])
+        cfg.steps = 1
+        cfg.cross_tokenizer.span_kd = rule
+        train(cfg)
+        (rec,) = read_metrics(cfg.output_dir)
+        assert math.isfinite(rec["loss"]) and rec["xtok_one_to_one_frac"] < 1
+        losses[rule] = rec["loss"]
+    assert losses["span"] != losses["masked"]

@@ -23,11 +23,19 @@ class CrossTokenizerConfig:
         teacher_tokenizer: teacher.kind=remote or cached: the teacher's tokenizer (a
             directory or hub id), checked against the server's (opd serve's fingerprint,
             vLLM's /tokenize) or the cache's; a cache's own teacher directory by default
+        span_kd: loss.objective=kd (top-k or full): the rule inside spans of several student
+            or teacher tokens, where no single-token distributions compare: masked (they add
+            nothing; what is compared is the mapped distribution at one-to-one positions
+            only) | span (the sampled estimator's exact span term, as loss.objective=pg
+            scores it: log p_S(span) - log p_T(span) at the span's last student token, its
+            gradient the score function there, at temperature 1, discount 0, the pg ratio
+            correction)
     """
 
     when: Literal["auto", "always"] = "auto"
     prompt_template: Literal["native", "student"] = "native"
     teacher_tokenizer: str = ""
+    span_kd: Literal["masked", "span"] = "masked"
 
     def __post_init__(self):
         _check_choices(self)

@@ -23,7 +23,12 @@ from opd.modeling.hf import lm_head
 from opd.modeling.wrapped import as_forward
 from opd.objectives.base import Scored, TokenTerms, report_divergence
 from opd.objectives.fused import supervised_hidden
-from opd.objectives.plain import PlainObjective, scored_mask
+from opd.objectives.plain import (
+    PlainObjective,
+    sampler_logprobs_of,
+    scored_mask,
+    with_span_terms,
+)
 from opd.teachers.base import TeacherScores
 
 
@@ -67,18 +72,21 @@ def fused_per_token_loss(
         )
         if scores.aligned is not None:
             value = torch.where(scored[mask], value, torch.zeros_like(value))
+        if scores.span_end is not None:  # another tokenizer, span_kd=span
+            student_lp = fused_token_logprobs(hidden_NH, weight, ids, head_bias=bias)
+            value, estimate = with_span_terms(
+                _on_grid(value, mask), _on_grid(student_lp, mask), batch, scores, loss
+            )
+            return value[mask], estimate[mask]
         return value, value.detach()
     # pg: advantages (discounted along each row) and importance ratios live on the grid.
     student_lp = _on_grid(fused_token_logprobs(hidden_NH, weight, ids, head_bias=bias), mask)
     teacher_lp = scores.token_logprobs.to(student_lp.device)
     advantages = distill_advantages(student_lp, teacher_lp, scored, loss.discount, scores.span_end)
-    sampler_lp = None
-    if batch.sampler_logprobs is not None:
-        sampler_lp = batch.sampler_logprobs[:, batch.prompt_width :].to(student_lp.device)
     value = policy_gradient_loss(
         student_lp,
         advantages,
-        sampler_lp,
+        sampler_logprobs_of(batch, student_lp.device),
         loss.ratio_cap,
         loss.ratio_correction,
         loss.ratio_floor,

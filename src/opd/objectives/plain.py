@@ -36,6 +36,40 @@ def _on(t: torch.Tensor | None, device) -> torch.Tensor | None:
     return None if t is None else t.to(device)
 
 
+def sampler_logprobs_of(batch: SequenceBatch, device) -> torch.Tensor | None:
+    if batch.sampler_logprobs is None:
+        return None
+    return batch.sampler_logprobs[:, batch.prompt_width :].to(device)
+
+
+def with_span_terms(
+    value_BL: torch.Tensor,
+    student_lp_BL: torch.Tensor,
+    batch: SequenceBatch,
+    scores: TeacherScores,
+    loss: LossConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """kd with a teacher of another tokenizer and `cross_tokenizer.span_kd=span`: inside
+    spans of several tokens (`scores.span_end >= 0`) no single-token distributions compare,
+    so the value there is pg's: the span's advantage log p_T(span) - log p_S(span) at its
+    last student token (discount 0, the pg ratio correction), 0 at its other tokens; its k1
+    estimate is logged. `value_BL` (the divergence) is kept elsewhere."""
+    dev = student_lp_BL.device
+    in_span = scores.span_end.to(dev).ge(0) & batch.loss_mask().to(dev)
+    teacher_lp = scores.token_logprobs.to(dev)
+    advantages = distill_advantages(student_lp_BL, teacher_lp, in_span, 0.0, scores.span_end)
+    span = policy_gradient_loss(
+        student_lp_BL,
+        advantages,
+        sampler_logprobs_of(batch, dev),
+        loss.ratio_cap,
+        loss.ratio_correction,
+        loss.ratio_floor,
+    )
+    estimate = (student_lp_BL - teacher_lp).detach()
+    return torch.where(in_span, span, value_BL), torch.where(in_span, estimate, value_BL.detach())
+
+
 def per_token_loss(
     student_logits_BLV: torch.Tensor,
     batch: SequenceBatch,
@@ -61,19 +95,19 @@ def per_token_loss(
             **params,
             teacher_tail_logmass=_on(scores.topk_tail_logmass, student_logits_BLV.device),
         )
+        if scores.span_end is not None:  # another tokenizer, span_kd=span
+            student_lp = token_logprobs(student_logits_BLV, ids)
+            return with_span_terms(value, student_lp, batch, scores, loss)
         return value, value.detach()
     # pg: Thinking Machines' sampled-token reverse KL as a per-token advantage.
     student_lp = token_logprobs(student_logits_BLV, ids)
     teacher_lp = scores.token_logprobs.to(student_lp.device)
     mask = scored_mask(batch, scores).to(student_lp.device)
     advantages = distill_advantages(student_lp, teacher_lp, mask, loss.discount, scores.span_end)
-    sampler_lp = None
-    if batch.sampler_logprobs is not None:
-        sampler_lp = batch.sampler_logprobs[:, batch.prompt_width :].to(student_lp.device)
     value = policy_gradient_loss(
         student_lp,
         advantages,
-        sampler_lp,
+        sampler_logprobs_of(batch, student_lp.device),
         loss.ratio_cap,
         loss.ratio_correction,
         loss.ratio_floor,

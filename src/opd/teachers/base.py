@@ -39,7 +39,9 @@ class TeacherScores:
     # completion positions it scored (others add nothing to the loss), and for `token`
     # scores `[B, L]` long, the column of the last student token of each position's span
     # (its log-prob sits there, for the span's text); None means every position, one token
-    # per span.
+    # per span. With kd scores (`cross_tokenizer.span_kd=span`) `span_end` is >= 0 only
+    # inside spans of several tokens, and `token_logprobs` holds those spans' log-probs:
+    # the loss applies the sampled estimator's span term there, the divergence elsewhere.
     aligned: torch.Tensor | None = None
     span_end: torch.Tensor | None = None
     # Several teachers (opd.teachers.routing): teacher name -> the rows it scored, so the

@@ -63,6 +63,7 @@ def wrap(config, inner, student_tok, teacher_tok, student_encoder, where: str):
         student_encoder=student_encoder,
         teacher_encoder=teacher_encoder,
         prompt_template=config.cross_tokenizer.prompt_template,
+        span_kd=config.cross_tokenizer.span_kd,
     )
     log.info(
         "teacher %s has another tokenizer or chat template: scoring by byte alignment "

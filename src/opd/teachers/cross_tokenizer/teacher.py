@@ -5,7 +5,8 @@ tokens (local, remote, vLLM). For each student batch it builds the teacher's bat
 prompt, the student's completion bytes in its tokens: `render`), asks `inner` to score it,
 and returns the scores on the student's `[B, L]` completion grid (`grid`): span log-probs
 for `pg`, distributions mapped into the student's vocabulary at one-to-one positions for
-`kd`. It counts aligned tokens, spans and masked rows per step (`record`, `stats`).
+`kd` (and, with `span_kd="span"`, span log-probs inside multi-token spans). It counts
+aligned tokens, spans and masked rows per step (`record`, `stats`).
 """
 
 from __future__ import annotations
@@ -37,9 +38,13 @@ class CrossTokenizerTeacher:
         student_encoder,
         teacher_encoder,
         prompt_template: str = "native",
+        span_kd: str = "masked",
     ):
         if prompt_template not in ("native", "student"):
             raise ValueError(f"cross_tokenizer.prompt_template={prompt_template!r} not in native, student")
+        if span_kd not in ("masked", "span"):
+            raise ValueError(f"cross_tokenizer.span_kd={span_kd!r} not in masked, span")
+        self.span_kd = span_kd
         self.inner = inner
         self.student_tok, self.teacher_tok = student_tokenizer, teacher_tokenizer
         self.s_encoder, self.t_encoder = student_encoder, teacher_encoder
@@ -113,7 +118,7 @@ class CrossTokenizerTeacher:
         kw = {"temperature": temperature} if temperature != 1.0 else {}
         scores = self.inner.score(tbatch, need, topk, **kw)
         return student_grid_scores(
-            rows, batch.completion_width, scores, need, self.vocab, temperature
+            rows, batch.completion_width, scores, need, self.vocab, temperature, self.span_kd
         )
 
     def after_optimizer_step(self) -> None:
