@@ -5,16 +5,19 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from opd.config.parse import config_from_dict
-from opd.modeling.hf import load_tokenizer
+from opd.modeling.hf import load_causal_lm, load_tokenizer, shared_vocab_size
+from opd.run.checkpoint import latest_checkpoint
 from opd.run.loop import train
 from opd.run.metrics import read_metrics
 from opd.run.setup import build_run
 from opd.teachers.cross_tokenizer.teacher import CrossTokenizerTeacher
 from opd.teachers.local import LocalTeacher
 from real_format import write_data
-from sp_format import save_cross_pair
+from sp_format import save_cross_pair, tiny_model
 
 LOSSES = {
     "pg": {"objective": "pg"},
@@ -98,3 +101,64 @@ def test_span_kd_key_reaches_the_loss(cross_setup, tmp_path):
         assert math.isfinite(rec["loss"]) and rec["xtok_one_to_one_frac"] < 1
         losses[rule] = rec["loss"]
     assert losses["span"] != losses["masked"]
+
+
+
+@pytest.fixture(scope="module")
+def same_tok_teacher(cross_setup):
+    """A teacher with the student's tokenizer and chat template (other weights)."""
+    _teacher, student, _data = cross_setup
+    s_tok = load_tokenizer(str(student))
+    path = student.parent / "bpe-teacher"
+    tiny_model(s_tok, seed=1, hidden=48, layers=2, scale=8.0).save_pretrained(path)
+    s_tok.save_pretrained(path)
+    return path
+
+
+def two_steps(cross_setup, out, name, teacher_path, *, when="auto", today=False, lmbda=1.0):
+    """Final weights of a 2-step run; `today`: the teacher built as the shared path builds
+    it (check_same_tokenizer's LocalTeacher), bypassing the registry's identity check."""
+    cfg = config(cross_setup, out, **LOSSES[name])
+    cfg.teacher.path, cfg.cross_tokenizer.when, cfg.steps = str(teacher_path), when, 2
+    cfg.source.lmbda = lmbda
+    run = build_run(cfg)
+    if today:
+        model = load_causal_lm(str(teacher_path), dtype=cfg.teacher.dtype, device=run.device)
+        run.teacher = LocalTeacher(model, shared_vocab_size(run.tokenizer, model))
+    train(cfg, run)
+    assert all(r["divergence"] != 0 for r in read_metrics(cfg.output_dir))
+    weights = load_file(str(latest_checkpoint(cfg.output_dir) / "model.safetensors"))
+    return type(run.teacher), weights
+
+
+def assert_bitwise(a, b, student):
+    init = load_file(str(student / "model.safetensors"))
+    assert any(not torch.equal(init[k], a[k]) for k in init)  # the steps changed weights
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_two_steps_bitwise_equal_on_the_identity_path(cross_setup, same_tok_teacher, tmp_path, name):
+    """The student's tokenizer as teacher, routed by the identity check, against today's
+    same-tokenizer path: the same weights bit for bit after two on-policy steps."""
+    kind, routed = two_steps(cross_setup, tmp_path / "routed", name, same_tok_teacher)
+    assert kind is LocalTeacher
+    _, today = two_steps(cross_setup, tmp_path / "today", name, same_tok_teacher, today=True)
+    assert_bitwise(routed, today, cross_setup[1])
+
+
+@pytest.mark.parametrize("name", ["pg", "topk"])
+def test_two_steps_bitwise_equal_forced_through_alignment(
+    cross_setup, same_tok_teacher, tmp_path, name
+):
+    """Forced through alignment (when=always) on the dataset's completions (each the
+    tokenizer's own encoding of valid text: every span one token) the steps are bit for
+    bit the shared path's. (On a random student's samples they are not: a sampled special
+    token or a cut character masks the row's rest, a non-canonical spelling is one span.)"""
+    _, shared = two_steps(cross_setup, tmp_path / "shared", name, same_tok_teacher, lmbda=0.0)
+    kind, forced = two_steps(
+        cross_setup, tmp_path / "forced", name, same_tok_teacher, when="always", lmbda=0.0
+    )
+    assert kind is CrossTokenizerTeacher
+    assert_bitwise(shared, forced, cross_setup[1])
