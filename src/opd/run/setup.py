@@ -161,7 +161,8 @@ def _build_run(config: TrainConfig, checked: Checked | None) -> RunSetup:
         rollout_engine = VllmServerSampler.for_run(config, world.unwrap(student), world)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        params, lr=config.optim.lr, weight_decay=config.optim.weight_decay
+        params, lr=config.optim.lr, weight_decay=config.optim.weight_decay,
+        fused=fused_adamw(params, world.sharded),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     if config.fp16 and world.sharded:
@@ -185,4 +186,16 @@ def _build_run(config: TrainConfig, checked: Checked | None) -> RunSetup:
         world=world,
         rollout_engine=rollout_engine,
         scaler=make_scaler(config, device),
+    )
+
+
+def fused_adamw(params: list, sharded: bool) -> bool:
+    """AdamW's fused kernel (one pass over each parameter) where torch has it: the default
+    `foreach` step allocates temporaries the size of every gradient at once (+0.16 GB at
+    peak for a 40M-parameter student, measured by benchmarks/step_memory.py). Sharded
+    (DTensor) parameters keep the default."""
+    return (
+        bool(params)
+        and not sharded
+        and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     )
