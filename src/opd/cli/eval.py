@@ -7,7 +7,10 @@ the task metric on greedy completions (`eval_metric`), the held-out loss (mean p
 cross-entropy of the rows' completions, when they have them), and, with a local teacher
 (`teacher.path`) other than the model, the exposure-bias probe: the mean per-token
 divergence to the teacher on prefixes the model sampled itself and on prefixes the
-teacher sampled, and their difference (opd.evaluation.exposure_bias).
+teacher sampled, and their difference (opd.evaluation.exposure_bias). With a teacher of
+another tokenizer the divergences are over the positions where the two tokenizations
+align one to one, with exact span log-ratios beside them; the output's `basis` says so
+(opd.evaluation.cross_divergence).
 """
 
 from __future__ import annotations
@@ -105,8 +108,16 @@ def _evaluate(config, model_path: str) -> dict:
         )
     if probe:
         from opd.modeling.hf import load_causal_lm
+        from opd.teachers.cross_tokenizer.build import needs_alignment
 
-        check_same_tokenizer(tokenizer, load_tokenizer(teacher_path), teacher_path)
+        t_tok = load_tokenizer(teacher_path)
+        if needs_alignment(config, tokenizer, t_tok):  # another tokenizer or chat template
+            result["teacher"] = teacher_path
+            result["divergence_to_teacher"] = _cross_probe(
+                config, model, tokenizer, encoder, t_tok, rows, vocab, device
+            )
+            return result
+        check_same_tokenizer(tokenizer, t_tok, teacher_path)
         t_model = load_causal_lm(teacher_path, dtype=config.teacher.dtype, device=device)
         vocab = shared_vocab_size(tokenizer, model, t_model)
         teacher = LocalTeacher(t_model, vocab)
@@ -125,6 +136,29 @@ def _evaluate(config, model_path: str) -> dict:
         result["teacher"] = teacher_path
         result["divergence_to_teacher"] = gaps
     return result
+
+
+def _cross_probe(config, model, tokenizer, encoder, t_tok, rows, vocab, device) -> dict:
+    """The exposure-bias probe with a teacher of another tokenizer: mapped divergences at
+    one-to-one positions and exact span log-ratios (opd.evaluation.cross_divergence)."""
+    from opd.evaluation.cross_divergence import cross_exposure_bias
+    from opd.modeling.hf import load_causal_lm, shared_vocab_size
+    from opd.teachers.cross_tokenizer.build import cross_teacher
+    from opd.teachers.local import LocalTeacher
+
+    path = config.teacher.path
+    t_model = load_causal_lm(path, dtype=config.teacher.dtype, device=device)
+    inner = LocalTeacher(t_model, shared_vocab_size(t_tok, t_model))
+    cross = cross_teacher(config, inner, tokenizer, t_tok, encoder, path)
+    sampling = {
+        "max_new_tokens": config.sampling.max_new_tokens,
+        "temperature": config.sampling.temperature,
+        "seed": config.seed,
+    }
+    return cross_exposure_bias(
+        model, cross, rows, s_encoder=encoder, sampling=sampling, vocab_size=vocab,
+        kinds=DIVERGENCES,
+    )  # fmt: skip
 
 
 def _cmd_eval(args) -> int:

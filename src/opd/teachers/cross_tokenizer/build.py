@@ -38,8 +38,15 @@ def refuse_unsupported(config, where: str) -> None:
 
 
 def wrap(config, inner, student_tok, teacher_tok, student_encoder, where: str):
-    """`inner` (a teacher scoring its own tokens) seen through the student's grid."""
+    """`inner` (a teacher scoring its own tokens) seen through the student's grid, for a
+    training run (what alignment cannot serve there is refused first)."""
     refuse_unsupported(config, where)
+    return cross_teacher(config, inner, student_tok, teacher_tok, student_encoder, where)
+
+
+def cross_teacher(config, inner, student_tok, teacher_tok, student_encoder, where: str):
+    """`CrossTokenizerTeacher` over `inner`, the tokenizers checked for a byte reading (also
+    `opd eval`'s probe, which samples nothing in the teacher's tokens for training)."""
     for tok in (student_tok, teacher_tok):
         try:
             ByteTable.of(tok)
