@@ -27,8 +27,8 @@ def answer_text(prompt: str, seed, choice: int) -> str:
 
 
 class FakeAPI:
-    def __init__(self, key: str | None = KEY, delay_s: float = 0.0):
-        """`key=None`: no key is checked."""
+    def __init__(self, key: str | None = KEY, delay_s: float = 0.0, model_id: str = "fake-model"):
+        """`key=None`: no key is checked; `model_id`: what /v1/models lists."""
         self.key, self.delay_s = key, delay_s
         self.attempts: Counter = Counter()  # prompt text -> attempts seen
         self.log: list[dict] = []  # every request: time, path, prompt, auth, status
@@ -44,7 +44,7 @@ class FakeAPI:
 
             def do_GET(self):
                 if self.path == "/v1/models":
-                    return self._send(200, {"data": [{"id": "fake-model"}]})
+                    return self._send(200, {"data": [{"id": model_id}]})
                 self._send(404, {"error": {"message": "not found"}})
 
             def do_POST(self):

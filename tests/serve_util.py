@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -83,7 +86,9 @@ def start_serve_processes(model_dir, log_dir, n: int, *, ports=None, token: str 
         cmd += ["--max-seq-len", str(LIMITS.max_seq_len), "--max-topk", str(LIMITS.max_topk)]
         log = Path(log_dir) / f"serve-{i}-{time.monotonic_ns()}.log"
         with log.open("w") as out:
-            procs.append((subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT), log))
+            procs.append(
+                (subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT), log)
+            )
     started, deadline = [], time.monotonic() + 180
     for proc, log in procs:
         while True:
@@ -97,3 +102,47 @@ def start_serve_processes(model_dir, log_dir, n: int, *, ports=None, token: str 
                 raise RuntimeError(f"opd serve did not start; see {log}")
             time.sleep(0.2)
     return started
+
+
+class Forwarder:
+    """A second address of one server: a TCP forwarder on 127.0.0.1, so two URLs of a
+    replica set can reach the same (expensive) server, e.g. the session's vLLM one."""
+
+    def __init__(self, url: str):
+        host, port = url.removeprefix("http://").rstrip("/").split(":")
+        self.target = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.connections = 0
+        self.posts = 0  # completion requests forwarded (the start of a request line)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            self.connections += 1
+            upstream = socket.create_connection(self.target)
+            for a, b, up in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pipe, args=(a, b, up), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                if up:
+                    self.posts += data.count(b"POST /v1/completions ")
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def __enter__(self) -> Forwarder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.listener.close()

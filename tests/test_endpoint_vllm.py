@@ -16,6 +16,7 @@ from opd.run.metrics import read_metrics
 from opd.teachers.cache.endpoint import EndpointSettings, build_endpoint_cache
 from opd.teachers.cache.generate import CacheSpec, build_cache
 from opd.teachers.cache.inspect import cache_report
+from serve_util import Forwarder
 from vllm_util import SETTINGS, vllm_or_skip
 
 vllm_or_skip()
@@ -38,9 +39,7 @@ def spec(**kw):
     return CacheSpec(**{**base, "max_prompt_tokens": 32, "max_completion_tokens": 16, **kw})
 
 
-def test_endpoint_cache_equals_engine_vllm_and_trains_kd(
-    vllm_server, vllm_pair, prompts, tmp_path
-):
+def test_endpoint_cache_equals_engine_vllm_and_trains_kd(vllm_server, vllm_pair, prompts, tmp_path):
     teacher, student = (str(p) for p in vllm_pair)
     api = tmp_path / "api"
     m = build_endpoint_cache(
@@ -69,6 +68,21 @@ def test_endpoint_cache_equals_engine_vllm_and_trains_kd(
         tails = np.exp(x["tail_logmass"]) - np.exp(y["tail_logmass"])
         assert np.abs(tails).max(initial=0) < 2e-6
     assert cache_report(str(api))["rows"] == 2 * N_PROMPTS
+    # replicas: the same server behind a second address; the rows spread, the cache the same
+    with Forwarder(vllm_server) as fwd:
+        two = tmp_path / "two"
+        m2 = build_endpoint_cache(
+            [vllm_server, fwd.url], teacher, prompts, two, spec(), EndpointSettings(concurrency=4),
+            tokenizer=teacher,
+        )  # fmt: skip
+        assert 2 <= fwd.posts <= N_PROMPTS - 2  # rows went to both addresses
+    assert m2["tokenizer"]["token_level"] and m2["errors"] == {}
+    rows_2 = {r["cache_row"]: r for r in CacheReader(two).rows()}
+    assert sorted(rows_2) == sorted(rows_a)
+    for rid, row in rows_2.items():
+        assert row["completion_ids"] == rows_a[rid]["completion_ids"], rid
+        x, y = CacheReader(two).token_arrays(rid), a.token_arrays(rid)
+        assert np.abs(x["token_logprobs"] - y["token_logprobs"]).max(initial=0) < TOL
 
     cfg = {
         "student": {"path": student},

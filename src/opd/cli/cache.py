@@ -1,7 +1,7 @@
 """The offline-cache subcommands of `opd`: generate, score, inspect.
 
     opd generate --teacher T --prompts prompts.jsonl --out cache/ [--topk 64] [--n 4]
-    opd generate --endpoint URL --model NAME --prompts prompts.jsonl --out cache/ [--api chat]
+    opd generate --endpoint URL [--endpoint URL2 ...] --model NAME --prompts prompts.jsonl --out cache/
     opd score    --teacher T --prompts pairs.jsonl   --out cache/ [--topk 64]
     opd inspect  cache/ [--samples 3]
 
@@ -74,7 +74,7 @@ def _run_endpoint(args) -> int:
         max_retries=args.max_retries,
     )
     manifest = build_endpoint_cache(
-        args.endpoint,
+        [u for given in args.endpoint for u in given.split(",") if u],
         args.model,
         args.prompts,
         args.out,
@@ -168,7 +168,10 @@ def add_cache_commands(sub) -> None:
 
 def _endpoint_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("an OpenAI-compatible server as the teacher (--endpoint)")
-    g.add_argument("--endpoint", default="", help="server URL, e.g. http://gpu:8000 (or .../v1)")
+    g.add_argument("--endpoint", action="append", default=[],
+                   help="server URL, e.g. http://gpu:8000 (or .../v1); repeat it (or give a "
+                   "comma-separated list) for replicas of one teacher: rows are spread over "
+                   "them and a dead one's retried on another")  # fmt: skip
     g.add_argument("--model", default="", help="model name the server serves")
     g.add_argument("--api", default="completions", choices=["completions", "chat"],
                    help="chat: the server applies its chat template")  # fmt: skip

@@ -52,6 +52,7 @@ from opd.teachers.cache.endpoint_answers import (
 )
 from opd.teachers.cache.endpoint_http import EndpointClient, EndpointSettings, RequestRefused
 from opd.teachers.cache.endpoint_rows import cost_table, shard_rows, summarize_usage
+from opd.teachers.cache.endpoint_servers import check_servers
 from opd.teachers.cache.generate import _open_out, _out_of_space, _shard_seed, _summarize
 from opd.teachers.cache.spec import CacheSpec, rows_digest
 
@@ -65,39 +66,6 @@ def answer_bytes(spec: CacheSpec, n: int) -> int:
     entries of at most ~256 bytes of JSON each (a chat entry spells out the token's bytes),
     plus 1 MiB for the rest."""
     return n * spec.max_new_tokens * (spec.topk + 2) * 256 + (1 << 20)
-
-
-def probe_text(tokenizer) -> str:
-    """Text whose tokenization exercises the vocabulary: words, digits, whitespace runs,
-    non-Latin script, every special token, and 512 tokens spread over the id range."""
-    step = max(1, len(tokenizer) // 512)
-    spread = tokenizer.decode(list(range(0, len(tokenizer), step)), skip_special_tokens=True)
-    specials = "".join(tokenizer.all_special_tokens)
-    return f"Hello, world! 12345 +-*/ \n\t  tabs  Ünïcødé 日本語 ✓ {specials} {spread}"
-
-
-async def check_server_tokenizer(client, model: str, tokenizer, path: str) -> tuple[bool, str]:
-    """(token-level, why): whether the server tokenizes like `tokenizer` (vLLM /tokenize)."""
-    if tokenizer is None:
-        return False, "no --tokenizer given: the server's tokenizer is unknown"
-    text = probe_text(tokenizer)
-    payload = {"model": model, "prompt": text, "add_special_tokens": False}
-    try:
-        body, _ = await client.request("POST", "/tokenize", {**payload, "return_token_strs": True})
-    except RequestRefused as err:
-        return False, f"the server's /tokenize cannot check the tokenizer ({err})"
-    mine = tokenizer(text, add_special_tokens=False).input_ids
-    theirs = body.get("tokens") if isinstance(body, dict) else None
-    if theirs != mine:
-        at = next((i for i, (a, b) in enumerate(zip(mine, theirs or [])) if a != b), None)
-        return False, (
-            f"the server tokenizes a probe text otherwise than {path} "
-            f"({len(theirs or [])} vs {len(mine)} tokens, first difference at {at})"
-        )
-    strs = body.get("token_strs")
-    if strs is not None and strs != tokenizer.convert_ids_to_tokens(mine):
-        return False, f"the server's token strings differ from {path}'s on a probe text"
-    return True, f"the server's /tokenize agrees with {path} on a {len(mine)}-token probe"
 
 
 class _Job:
@@ -206,17 +174,17 @@ async def ask(client, job: _Job, shard: int, p: int, prompt) -> dict:
     return out
 
 
-async def _build(url, model, rows, prompts, out, spec, settings, api, stop, tokenizer, path,
+async def _build(urls, model, rows, prompts, out, spec, settings, api, stop, tokenizer, path,
                  on_shard) -> dict:  # fmt: skip
     job = _Job(rows, spec, api, model, stop, tokenizer, path)
-    client = EndpointClient(url, settings)
+    client = EndpointClient(urls, settings)
     try:
-        job.token_level, why = await check_server_tokenizer(client, model, tokenizer, path)
-        log.info("endpoint %s (%s, %s API): %s", url, model, api, why)
+        job.token_level, why = await check_servers(client, model, tokenizer, path)
+        log.info("endpoint %s (%s, %s API): %s", client.url, model, api, why)
         if job.token_level and spec.topk > job.vocab:
             raise ValueError(f"--topk {spec.topk} exceeds the vocabulary ({job.vocab} tokens)")
         asked = [job.prompt(row, f"{prompts}: row {i}") for i, row in enumerate(rows)]
-        manifest = _manifest(url, model, api, stop, spec, rows, prompts, job, why, settings)
+        manifest = _manifest(client.url, model, api, stop, spec, rows, prompts, job, why, settings)
         if tokenizer is not None:
             manifest["tokenizer_path"] = path
         lock = _open_out(out, manifest)
@@ -330,7 +298,7 @@ def _manifest(url, model, api, stop, spec, rows, prompts, job: _Job, why, settin
 
 
 def build_endpoint_cache(
-    url: str,
+    url: str | list[str],
     model: str,
     prompts: str | Path,
     out: str | Path,
@@ -344,6 +312,10 @@ def build_endpoint_cache(
 ) -> dict:
     """Write (or finish) the cache in `out` from the server at `url`; returns its manifest.
 
+    `url` may list several servers, replicas of one teacher: each request goes to the
+    least-loaded one and a failed one's to another (`endpoint_http.EndpointClient`); the
+    cache is the one a single server writes, and a resume may use other servers.
+
     `tokenizer`: a local tokenizer (the student's, or the teacher's copy) that the cache's
     token ids must be in; without it, or when the server cannot show it tokenizes the
     same, the cache holds text. `spec` is `opd generate`'s `CacheSpec` (mode generate);
@@ -352,9 +324,13 @@ def build_endpoint_cache(
         raise ValueError(f"--api {api!r} must be completions or chat")
     if spec.mode != "generate":
         raise ValueError("an endpoint generates completions: spec.mode must be 'generate'")
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(f"--endpoint {url!r} must be an http:// or https:// URL")
-    url = url.rstrip("/").removesuffix("/v1")  # the OpenAI SDK's base_url form
+    urls = [url] if isinstance(url, str) else list(url)
+    if not urls:
+        raise ValueError("--endpoint: no server given")
+    for one in urls:
+        if not one.startswith(("http://", "https://")):
+            raise ValueError(f"--endpoint {one!r} must be an http:// or https:// URL")
+    urls = [u.rstrip("/").removesuffix("/v1") for u in urls]  # the OpenAI SDK's base_url form
     spec = CacheSpec(**{**asdict(spec), "engine": "endpoint", "logprob_dtype": "float32"})
     settings = settings or EndpointSettings()
     rows = load_rows(prompts)
@@ -363,7 +339,7 @@ def build_endpoint_cache(
         raise ValueError(f"{prompts} holds no rows")
     tok = load_tokenizer(tokenizer) if tokenizer else None
     return asyncio.run(
-        _build(url, model, rows, prompts, Path(out), spec, settings, api, list(stop), tok,
+        _build(urls, model, rows, prompts, Path(out), spec, settings, api, list(stop), tok,
                tokenizer, on_shard)
     )  # fmt: skip
 

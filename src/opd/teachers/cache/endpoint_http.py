@@ -165,32 +165,76 @@ def retry_after_s(value: str | None) -> float | None:
 
 
 class EndpointClient:
-    """One async client per run; `post` returns `(json body, attempts)`."""
+    """One async client per run, over one server or several replicas of it; `post` returns
+    `(json body, attempts)`.
 
-    def __init__(self, url: str, settings: EndpointSettings):
-        self.url, self.settings = url.rstrip("/"), settings
+    With several servers (`opd generate --endpoint A --endpoint B`) each attempt goes to
+    the server with the fewest requests in flight among those in rotation. A server whose
+    attempt fails in a way another may not (a dropped connection, a timeout, 408/429/5xx)
+    leaves rotation for `backoff_s * 2**n` (its own failures in a row; at least a
+    `Retry-After` it sent), and the request moves at once to another server in rotation (a
+    failover, counted); only when none is left does it wait, as with one server. Every
+    attempt counts toward `max_retries` and the request's deadline. Seeds travel with the
+    requests, so which server answers does not change a seeded cache."""
+
+    def __init__(self, url: str | list[str], settings: EndpointSettings):
+        self.urls = [u.rstrip("/") for u in ([url] if isinstance(url, str) else url)]
+        if len(set(self.urls)) != len(self.urls):
+            raise ValueError(f"--endpoint names a server twice: {self.urls}")
+        self.url, self.settings = ", ".join(self.urls), settings  # `url`: what messages name
         key = os.environ.get(settings.api_key_env, "") if settings.api_key_env else ""
         self._headers = {"Content-Type": "application/json"}
         if key:
             self._headers["Authorization"] = f"Bearer {key}"
         self.limiter = RateLimiter(settings.requests_per_minute, settings.tokens_per_minute)
-        self.slots = asyncio.Semaphore(settings.concurrency)
-        self.client = httpx.AsyncClient(
-            base_url=self.url,
-            timeout=httpx.Timeout(settings.timeout_s, connect=min(settings.timeout_s, 10.0)),
-            limits=httpx.Limits(max_connections=settings.concurrency + 2),
-            trust_env=False,  # the endpoint is reached as given, never through env proxies
-        )
+        self.slots = asyncio.Semaphore(settings.concurrency)  # in flight over all servers
+        self.clients = {
+            u: httpx.AsyncClient(
+                base_url=u,
+                timeout=httpx.Timeout(settings.timeout_s, connect=min(settings.timeout_s, 10.0)),
+                limits=httpx.Limits(max_connections=settings.concurrency + 2),
+                trust_env=False,  # the endpoint is reached as given, never through env proxies
+            )
+            for u in self.urls
+        }
+        self.inflight = dict.fromkeys(self.urls, 0)
+        self.out_until = dict.fromkeys(self.urls, 0.0)  # out of rotation until (monotonic)
+        self.strikes = dict.fromkeys(self.urls, 0)  # failures in a row
+        self.failovers = 0  # attempts moved to another server after one failed
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await asyncio.gather(*(c.aclose() for c in self.clients.values()))
 
-    async def _send(self, method: str, path: str, body: bytes | None, timeout: float, limit: int):
+    def drop(self, url: str) -> None:
+        """Leave `url` out of this run (it did not answer at connect: unchecked)."""
+        self.urls.remove(url)
+
+    def _pick(self) -> str:
+        """The server in rotation with the fewest requests in flight (ties: listed first);
+        with none in rotation, the one that comes back soonest."""
+        now = time.monotonic()
+        live = [u for u in self.urls if self.out_until[u] <= now]
+        if live:
+            return min(live, key=lambda u: self.inflight[u])
+        return min(self.urls, key=lambda u: self.out_until[u])
+
+    def _failed(self, url: str, wait: float) -> bool:
+        """`url` failed an attempt: out of rotation for `wait`; True when another server
+        is in rotation now (the next attempt goes there at once)."""
+        if len(self.urls) == 1:
+            return False
+        self.strikes[url] += 1
+        self.out_until[url] = time.monotonic() + wait
+        now = time.monotonic()
+        return any(self.out_until[u] <= now for u in self.urls)
+
+    async def _send(self, url: str, method: str, path: str, body, timeout: float, limit: int):
         """(status, headers, body bytes) of one attempt; the body read up to `limit` bytes."""
-        req = self.client.build_request(
+        client = self.clients[url]
+        req = client.build_request(
             method, path, content=body, headers=self._headers, timeout=timeout
         )
-        resp = await self.client.send(req, stream=True)
+        resp = await client.send(req, stream=True)
         ok = resp.status_code == 200
         limit = limit if ok else ERROR_BODY_BYTES  # of an error, only its message is wanted
         try:
@@ -213,11 +257,13 @@ class EndpointClient:
         payload: dict | None = None,
         tokens: float = 0.0,
         max_bytes: int | None = None,
+        server: str | None = None,
     ) -> tuple[dict | None, int]:
         """The JSON answer and the attempts it took; None for a 404 on a GET (a probe).
 
         `max_bytes` bounds the answer (within `max_response_mb`). An attempt ends after
-        `timeout_s` in all, so a body that trickles in cannot outlive it."""
+        `timeout_s` in all, so a body that trickles in cannot outlive it. `server`: that
+        one server only (the checks at connect), never failed over."""
         s = self.settings
         limit = int(s.max_response_mb * (1 << 20))
         limit = min(limit, max_bytes) if max_bytes else limit
@@ -231,19 +277,24 @@ class EndpointClient:
             if remaining <= 0:
                 break
             async with self.slots:
+                url = server or self._pick()
                 limit_s = min(s.timeout_s, remaining)
+                self.inflight[url] += 1
                 try:
                     status, headers, raw = await asyncio.wait_for(
-                        self._send(method, path, body, limit_s, limit), limit_s
+                        self._send(url, method, path, body, limit_s, limit), limit_s
                     )
                 except httpx.TransportError as err:  # refused, reset, timed out, ...
                     last = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
                     status = None
                 except asyncio.TimeoutError:
                     last, status = f"no complete answer within {limit_s:.1f} s", None
+                finally:
+                    self.inflight[url] -= 1
             if status == 200:
+                self.strikes[url] = 0
                 try:
-                    return parse_json(self.url, path, raw), attempt + 1
+                    return parse_json(url, path, raw), attempt + 1
                 except BadAnswer as err:  # a proxy's HTML page, a cut body: named, with a snippet
                     raise RequestRefused(200, err.problem) from None
             if status is not None:
@@ -252,7 +303,7 @@ class EndpointClient:
                     return None, attempt + 1
                 if status in (401, 403):
                     raise ValueError(
-                        f"endpoint {self.url} refused the API key (HTTP {status}: {message}); "
+                        f"endpoint {url} refused the API key (HTTP {status}: {message}); "
                         f"set the environment variable {s.api_key_env} to a valid key"
                     )
                 if status not in RETRY_STATUS:
@@ -261,7 +312,15 @@ class EndpointClient:
                 hint = retry_after_s(headers.get("retry-after"))
                 if hint is not None:
                     wait = hint
-            if attempt == s.max_retries or time.monotonic() + wait > deadline:
+            last = f"{url}: {last}" if len(self.urls) > 1 else last
+            if attempt == s.max_retries:
+                break
+            if server is None:
+                pause = min(s.max_backoff_s, s.backoff_s * 2 ** self.strikes[url])
+                if self._failed(url, max(pause, wait)):
+                    self.failovers += 1
+                    continue  # another server is in rotation: no wait
+            if time.monotonic() + wait > deadline:
                 break
             await asyncio.sleep(wait)
         raise EndpointUnavailable(
