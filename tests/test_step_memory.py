@@ -13,7 +13,12 @@ Also: the previous micro-batch's teacher scores are released before the next is 
 
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,6 +118,46 @@ def test_fused_step_holds_no_tokens_by_vocab_tensor(wide_pair, tmp_path, name):
     tokens = record["tokens"]
     assert tokens >= 4 * 128  # a [tokens, V] tensor would be >= 4x the bound
     assert largest.nbytes <= TILE_BYTES, (largest.nbytes / 2**20, largest.where)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_ddp_step_holds_no_tokens_by_vocab_tensor_on_any_rank(wide_pair, tmp_path, fused):
+    """The same bound on each rank of a 2-process DDP run (gloo, CPU): the fused objective
+    runs through DDP's forward, so the wrapper must not bring [tokens, V] back. The plain
+    path is the guard's own check: there each rank's logits exceed it."""
+    teacher, student, rows = wide_pair
+    config = {
+        "student": {"path": str(student)},
+        "teacher": {"path": str(teacher)},
+        "data": {"train": str(rows), "chat_template": "off"},
+        "source": {"lmbda": 1.0},
+        "sampling": {"max_new_tokens": NEW_TOKENS},
+        "loss": {"objective": "kd", "estimator": "topk", "topk": 8, "fused": fused},
+        "batch_size": ROWS,
+        "micro_batch_size": ROWS // 2,
+        "steps": 1,
+        "device": "cpu",
+        "output_dir": str(tmp_path / "run"),
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    worker = Path(__file__).with_name("step_memory_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", port, str(worker), str(path), str(tmp_path)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["kind"] == "ddp" and got["fused"] is fused
+        assert got["tokens"] >= 2 * 128  # a [tokens, V] tensor would be >= 2x the bound
+        if fused:
+            assert got["nbytes"] <= TILE_BYTES, (rank, got["nbytes"] / 2**20, got["where"])
+        else:
+            assert got["nbytes"] > 2 * TILE_BYTES, (rank, got)  # this rank's [tokens, V]
 
 
 def test_plain_step_does_exceed_the_bound(wide_pair, tmp_path):
