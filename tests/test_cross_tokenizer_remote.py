@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
 from opd.config.parse import config_from_dict
+from opd.data.encoding import Encoder
 from opd.modeling.hf import load_tokenizer
+from opd.run.lock import release_run_dir
 from opd.run.loop import train
 from opd.run.metrics import read_metrics
+from opd.run.preflight import preflight
 from opd.teachers.remote import RemoteTeacher
 from opd.teachers.server.protocol import Limits
 from real_format import write_data
@@ -79,3 +83,32 @@ def test_the_server_tokenizer_is_checked(served_sp, tmp_path, monkeypatch):
         server.url, token=TOKEN, protocol="vllm", tokenizer=load_tokenizer(str(teacher_dir))
     )
     ok.close()
+
+
+def test_preflight_counts_a_row_in_the_teachers_tokens(served_sp, tmp_path, monkeypatch):
+    """A row that fits the student's limits (and the server's max_seq_len in student tokens)
+    but not in the SentencePiece teacher's byte-fallback tokens is refused before the run,
+    by its index; without the teacher's tokenizer named only the student bound applies."""
+    monkeypatch.setenv("OPD_TEACHER_TOKEN", TOKEN)
+    _, teacher_dir, student, _ = served_sp
+    rows = [{"prompt": f"What is {i} plus 2?", "completion": f"It is {i + 2}."} for i in range(4)]
+    rows[2]["prompt"] = "日本語 " * 25  # 28 student tokens, 250 teacher tokens
+    data = tmp_path / "cjk.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = remote_config(served_sp, tmp_path, {"objective": "pg"}, str(teacher_dir))
+    cfg.data.train = str(data)
+    s_tok = load_tokenizer(str(student))
+    assert len(Encoder(s_tok, cfg.data).prompt_ids(rows[2]["prompt"])) <= 64  # kept by the run
+    with pytest.raises(ValueError, match=r"row 2 of data\.train=.* takes \d+ in the teacher's") as err:
+        preflight(cfg)
+    release_run_dir(cfg.output_dir)
+    assert "for its prompt as the teacher renders it" in str(err.value)
+    cfg.cross_tokenizer.teacher_tokenizer = ""  # tokenizer unknown: the student-token bound
+    preflight(cfg)
+    release_run_dir(cfg.output_dir)
+    cfg.cross_tokenizer.teacher_tokenizer = str(teacher_dir)
+    rows[2]["prompt"] = "日本語 " * 5
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    checked = preflight(cfg)  # every row fits in the teacher's tokens too
+    release_run_dir(cfg.output_dir)
+    assert checked.config.teacher.kind == "remote"

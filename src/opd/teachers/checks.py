@@ -39,7 +39,7 @@ def check_teacher(config: TrainConfig, rows: list[dict] = ()) -> TrainConfig:
     if uses_teacher(config) and teacher.kind == "cached":
         return check_cache(config)
     if uses_teacher(config) and teacher.kind == "remote":
-        return check_remote(config)
+        return check_remote(config, rows)
     if uses_teacher(config) and teacher.kind == "routed":
         return check_teachers(config, rows)
     return _default_topk(config, None)
@@ -134,8 +134,23 @@ def server_info(url: str, token_env: str, timeout_s: float = 5.0) -> dict | None
     return None
 
 
-def check_remote(config: TrainConfig) -> TrainConfig:
-    """teacher.kind=remote: what the server's info endpoint says it accepts."""
+def other_tokenizers(config: TrainConfig):
+    """(student's, teacher's) tokenizer when `cross_tokenizer.teacher_tokenizer` names a
+    teacher tokenizer that needs alignment, else None."""
+    if not config.cross_tokenizer.teacher_tokenizer:
+        return None
+    # transformers and torch: after the run directory check (opd.run.preflight)
+    from opd.modeling.hf import load_tokenizer
+    from opd.teachers.cross_tokenizer.build import needs_alignment
+
+    student = load_tokenizer(config.student.path)
+    teacher = load_tokenizer(config.cross_tokenizer.teacher_tokenizer)
+    return (student, teacher) if needs_alignment(config, student, teacher) else None
+
+
+def check_remote(config: TrainConfig, rows: list[dict] = ()) -> TrainConfig:
+    """teacher.kind=remote: what the server's info endpoint says it accepts. With a teacher
+    of another tokenizer each row is counted in the teacher's tokens (`rows`: data.train)."""
     check_remote_config(config)
     t = config.teacher
     # Replicas must agree on their limits (checked at connect): the first that answers speaks.
@@ -153,7 +168,16 @@ def check_remote(config: TrainConfig) -> TrainConfig:
     }
     key = max(completion_keys, key=completion_keys.get)
     longest = data.max_prompt_tokens + completion_keys[key]
-    if longest > limits["max_seq_len"]:
+    pair = other_tokenizers(config) if rows else None
+    if pair is not None:  # the teacher's own token counts, row by row
+        from opd.teachers.cross_tokenizer.limits import longest_teacher_row, too_long_message
+
+        worst = longest_teacher_row(
+            config, list(rows), *pair, sampled=sampled, dataset=dataset_batches(config)
+        )
+        if worst is not None and worst.total > limits["max_seq_len"]:
+            raise ValueError(too_long_message(url, limits["max_seq_len"], worst, config))
+    elif longest > limits["max_seq_len"]:
         raise ValueError(
             f"teacher server {url} scores sequences of at most {limits['max_seq_len']} tokens "
             f"(its --max-seq-len) but one here can reach {longest} (data.max_prompt_tokens="
@@ -192,7 +216,7 @@ def check_teachers(config: TrainConfig, rows: list[dict]) -> TrainConfig:
             )
         elif t.kind == "remote":
             try:
-                topk.append(check_remote(one).loss.topk)
+                topk.append(check_remote(one, rows).loss.topk)
             except ValueError as err:
                 raise ValueError(f"teachers.{name}: {err}") from None
     config = _default_topk(config, None)
