@@ -4,6 +4,7 @@ Runs share the session's engines (opd.sampling.vllm keeps one per model and log-
 each run pushes its own student into the student engine at start.
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -94,25 +95,35 @@ def test_skipped_weight_push_shows_as_sampler_gap(vllm_pair, addition_data, tmp_
     assert gaps[0] < 1e-3 and gaps[-1] > 1e-2, gaps
 
 
-def test_vllm_teacher_trains_pg_and_topk(vllm_pair, addition_data, tmp_path):
+def test_vllm_teacher_trains_pg_and_topk_as_the_local_teacher(vllm_pair, addition_data, tmp_path):
+    """The same run with the teacher in a vLLM engine and as a local HF model: the student's
+    vLLM rollouts are seeded alike, so both score the same sequences and every step's loss
+    and divergence agree (float32 scores from two engines: 1e-4 relative)."""
     for name, loss in (
         ("pg", {"objective": "pg"}),
         ("topk", {"objective": "kd", "estimator": "topk", "topk": 8, "divergence": "jsd"}),
     ):
-        cfg = config(
-            vllm_pair,
-            addition_data,
-            tmp_path / name,
-            teacher__kind="vllm",
-            loss=loss,
-            source={"lmbda": 1.0},
-            steps=3,
-        )
-        train(config_from_dict(cfg))
-        records = read_metrics(tmp_path / name)
+        runs = {}
+        for kind in ("vllm", "local"):
+            cfg = config(
+                vllm_pair,
+                addition_data,
+                tmp_path / f"{name}-{kind}",
+                teacher__kind=kind,
+                loss=loss,
+                source={"lmbda": 1.0},
+                steps=3,
+            )
+            train(config_from_dict(cfg))
+            runs[kind] = read_metrics(tmp_path / f"{name}-{kind}")
+        records = runs["vllm"]
         assert [r["step"] for r in records] == [1, 2, 3]
         assert all(r["teacher_tokens_scored"] > 0 for r in records)
-        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+        for got, ref in zip(records, runs["local"], strict=True):
+            assert got["student_tokens_generated"] == ref["student_tokens_generated"]
+            for key in ("loss", "divergence"):
+                assert math.isfinite(got[key]), (name, got)
+                assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (name, key)
 
 
 KILL_AT_STEP_2 = textwrap.dedent(
