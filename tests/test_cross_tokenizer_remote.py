@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 
 import pytest
+import torch
 
 from opd.config.parse import config_from_dict
+from opd.config.sections import DataConfig
+from opd.data.batch import assemble
 from opd.data.encoding import Encoder
 from opd.modeling.hf import load_tokenizer
 from opd.run.lock import release_run_dir
 from opd.run.loop import train
 from opd.run.metrics import read_metrics
 from opd.run.preflight import preflight
+from opd.teachers.cross_tokenizer.teacher import CrossTokenizerTeacher
+from opd.teachers.local import LocalTeacher
 from opd.teachers.remote import RemoteTeacher
 from opd.teachers.server.protocol import Limits
 from real_format import write_data
 from serve_util import LIMITS, TOKEN, start_server
-from sp_format import save_cross_pair
+from sp_format import save_cross_pair, tiny_model
 
 WIDE = Limits(**{**LIMITS.__dict__, "max_seq_len": 256, "max_batch_tokens": 4096})
 
@@ -112,3 +118,54 @@ def test_preflight_counts_a_row_in_the_teachers_tokens(served_sp, tmp_path, monk
     checked = preflight(cfg)  # every row fits in the teacher's tokens too
     release_run_dir(cfg.output_dir)
     assert checked.config.teacher.kind == "remote"
+
+
+def test_overlap_on_and_off_give_identical_losses(served_sp, tmp_path, monkeypatch):
+    """The wrapper says it `overlaps` as its remote teacher does: the loop scores one
+    micro-batch ahead on its worker thread, with the same losses as scoring serially."""
+    monkeypatch.setenv("OPD_TEACHER_TOKEN", TOKEN)
+    _, teacher_dir, _, _ = served_sp
+    threads, real = [], RemoteTeacher.score
+
+    def score(self, *args, **kw):
+        threads.append(threading.current_thread().name)
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(RemoteTeacher, "score", score)
+    got = {}
+    for overlap in (False, True):
+        threads.clear()
+        loss = {"objective": "kd", "estimator": "topk", "topk": 8}
+        cfg = remote_config(served_sp, tmp_path / f"o{overlap}", loss, str(teacher_dir))
+        cfg.teacher.overlap = overlap
+        train(cfg)
+        got[overlap] = [r["loss"] for r in read_metrics(cfg.output_dir)]
+        # serial: scored by the loop's thread; overlapped: by the worker, one micro-batch ahead
+        assert threads and {t.startswith("opd-score") for t in threads} == {overlap}
+    assert got[True] == got[False]
+
+
+def test_submit_is_offered_where_the_inner_teacher_has_it(served_sp, monkeypatch):
+    server, teacher_dir, student, _ = served_sp
+    s_tok, t_tok = load_tokenizer(str(student)), load_tokenizer(str(teacher_dir))
+    s_enc, t_enc = Encoder(s_tok, DataConfig()), Encoder(t_tok, DataConfig())
+    remote = RemoteTeacher(server.url, token=TOKEN, tokenizer=t_tok)
+    try:
+        kw = {"student_tokenizer": s_tok, "teacher_tokenizer": t_tok,
+              "student_encoder": s_enc, "teacher_encoder": t_enc}  # fmt: skip
+        cross = CrossTokenizerTeacher(remote, **kw, span_kd="span")
+        local = CrossTokenizerTeacher(LocalTeacher(tiny_model(t_tok, seed=1), len(t_tok)), **kw)
+        assert cross.overlaps and hasattr(cross, "submit")
+        assert not local.overlaps and not hasattr(local, "submit")
+        rows = [{"prompt": "What is 1 plus 2?"}, {"prompt": "Say 2024 日本語"}]
+        comps = [[*s_tok("It is 3. 🙂", add_special_tokens=False).input_ids, s_enc.stop_id],
+                 s_tok("2024 日本語", add_special_tokens=False).input_ids]  # fmt: skip
+        prompts = [s_enc.prompt_ids(r["prompt"]) for r in rows]
+        batch = assemble(prompts, comps, pad_id=s_tok.pad_token_id, rows=rows)
+        for need, k in (("token", 0), ("topk", 8)):
+            want, got = cross.score(batch, need, k), cross.submit(batch, need, k).result()
+            for field in ("token_logprobs", "span_end", "aligned", "topk_ids", "topk_logprobs"):
+                a, b = getattr(want, field), getattr(got, field)
+                assert (a is None and b is None) or torch.equal(a, b), (need, field)
+    finally:
+        remote.close()

@@ -11,6 +11,8 @@ aligned tokens, spans and masked rows per step (`record`, `stats`).
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 import torch
 
 from opd.data.batch import SequenceBatch, assemble
@@ -62,6 +64,14 @@ class CrossTokenizerTeacher:
             self.s_table, self.t_table, student_encoder.stop_id, teacher_encoder.stop_id
         )
         self.stats = AlignmentStats()
+        if hasattr(inner, "submit"):  # a remote teacher: scoring can start without waiting
+            self.submit = self._submit
+
+    @property
+    def overlaps(self) -> bool:
+        """Whether the loop may score a micro-batch ahead beside a backward
+        (`opd.run.score_ahead`): as the wrapped teacher says."""
+        return bool(getattr(self.inner, "overlaps", False))
 
     def _encode(self, text: str) -> list[int]:
         return self.teacher_tok(text, add_special_tokens=False, split_special_tokens=True).input_ids
@@ -120,6 +130,27 @@ class CrossTokenizerTeacher:
         return student_grid_scores(
             rows, batch.completion_width, scores, need, self.vocab, temperature, self.span_kd
         )
+
+    def _submit(self, batch: SequenceBatch, need: str, topk: int = 0) -> Future:
+        """`score` started on the wrapped teacher's `submit`; the future yields the scores
+        on the student's grid (the wrapper's `submit` exists only where the inner's does)."""
+        check_need(need, topk)
+        tbatch, rows = self.teacher_batch(batch)
+        self.stats.add(rows, need)
+        started, out = self.inner.submit(tbatch, need, topk), Future()
+        L = batch.completion_width
+
+        def done(inner: Future) -> None:
+            try:
+                scores = inner.result()
+                out.set_result(
+                    student_grid_scores(rows, L, scores, need, self.vocab, 1.0, self.span_kd)
+                )
+            except BaseException as err:  # handed to whoever waits on `out`
+                out.set_exception(err)
+
+        started.add_done_callback(done)
+        return out
 
     def after_optimizer_step(self) -> None:
         if hasattr(self.inner, "after_optimizer_step"):
