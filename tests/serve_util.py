@@ -115,6 +115,7 @@ class Forwarder:
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.connections = 0
         self.posts = 0  # completion requests forwarded (the start of a request line)
+        self.paths: list[str] = []  # the path of every POST forwarded
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -133,6 +134,7 @@ class Forwarder:
             while data := src.recv(1 << 16):
                 if up:
                     self.posts += data.count(b"POST /v1/completions ")
+                    self.paths += [m.decode() for m in re.findall(rb"POST (\S+) HTTP/", data)]
                 dst.sendall(data)
         except OSError:
             pass

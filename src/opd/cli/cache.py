@@ -3,6 +3,7 @@
     opd generate --teacher T --prompts prompts.jsonl --out cache/ [--topk 64] [--n 4]
     opd generate --endpoint URL [--endpoint URL2 ...] --model NAME --prompts prompts.jsonl --out cache/
     opd score    --teacher T --prompts pairs.jsonl   --out cache/ [--topk 64]
+    opd score    --endpoint URL [--endpoint URL2 ...] --tokenizer T --prompts pairs.jsonl --out c/
     opd inspect  cache/ [--samples 3]
 
 Kept out of `opd.cli` so that file stays a list of commands; heavy imports (torch,
@@ -40,12 +41,12 @@ def _spec(args, mode: str):
     )
 
 
-def _run(args, mode: str) -> int:
+def _run(args, mode: str, urls=(), remote=None) -> int:
     from opd.config.parse import VllmConfig
     from opd.teachers.cache.generate import build_cache
 
     manifest = build_cache(
-        args.teacher,
+        args.tokenizer if urls else args.teacher,
         args.prompts,
         args.out,
         _spec(args, mode),
@@ -54,6 +55,8 @@ def _run(args, mode: str) -> int:
         vllm_settings=VllmConfig(
             gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gb=args.kv_cache_gb
         ),
+        urls=urls,
+        remote=remote,
     )
     print(json.dumps({"out": args.out, "counts": manifest["counts"], "bytes": manifest["bytes"]}))
     return 0
@@ -102,7 +105,17 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_score(args) -> int:
-    return _run(args, "score")
+    urls = [u for given in args.endpoint for u in given.split(",") if u]
+    if urls and args.teacher:
+        raise ValueError("give --teacher (a model) or --endpoint (teacher servers), not both")
+    if not urls:
+        if not args.teacher:
+            raise ValueError("opd score needs --teacher (a model) or --endpoint (a server)")
+        return _run(args, "score")
+    if not args.tokenizer:
+        raise ValueError("opd score --endpoint needs --tokenizer (the servers' tokenizer)")
+    remote = {"token_env": args.api_key_env, "timeout_s": args.timeout_s}
+    return _run(args, "score", urls, remote | {"max_retries": args.max_retries})
 
 
 def _cmd_inspect(args) -> int:
@@ -157,7 +170,15 @@ def add_cache_commands(sub) -> None:
     p.add_argument("--n", type=int, default=1, help="completions per prompt")
     p.set_defaults(func=_cmd_generate)
     p = sub.add_parser("score", help="teacher log-probs of given prompt/completion pairs")
-    _common(p)
+    _common(p, teacher_required=False)
+    g = p.add_argument_group("teacher servers instead of a model (--endpoint)")
+    g.add_argument("--endpoint", action="append", default=[],
+                   help="an `opd serve` or vLLM server; repeat it (or a comma list) for "
+                   "replicas: rows spread over them, a dead one's moved to another")  # fmt: skip
+    g.add_argument("--tokenizer", default="", help="the servers' tokenizer (local), checked")
+    g.add_argument("--api-key-env", default="OPD_TEACHER_TOKEN", help="env var with the token")
+    g.add_argument("--timeout-s", type=float, default=60.0, help="one request's limit")
+    g.add_argument("--max-retries", type=int, default=5, help="when every server is down")
     p.set_defaults(func=_cmd_score)
     p = sub.add_parser("inspect", help="review an offline teacher cache")
     p.add_argument("dir", help="cache directory")

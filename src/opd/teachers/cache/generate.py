@@ -47,9 +47,7 @@ from opd.data.cache_format import (
     write_shard,
 )
 from opd.data.rows import Encoder, RowSpec, check_rows, load_rows
-from opd.losses.sparse import fold_student_to_buckets
 from opd.modeling.hf import (
-    completion_logits,
     load_causal_lm,
     load_tokenizer,
     resolve_device,
@@ -58,32 +56,10 @@ from opd.modeling.hf import (
 )
 from opd.modeling.vocab import end_token_ids
 from opd.sampling.reference import sample
+from opd.teachers.cache.scoring import remote_records, remote_scorer, score_rows
 from opd.teachers.cache.spec import CacheSpec, model_identity, rows_digest
 
 log = logging.getLogger("opd")
-
-
-@torch.no_grad()
-def score_rows(model, batch, vocab_size: int, topk: int) -> list[dict]:
-    """Teacher log-probs of each row's completion tokens (temperature 1), top-k and tail."""
-    logits = completion_logits(model, batch, vocab_size).float()
-    logp = torch.log_softmax(logits, dim=-1)
-    ids = batch.completion_ids().to(logp.device)
-    token = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1).cpu()
-    if topk:
-        top_lp, top_ids = logp.topk(topk, dim=-1)
-        tail = fold_student_to_buckets(logits, top_ids)[..., -1]
-        top_lp, top_ids, tail = top_lp.cpu(), top_ids.cpu(), tail.cpu()
-    lengths = batch.completion_mask[:, batch.prompt_width :].sum(-1).tolist()
-    out = []
-    for i, n in enumerate(lengths):
-        rec = {"token_logprobs": token[i, :n].numpy()}
-        if topk:
-            rec["topk_ids"] = top_ids[i, :n].numpy()
-            rec["topk_logprobs"] = top_lp[i, :n].numpy()
-            rec["tail_logmass"] = tail[i, :n].numpy()
-        out.append(rec)
-    return out
 
 
 def _shard_seed(seed: int, shard: int, batch: int) -> int:
@@ -93,8 +69,11 @@ def _shard_seed(seed: int, shard: int, batch: int) -> int:
 class _Job:
     """State shared by the shards of one run: rows, encoder, teacher (loaded on first use)."""
 
-    def __init__(self, teacher_path, rows, spec: CacheSpec, device, batch_size, vllm_settings):
+    def __init__(
+        self, teacher_path, rows, spec: CacheSpec, device, batch_size, vllm_settings, urls=()
+    ):
         self.teacher_path, self.rows, self.spec = teacher_path, rows, spec
+        self.urls, self.remote = list(urls), {}  # engine remote: the servers, client options
         self.vllm_settings = vllm_settings
         self.device, self.batch_size = device, batch_size
         self.tokenizer = load_tokenizer(teacher_path)
@@ -141,6 +120,8 @@ class _Job:
 
     @property
     def model(self):
+        if self._model is None and self.spec.engine == "remote":
+            self._model = remote_scorer(self.urls, self.tokenizer, self.spec.topk, self.remote)
         if self._model is None:
             self._model = load_causal_lm(
                 self.teacher_path, dtype=self.spec.teacher_dtype, device=self.device
@@ -185,7 +166,10 @@ class _Job:
                 completions = [enc.completion_ids(enc.row_completion(r)) for r in src]
             if spec.engine != "vllm":
                 batch = assemble(prompts, completions, pad_id=tok.pad_token_id).to(self.device)
-                scores = score_rows(self.model, batch, self.vocab_size, spec.topk)
+                if spec.engine == "remote":
+                    scores = remote_records(self.model, batch, spec.topk)
+                else:
+                    scores = score_rows(self.model, batch, self.vocab_size, spec.topk)
             for (p, j), row, pids, cids, rec in zip(chunk, src, prompts, completions, scores):
                 finished = bool(cids) and cids[-1] in enc.end_ids
                 text_ids = cids[:-1] if finished else cids
@@ -305,10 +289,20 @@ def build_cache(
     device: str = "auto",
     on_shard: Callable[[int], None] | None = None,
     vllm_settings=None,
+    urls: list[str] | tuple = (),
+    remote: dict | None = None,
 ) -> dict:
     """Write (or finish) the cache in `out`; returns its manifest.
 
-    `vllm_settings` (a `VllmConfig`) sizes the engine of `spec.engine == "vllm"`."""
+    `vllm_settings` (a `VllmConfig`) sizes the engine of `spec.engine == "vllm"`. `urls`
+    (`opd score --endpoint`): the rows are scored by those servers (`opd serve` or vLLM,
+    replicas of one teacher: `engine: remote`), `teacher` is then the tokenizer the rows
+    are encoded in (the servers' own, checked at connect) and `remote` the client's
+    `token_env`, `timeout_s`, `max_retries`."""
+    if urls:
+        if spec.mode != "score":
+            raise ValueError("teacher servers score given completions: opd score --endpoint")
+        spec = CacheSpec(**{**asdict(spec), "engine": "remote"})
     out, device = Path(out), resolve_device(device)
     make_dir("--out", out)  # a path mistake fails before the rows and the teacher load
     rows = load_rows(prompts)
@@ -320,7 +314,8 @@ def build_cache(
         from opd.config.parse import VllmConfig
 
         vllm_settings = VllmConfig(gpu_memory_utilization=0.9)  # no trainer shares the GPU
-    job = _Job(teacher, rows, spec, device, batch_size, vllm_settings)
+    job = _Job(teacher, rows, spec, device, batch_size, vllm_settings, urls)
+    job.remote = remote or {}
     job.check_prompts(str(prompts))  # before the teacher model loads
     vocab = len(job.tokenizer)
     if spec.topk > vocab:
@@ -331,7 +326,9 @@ def build_cache(
         "format": FORMAT,
         "version": VERSION,
         "spec": asdict(spec),
-        "teacher": model_identity(teacher),
+        "teacher": {"path": ", ".join(urls), "model": job.model.model}
+        if urls
+        else model_identity(teacher),
         "tokenizer": {
             "fingerprint": tokenizer_fingerprint(job.tokenizer),
             "vocab_size": vocab,
@@ -371,7 +368,7 @@ def build_cache(
                 seconds=round(time.perf_counter() - t0, 3),
             )
             manifest["shards"] = sorted([*manifest["shards"], entry], key=lambda e: e["index"])
-            if spec.engine != "vllm":  # the engine's model is not loaded as a torch module
+            if spec.engine not in ("vllm", "remote"):  # no torch module here
                 manifest["teacher"].setdefault(
                     "num_parameters", sum(p.numel() for p in job.model.parameters())
                 )
@@ -393,4 +390,6 @@ def build_cache(
         bar.close()
     finally:
         lock.close()  # releases the lock (a killed process releases it too)
+        if urls:
+            job.model.close()
     return manifest

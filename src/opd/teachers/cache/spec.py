@@ -33,13 +33,14 @@ class CacheSpec:
     shard_size: int = 256  # prompts per shard
     teacher_dtype: str = "float32"
     # hf: opd's sampler + a Hugging Face forward | vllm: one vLLM engine | endpoint: an
-    # OpenAI-compatible server (opd.teachers.cache.endpoint)
+    # OpenAI-compatible server (opd.teachers.cache.endpoint) | remote: `opd serve` or vLLM
+    # servers scoring given completions (`opd score --endpoint`, opd.teachers.cache.scoring)
     engine: str = "hf"
 
     def __post_init__(self):
         checks = {
             "mode": self.mode in ("generate", "score"),
-            "engine": self.engine in ("hf", "vllm", "endpoint"),
+            "engine": self.engine in ("hf", "vllm", "endpoint", "remote"),
             "chat_template": self.chat_template in ("auto", "on", "off"),
             "logprob_dtype": self.logprob_dtype in LOGPROB_DTYPES,
             "teacher_dtype": self.teacher_dtype in ("float32", "bfloat16", "float16"),
