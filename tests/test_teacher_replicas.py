@@ -11,6 +11,7 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from opd.run.checkpoint import latest_checkpoint, load_trainer_state
 from opd.run.loop import train
 from opd.run.metrics import read_metrics
 from opd.teachers.remote import RemoteTeacher
+from opd.teachers.routing import RoutedTeacher, column_route
 from serve_util import TOKEN, close, random_seqs, start_serve_processes, start_server
 
 
@@ -232,3 +234,28 @@ def test_all_replicas_killed_exit_3_then_resume(
     finally:
         back.stop()
     assert [r["step"] for r in read_metrics(data["output_dir"])] == [1, 2, 3, 4]
+
+
+def test_a_routed_teachers_failovers_are_counted_as_its_own(tiny_pair, servers):
+    """Several teachers, one with replicas: a replica that dies after connect costs that
+    teacher a failover in the step record (the other none), and its rows are still scored
+    as the live replica scores them."""
+    spare, _ = start_server(tiny_pair[0], model=load_causal_lm(str(tiny_pair[0])))
+    far, near = remote([servers[0], spare.url], max_retries=1), remote([servers[1]])
+    try:
+        route = column_route("d", {"x": "far"}, "near", ["far", "near"])
+        routed = RoutedTeacher({"far": far, "near": near}, route)
+        plain = a_batch(far.vocab_size)
+        rows = [{"d": "x" if r % 3 else "y"} for r in range(plain.size)]
+        batch = replace(plain, rows=rows)
+        spare.stop()  # dies after connect: its share of far's rows fails over
+        got = routed.score(batch, "token")
+        record = routed.step_record()
+        assert record["teacher_far_failovers"] >= 1 and record["teacher_near_failovers"] == 0
+        with remote([servers[2]]) as other:  # every replica serves the same model
+            want = other.score(batch, "token")
+        mask = batch.loss_mask()
+        close(got.token_logprobs[mask], want.token_logprobs[mask])
+    finally:
+        far.close()
+        near.close()
