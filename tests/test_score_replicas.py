@@ -134,3 +134,16 @@ def test_a_replica_killed_mid_run_has_its_rows_scored_by_the_other(
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+
+
+def test_score_endpoint_mistakes_are_one_line_errors(tiny_pair, pairs, tmp_path, capsys):
+    from opd.cli import main as cli_main
+
+    base = ["score", "--prompts", str(pairs), "--out", str(tmp_path / "c")]
+    assert cli_main([*base, "--endpoint", "http://127.0.0.1:9"]) == 2
+    assert "needs --tokenizer" in capsys.readouterr().err
+    both = [*base, "--endpoint", "http://127.0.0.1:9", "--teacher", str(tiny_pair[0])]
+    assert cli_main(both) == 2
+    assert "not both" in capsys.readouterr().err
+    assert cli_main(base) == 2
+    assert "--teacher (a model) or --endpoint" in capsys.readouterr().err
