@@ -17,6 +17,7 @@ from opd.modeling.hf import completion_logits, token_logprobs
 from opd.objectives.plain import per_token_loss, scored_mask
 from opd.teachers.cross_tokenizer.teacher import CrossTokenizerTeacher
 from opd.teachers.local import LocalTeacher
+from opd.teachers.routing import RoutedTeacher, column_route
 from real_format import build_tokenizer
 from sp_format import build_sp_tokenizer, tiny_model
 
@@ -261,3 +262,37 @@ def test_collisions_merge_and_unmapped_mass_goes_to_the_tail(crossed):
     where = int((vm.student_ids == s_a).nonzero())
     assert math.isclose(float(mapped[0, where].exp()), 0.6, rel_tol=1e-12)
     assert math.isclose(float(mapped.exp().sum()), 0.6, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("need", ["token", "topk"])
+def test_routed_rows_keep_their_teachers_spans(crossed, need):
+    """Several teachers, one of another tokenizer: each row's loss is its own teacher's
+    (the routed scores keep `aligned` and `span_end`, whole rows for the other teacher)."""
+    s_tok, t_tok, s_enc, student, _t_model, cross = crossed
+    spans = CrossTokenizerTeacher(
+        cross.inner, student_tokenizer=s_tok, teacher_tokenizer=t_tok, student_encoder=s_enc,
+        teacher_encoder=cross.t_encoder, span_kd="span",
+    )  # fmt: skip
+    same = LocalTeacher(tiny_model(s_tok, seed=3, hidden=48, scale=4.0).double(), len(s_tok))
+    rows = [{**r, "domain": d} for r, d in zip(ROWS, ["x", "y", "x"], strict=True)]
+    batch = batch_of(s_tok, s_enc, rows=rows)
+    teachers = {"cross": spans, "same": same}
+    route = column_route("domain", {"x": "cross", "y": "same"}, "cross", list(teachers))
+    k = 16 if need == "topk" else 0
+    loss = (
+        LossConfig(objective="pg", discount=0.9)
+        if need == "token"
+        else LossConfig(objective="kd", estimator="topk", divergence="reverse_kl", topk=k)
+    )
+    got = RoutedTeacher(teachers, route).score(batch, need, k)
+    assert got.aligned is not None and got.span_end is not None
+    assert got.aligned[1].all()
+    own = torch.arange(batch.completion_width) if need == "token" else torch.full_like(got.span_end[1], -1)
+    assert got.span_end[1].equal(own)
+    routed_v, _ = losses(student, batch, got, loss)
+    for name, want_rows in (("cross", [0, 2]), ("same", [1])):
+        want_v, _ = losses(student, batch, teachers[name].score(batch, need, k), loss)
+        for r in want_rows:
+            assert math.isclose(
+                float(routed_v[r].sum()), float(want_v[r].sum()), rel_tol=1e-6, abs_tol=1e-6
+            ), (name, r)

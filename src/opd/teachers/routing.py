@@ -116,15 +116,18 @@ class RoutedTeacher:
                 sub = subset(batch, rows)
                 parts[name] = (sub, self.teachers[name].score(sub, need, topk, **kw))
                 self._stats[name][2] += time.perf_counter() - started[name]
-        out = None
+        out, done = None, []
         for name, (sub, result) in parts.items():
             scores = result if isinstance(result, TeacherScores) else result.result()
+            done.append((name, scores))
             if not isinstance(result, TeacherScores):
                 self._stats[name][2] += time.perf_counter() - started[name]
             stats = self._stats[name]
             stats[0] += len(groups[name])
             stats[1] += sub.num_target_tokens()
-            out = _scatter(out, scores, groups[name], batch.size)
+            out = _scatter(out, scores, groups[name], batch.size, need)
+        if any(p[1].topk_tail_logmass is None for p in done):
+            out.topk_tail_logmass = None  # the loss infers every row's tail alike
         out.tokens_scored = batch.num_target_tokens()
         out.routes = groups
         return out
@@ -221,19 +224,36 @@ def manifest(teacher) -> dict:
     return {"kind": type(teacher).__name__, "model": name or ""}
 
 
-def _scatter(out: TeacherScores | None, part: TeacherScores, rows: list[int], size: int):
+def _scatter(
+    out: TeacherScores | None, part: TeacherScores, rows: list[int], size: int, need: str
+):
     """Put `part` (scores of `rows`) into `out`, a `size`-row `TeacherScores` made on first use."""
     index = torch.tensor(rows, dtype=torch.long)
     if out is None:
         out = TeacherScores()
-    for field in ("logits", "token_logprobs", "topk_ids", "topk_logprobs"):
+    fields = ("logits", "token_logprobs", "topk_ids", "topk_logprobs", "topk_tail_logmass")
+    for field in (*fields, "aligned", "span_end"):
         value = getattr(part, field)
         if value is None:
             continue
         full = getattr(out, field)
         if full is None:
-            # rows no teacher wrote stay finite: every row is written by exactly one teacher
-            full = torch.zeros((size, *value.shape[1:]), dtype=value.dtype, device=value.device)
+            full = _filled(field, (size, *value.shape[1:]), value, need)
             setattr(out, field, full)
         full.index_copy_(0, index.to(value.device), value)
     return out
+
+
+def _filled(field: str, shape, like: torch.Tensor, need: str) -> torch.Tensor:
+    """Rows no teacher wrote yet: finite zeros (every row is written by exactly one
+    teacher). A teacher with another tokenizer (opd.teachers.cross_tokenizer) says which
+    positions it scored (`aligned`) and where spans end (`span_end`); the rows of one that
+    does not keep these defaults: every position scored, each token its own span for
+    `token` scores, no span term (-1) for kd scores (`TeacherScores`)."""
+    if field == "aligned":
+        return torch.ones(shape, dtype=torch.bool, device=like.device)
+    if field == "span_end":
+        if need != "token":
+            return torch.full(shape, -1, dtype=torch.long, device=like.device)
+        return torch.arange(shape[1], device=like.device).expand(shape).clone()
+    return torch.zeros(shape, dtype=like.dtype, device=like.device)
