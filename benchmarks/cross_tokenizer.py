@@ -1,49 +1,54 @@
-"""On-policy distillation from a teacher with another tokenizer vs the same teacher with the
-student's tokenizer, on the demo's task.
+"""On-policy distillation from teachers with another tokenizer vs the same teacher with the
+student's tokenizer, on the demo's task; TRL's GOLD on the same pair beside it.
 
     python benchmarks/cross_tokenizer.py                        # builds the demo's quick models
     python benchmarks/cross_tokenizer.py --steps 40 --seeds 0 1 2 --eval-size 256
+    /work/main/.venv/bin/python benchmarks/cross_tokenizer.py   # an environment with TRL: + GOLD
 
-Two teachers of equal skill by construction: the demo's teacher (the student's character
-tokenizer) and the *same weights* behind another tokenizer, in which every character has
-another id (a permuted vocabulary, embedding and head rows permuted with it) and the special
-tokens have other names (`[EOS]` for `<eos>`). So any difference in the students' gains is
-the cross-tokenizer path's: the teacher's batch re-rendered in its tokens, its log-probs
-brought back by byte alignment. Both vocabularies cut text into characters, so every span
-is one token on each side: this measures the machinery, not the approximation of kd across
-multi-token spans (pg, the estimator run here, is exact for any spans).
+Teachers (`cross_tokenizer_teachers.py`):
+
+  A         the demo's teacher, the student's character tokenizer
+  permuted  A's weights behind a permuted character vocabulary with renamed specials:
+            equal skill by construction, every span one token on each side (the machinery)
+  merged    trained here with A's architecture, recipe and stopping rule on the demo's data,
+            in a tokenizer that writes each step label with its digit as one token (`a7`,
+            `#4`): every completion step is a span of two student tokens and one teacher
+            token (few one-to-one positions); skill measured, not constructed
 
 Runs, each from the same student with the same prompts, seeds and updates:
 
-  same     on_policy (pg), teacher A: the shared-vocabulary path
-  cross    on_policy (pg), teacher B (another tokenizer): the alignment path
-  forced   on_policy (pg), teacher A forced through alignment (cross_tokenizer.when=always):
-           its step time against `same` is the alignment's overhead
+  same           on_policy (pg), teacher A: the shared-vocabulary path
+  permuted       on_policy (pg), the permuted teacher: the alignment path
+  merged         on_policy (pg), the merged teacher: exact span log-probs across real spans
+  merged_kd      top-k reverse-KL kd from the merged teacher, cross_tokenizer.span_kd=masked
+  merged_kd_span the same with span_kd=span (pg's span term inside multi-token spans)
+  forced         on_policy (pg), teacher A forced through alignment: its step time against
+                 `same` is the alignment's overhead
+  same_d1,       (with --runs only) same and merged with loss.discount=1: each token's
+  merged_d1      advantage is the whole return, so a span's reward reaches all its tokens
+  gold           TRL's GOLDTrainer (ULD) from the merged teacher (`cross_tokenizer_gold.py`),
+                 when TRL imports: the same prompts, batch, steps, learning rate, on-policy
 
 Reported per run: greedy exact-match accuracy on the eval split before and after, the gain,
-time per step and its teacher-scoring share; then the gain ratio cross / same (goal >= 0.9)
-with mean and spread over seeds, and the overhead (goal <= 10% of step time): measured
-directly as the median time of one step batch's alignment work (teacher batch built, scores
-mapped back; no forward) over the `same` run's step time, and end to end as the `forced`
-run's step time against `same` (noisy on a shared machine).
-
-TRL's GOLD trainer is not run by this script (the report records whether
-`trl.experimental.gold` imports at all; it did not in the environment the figures in
-`benchmarks/README.md` come from, where TRL is not installed).
+time per step; then, over seeds, each run's gain and its ratio to `same` (goal >= 0.9 for
+the cross runs) as mean ± sd, and the alignment overhead (goal <= 10% of step time),
+measured directly as the median time of one step batch's alignment work (teacher batch
+built, scores mapped back; no forward) over the `same` run's step time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cross_tokenizer_teachers import merged_teacher, permuted_teacher
 
 from opd.cli.demo.build import BuildConfig, build_models
 from opd.cli.demo.task import make_examples
@@ -52,52 +57,37 @@ from opd.modeling.hf import load_tokenizer
 from opd.run.loop import train
 from opd.run.metrics import read_metrics
 
-RENAMED = {"<pad>": "[PAD]", "<eos>": "[EOS]", "<unk>": "[UNK]"}
-
-
-def permuted_teacher(teacher_dir: Path, out: Path, seed: int = 0) -> Path:
-    """Teacher A's weights behind a tokenizer with other ids and other special names."""
-    tok = load_tokenizer(str(teacher_dir))
-    vocab = tok.get_vocab()
-    old_ids = sorted(vocab.values())
-    new_ids = old_ids[:]
-    random.Random(seed).shuffle(new_ids)
-    remap = dict(zip(old_ids, new_ids, strict=True))  # old id -> new id
-    by_id = {i: t for t, i in vocab.items()}
-    new_vocab = {RENAMED.get(by_id[o], by_id[o]): remap[o] for o in old_ids}
-    core = Tokenizer(models.WordLevel(vocab=new_vocab, unk_token=RENAMED.get(tok.unk_token)))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    new_tok = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token=RENAMED[tok.pad_token],
-        eos_token=RENAMED[tok.eos_token],
-        unk_token=RENAMED[tok.unk_token],
-    )
-    model = AutoModelForCausalLM.from_pretrained(teacher_dir)
-    order = torch.tensor([o for o, _ in sorted(remap.items(), key=lambda kv: kv[1])])
-    with torch.no_grad():
-        emb = model.get_input_embeddings().weight
-        emb.copy_(emb[order].clone())
-        head = model.get_output_embeddings().weight
-        if head.data_ptr() != emb.data_ptr():
-            head.copy_(head[order].clone())
-    model.config.pad_token_id = new_tok.pad_token_id
-    model.config.eos_token_id = new_tok.eos_token_id
-    model.save_pretrained(out)
-    new_tok.save_pretrained(out)
-    return out
+# on-policy top-k kd: the on_policy preset's samples (source.lmbda=1), not its estimator
+KD = {
+    "preset": None,
+    "source": {"lmbda": 1.0},
+    "loss": {"objective": "kd", "estimator": "topk", "topk": 16, "divergence": "reverse_kl"},
+}
+# name -> (teacher key, config overrides)
+RUNS = {
+    "same": ("A", {}),
+    "permuted": ("permuted", {}),
+    "merged": ("merged", {}),
+    "merged_kd": ("merged", {**KD, "cross_tokenizer": {"span_kd": "masked"}}),
+    "merged_kd_span": ("merged", {**KD, "cross_tokenizer": {"span_kd": "span"}}),
+    "forced": ("A", {"cross_tokenizer": {"when": "always"}}),
+    # not run by default (--runs): pg with the whole return (discount 1) as the advantage,
+    # so a span's reward reaches every earlier token, not only the span's last one
+    "same_d1": ("A", {"loss": {"discount": 1.0}}),
+    "merged_d1": ("merged", {"loss": {"discount": 1.0}}),
+}
+DEFAULT_RUNS = ["same", "permuted", "merged", "merged_kd", "merged_kd_span", "forced", "gold"]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def run(name: str, common: dict, teacher: Path, out: Path, seed: int, forced=False) -> dict:
+def run(name: str, common: dict, teacher: Path, out: Path, seed: int, extra: dict) -> dict:
     run_dir = out / f"{name}-seed{seed}"
-    data = {**common, "seed": seed, "output_dir": str(run_dir)}
+    data = {**common, "seed": seed, "output_dir": str(run_dir), **extra}
+    data = {k: v for k, v in data.items() if v is not None}
     data["teacher"] = {"path": str(teacher)}
-    data["cross_tokenizer"] = {"when": "always" if forced else "auto"}
     if run_dir.exists():
         import shutil
 
@@ -117,7 +107,8 @@ def run(name: str, common: dict, teacher: Path, out: Path, seed: int, forced=Fal
     }
     out_["gain"] = out_["accuracy_after"] - out_["accuracy_before"]
     if "xtok_aligned_frac" in records[-1]:
-        out_["aligned_frac"] = statistics.mean(r["xtok_aligned_frac"] for r in steps)
+        for key in ("aligned_frac", "one_to_one_frac", "mean_span_len"):
+            out_[key] = round(statistics.mean(r[f"xtok_{key}"] for r in steps), 4)
         out_["rows_masked"] = sum(r["xtok_rows_masked"] for r in steps)
     return out_
 
@@ -163,39 +154,69 @@ def spread(values: list[float]) -> str:
     return f"{mean:.3f} ± {sd:.3f} (n={len(values)})"
 
 
-def gold_available() -> str:
+def gold_available() -> str | None:
+    """None when `trl.experimental.gold` imports, else why not."""
     try:
         import trl.experimental.gold  # noqa: F401
     except Exception as err:  # not installed, or an older TRL
-        return f"not run: {type(err).__name__}: {err}"
-    return "importable, not run by this script"
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def run_gold_seed(args, student: Path, teacher: Path, out: Path, seed: int, eval_rows) -> dict:
+    """GOLD from `teacher` with this run's budget; accuracies by the demo's greedy decoding
+    (`greedy_accuracy`), the same greedy exact match opd's eval reports."""
+    from cross_tokenizer_gold import run_gold
+    from transformers import AutoModelForCausalLM
+
+    from opd.cli.demo.pretrain import greedy_accuracy
+
+    rows = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
+    max_new = args.max_new_tokens
+    initial = AutoModelForCausalLM.from_pretrained(student).eval()
+    before = greedy_accuracy(initial, load_tokenizer(str(student)), eval_rows, max_new)
+    model, tok, info = run_gold(
+        student, teacher, rows, out / f"gold-seed{seed}", steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, max_new_tokens=max_new,
+        seed=seed, extended=False,
+    )  # fmt: skip
+    after = greedy_accuracy(model, tok, eval_rows, max_new)
+    steps = max(args.steps, 1)
+    return {"accuracy_before": before, "accuracy_after": after, "gain": after - before,
+            "seconds": info["seconds"], "step_s": info["seconds"] / steps,
+            "uld": "positional (use_extended_uld=False)"}  # fmt: skip
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "opd" / "demo"))
     parser.add_argument("--out", default="runs/cross_tokenizer")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--steps", type=int, default=40)  # the demo's quick recipe
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=5, help="linear warm-up steps")
     parser.add_argument("--eval-size", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=72)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, choices=[*RUNS, "gold"])
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     models_ = build_models(args.cache_dir, seed=0, config=BuildConfig.preset(quick=True))
-    teacher_a = Path(models_["teacher_dir"])
-    teacher_b = permuted_teacher(teacher_a, out / "teacher-other-tokenizer")
+    student = Path(models_["student_dir"])
+    teachers = {"A": Path(models_["teacher_dir"])}
+    teachers["permuted"] = permuted_teacher(teachers["A"], out / "teacher-permuted")
+    teachers["merged"], merged_meta = merged_teacher(out / "teacher-merged", seed=0)
     write_jsonl(out / "train.jsonl", make_examples(args.steps * args.batch_size, 0, "train"))
-    write_jsonl(out / "eval.jsonl", make_examples(args.eval_size, 0, "eval"))
+    eval_rows = make_examples(args.eval_size, 0, "eval")
+    write_jsonl(out / "eval.jsonl", eval_rows)
     common = {
         "preset": "on_policy",
-        "student": {"path": str(models_["student_dir"])},
+        "student": {"path": str(student)},
         "data": {"train": str(out / "train.jsonl"), "eval": str(out / "eval.jsonl")},
         "sampling": {"temperature": 1.0, "max_new_tokens": args.max_new_tokens},
-        "optim": {"lr": args.lr, "max_grad_norm": 1.0},
+        "optim": {"lr": args.lr, "warmup_steps": args.warmup, "max_grad_norm": 1.0},
         "steps": args.steps,
         "batch_size": args.batch_size,
         "micro_batch_size": args.batch_size,
@@ -204,34 +225,39 @@ def main(argv=None) -> int:
         "eval_metric": "opd.cli.demo.task:exact_match",
         "device": args.device,
     }
-    report = {"args": vars(args), "gold": gold_available(), "runs": {}}
+    gold_missing = gold_available() if "gold" in args.runs else "not asked for"
+    report = {
+        "args": vars(args),
+        "teachers": {"A": models_["meta"]["teacher"]["eval_accuracy"], "merged": merged_meta},
+        "gold": gold_missing or "run",
+        "runs": {},
+    }
+    names = [n for n in args.runs if n != "gold" or gold_missing is None]
     for seed in args.seeds:
-        for name, teacher, forced in (
-            ("same", teacher_a, False),
-            ("cross", teacher_b, False),
-            ("forced", teacher_a, True),
-        ):
-            result = run(name, common, teacher, out, seed, forced)
+        for name in names:
+            if name == "gold":
+                result = run_gold_seed(args, student, teachers["merged"], out, seed, eval_rows)
+            else:
+                key, extra = RUNS[name]
+                result = run(name, common, teachers[key], out, seed, extra)
             report["runs"][f"{name}/seed{seed}"] = result
             print(json.dumps({"run": name, "seed": seed, **result}), flush=True)
-    by = {n: [report["runs"][f"{n}/seed{s}"] for s in args.seeds] for n in ("same", "cross", "forced")}
-    ratios = [c["gain"] / s["gain"] for s, c in zip(by["same"], by["cross"]) if s["gain"] > 0]
-    overhead = [
-        (f["step_s"] - s["step_s"]) / s["step_s"] for s, f in zip(by["same"], by["forced"])
-    ]
-    align_s = alignment_seconds(
-        Path(models_["student_dir"]), teacher_b, make_examples(args.batch_size, 1, "train")
-    )
-    report["summary"] = {
-        "alignment_s_per_step_batch": round(align_s, 5),
-        "alignment_share_of_same_step": spread([align_s / r["step_s"] for r in by["same"]]),
-        "gain_same": spread([r["gain"] for r in by["same"]]),
-        "gain_cross": spread([r["gain"] for r in by["cross"]]),
-        "gain_ratio_cross_over_same": spread(ratios) if ratios else "same run gained nothing",
-        # end-to-end step time difference: noisy on a shared machine (see README)
-        "forced_minus_same_step_time_over_same": spread(overhead),
-    }
-    print(json.dumps(report["summary"], indent=2))
+    by = {n: [report["runs"][f"{n}/seed{s}"] for s in args.seeds] for n in names}
+    summary = {f"gain_{n}": spread([r["gain"] for r in rs]) for n, rs in by.items()}
+    if "same" in by:
+        for n in names:
+            pairs = [(s["gain"], r["gain"]) for s, r in zip(by["same"], by[n]) if s["gain"] > 0]
+            if n != "same" and pairs:
+                summary[f"gain_ratio_{n}_over_same"] = spread([g / s for s, g in pairs])
+        align_s = alignment_seconds(student, teachers["merged"], make_examples(args.batch_size, 1, "train"))
+        summary["alignment_s_per_step_batch_merged"] = round(align_s, 5)
+        summary["alignment_share_of_same_step"] = spread([align_s / r["step_s"] for r in by["same"]])
+    if "forced" in by and "same" in by:
+        summary["forced_minus_same_step_time_over_same"] = spread(
+            [(f["step_s"] - s["step_s"]) / s["step_s"] for s, f in zip(by["same"], by["forced"])]
+        )
+    report["summary"] = summary
+    print(json.dumps(summary, indent=2))
     (out / "results.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {out / 'results.json'}")
     return 0
