@@ -296,3 +296,31 @@ def test_routed_rows_keep_their_teachers_spans(crossed, need):
             assert math.isclose(
                 float(routed_v[r].sum()), float(want_v[r].sum()), rel_tol=1e-6, abs_tol=1e-6
             ), (name, r)
+
+
+def test_a_teacher_token_the_student_lacks_maps_to_the_students_first_token(crossed):
+    """`b2`-like teacher tokens (bytes no student token spells) count as the student's first
+    token of their text, not as tail mass (which would be another event)."""
+    s_tok, t_tok, _s_enc, _student, _t_model, cross = crossed
+    vm, s_table = cross.vocab, cross.s_table
+    student_bytes = {p for p in s_table.table if p is not None}
+    lacking = []
+    for tid, piece in enumerate(cross.t_table.table):
+        if piece is None or piece in student_bytes:
+            continue
+        try:
+            text = piece.decode("utf-8")
+        except UnicodeDecodeError:
+            assert int(vm.t2s[tid]) == -1  # a byte-fallback piece: no text, the tail
+            continue
+        first = s_tok(text, add_special_tokens=False).input_ids[0]
+        assert int(vm.t2s[tid]) == first, (t_tok.convert_ids_to_tokens(tid), text)
+        lacking.append((tid, first))
+    assert len(lacking) >= 5  # the pair really has such tokens
+    (tid, first), (tid2, _) = lacking[0], lacking[1]
+    full = torch.full((1, len(t_tok)), -math.inf, dtype=torch.float64)
+    full[0, tid], full[0, tid2] = math.log(0.7), math.log(0.3)
+    mapped = vm.full(full)
+    where = int((vm.student_ids == first).nonzero())
+    assert float(mapped[0, where].exp()) >= 0.7 - 1e-12
+    assert math.isclose(float(mapped.exp().sum()), 1.0, rel_tol=1e-12)  # nothing left to the tail

@@ -74,8 +74,8 @@ def cross_teacher(config, inner, student_tok, teacher_tok, student_encoder, wher
     )
     log.info(
         "teacher %s has another tokenizer or chat template: scoring by byte alignment "
-        "(prompt_template=%s; %.0f%% of the student's vocabulary has a teacher token of the "
-        "same bytes)",
+        "(prompt_template=%s; %.0f%% of the student's vocabulary receives the mass of some "
+        "teacher token: one of the same bytes, or a longer one the student begins with it)",
         where,
         config.cross_tokenizer.prompt_template,
         100 * teacher.vocab.coverage(len(student_tok)),

@@ -61,7 +61,11 @@ class CrossTokenizerTeacher:
             teacher_encoder.stop_id,
         )
         self.vocab = VocabMap(
-            self.s_table, self.t_table, student_encoder.stop_id, teacher_encoder.stop_id
+            self.s_table,
+            self.t_table,
+            student_encoder.stop_id,
+            teacher_encoder.stop_id,
+            self._student_first,
         )
         self.stats = AlignmentStats()
         if hasattr(inner, "submit"):  # a remote teacher: scoring can start without waiting
@@ -72,6 +76,10 @@ class CrossTokenizerTeacher:
         """Whether the loop may score a micro-batch ahead beside a backward
         (`opd.run.score_ahead`): as the wrapped teacher says."""
         return bool(getattr(self.inner, "overlaps", False))
+
+    def _student_first(self, text: str) -> int | None:
+        ids = self.student_tok(text, add_special_tokens=False, split_special_tokens=True).input_ids
+        return ids[0] if ids and self.s_table.get(ids[0]) is not None else None
 
     def _encode(self, text: str) -> list[int]:
         return self.teacher_tok(text, add_special_tokens=False, split_special_tokens=True).input_ids

@@ -3,9 +3,14 @@
 At a position where one student token and one teacher token cover the same bytes after
 the same prefix, both models predict "which token comes next" over the same text. A teacher
 token maps to the student token of the same bytes; several teacher tokens of the same
-bytes (a piece and its `<0xNN>` spelling) merge into one entry (their probabilities add);
-teacher tokens without a student counterpart keep their mass in the tail bucket of the
-sparse divergence (`opd.losses.sparse`). Special tokens map by their text (`<|im_end|>` to
+bytes (a piece and its `<0xNN>` spelling) merge into one entry (their probabilities add).
+A teacher token no student token spells (`b2` where the student has `b` and `2`) maps to
+the first token of the student's own tokenization of its text: the student would begin
+that text with it, so the teacher's mass on `b2` is mass on "the student's next token is
+`b`" (leaving it in the tail would compare it with the student's mass off the teacher's
+list, another event). Teacher tokens whose bytes are no text (a byte-fallback piece of a
+character) keep their mass in the tail bucket of the sparse divergence
+(`opd.losses.sparse`). Special tokens map by their text (`<|im_end|>` to
 `<|im_end|>`), and the teacher's end-of-turn token to the student's stop token.
 
 This is approximate where the vocabularies differ: P_T(" the") in a vocabulary without
@@ -26,7 +31,17 @@ from opd.teachers.cross_tokenizer.align import ByteTable
 
 
 class VocabMap:
-    def __init__(self, student: ByteTable, teacher: ByteTable, student_stop: int, teacher_end: int):
+    def __init__(
+        self,
+        student: ByteTable,
+        teacher: ByteTable,
+        student_stop: int,
+        teacher_end: int,
+        student_first=None,
+    ):
+        """`student_first(text) -> id | None`: the first token of the student's own
+        tokenization of a teacher token's text, for teacher tokens no student token spells
+        (module doc); None leaves them to the tail."""
         by_bytes: dict[bytes, int] = {}
         for sid, piece in enumerate(student.table):
             if piece is None:
@@ -37,7 +52,10 @@ class VocabMap:
         t2s = []
         for tid, piece in enumerate(teacher.table):
             if piece is not None:
-                t2s.append(by_bytes.get(piece, -1))
+                sid = by_bytes.get(piece, -1)
+                if sid < 0 and student_first is not None:
+                    sid = _first(student_first, piece)
+                t2s.append(sid)
             else:
                 t2s.append(student_specials.get((teacher.specials or {}).get(tid), -1))
         if 0 <= teacher_end < len(t2s) and t2s[teacher_end] < 0:
@@ -88,3 +106,14 @@ class VocabMap:
         safe = torch.where(top > -math.inf, top, torch.zeros_like(top))
         total = torch.zeros_like(top).scatter_add(1, g, torch.exp(lp - safe.gather(1, g)))
         return torch.where(total > 0, safe + torch.log(total), torch.full_like(top, -math.inf))
+
+
+def _first(student_first, piece: bytes) -> int:
+    """The student's first token of `piece` as text; -1 for bytes that are no text (a
+    byte-fallback piece of a character) or text the student does not begin with a token."""
+    try:
+        text = piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return -1
+    sid = student_first(text) if text else None
+    return -1 if sid is None else sid
