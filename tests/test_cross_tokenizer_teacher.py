@@ -13,6 +13,7 @@ from opd.data.batch import assemble
 from opd.data.encoding import Encoder
 from opd.losses import distill_advantages
 from opd.losses.kinds import KINDS
+from opd.losses.sampled import span_sums
 from opd.modeling.hf import completion_logits, token_logprobs
 from opd.objectives.plain import per_token_loss, scored_mask
 from opd.teachers.cross_tokenizer.teacher import CrossTokenizerTeacher
@@ -130,9 +131,26 @@ def test_rewards_sum_to_sequence_log_ratio(crossed):
     assert (scores.span_end != torch.arange(batch.completion_width)).any()  # multi-token spans
     logits = completion_logits(student, batch, len(s_tok))
     s_lp = token_logprobs(logits, batch.completion_ids()).double()
-    rewards = distill_advantages(
+    # rewards: each span's log-ratio at its last token; advantages: a span is one action,
+    # every one of its tokens takes its span's reward
+    span_end = torch.where(scores.aligned, scores.span_end, -1)
+    diff = torch.where(scores.aligned, scores.token_logprobs.double() - s_lp, 0.0)
+    rewards = span_sums(diff, span_end)
+    advantages = distill_advantages(
         s_lp, scores.token_logprobs.double(), scores.aligned, 0.0, scores.span_end
     )
+    want = torch.where(span_end >= 0, rewards.gather(-1, span_end.clamp(min=0)), 0.0)
+    assert torch.equal(advantages, want)
+    # discount 0.9: the return from the span's end, for each of the span's tokens
+    returns, running = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    for t in range(rewards.shape[1] - 1, -1, -1):
+        running = rewards[:, t] + 0.9 * running
+        returns[:, t] = running
+    want9 = torch.where(span_end >= 0, returns.gather(-1, span_end.clamp(min=0)), 0.0)
+    got9 = distill_advantages(
+        s_lp, scores.token_logprobs.double(), scores.aligned, 0.9, scores.span_end
+    )
+    assert torch.allclose(got9, want9, atol=1e-12, rtol=0)
     eot = t_tok.convert_tokens_to_ids("<|eot_id|>")
     P = batch.prompt_width
     for b, (row, text) in enumerate(zip(ROWS, TEXTS, strict=True)):

@@ -27,9 +27,9 @@ class CrossTokenizerConfig:
             or teacher tokens, where no single-token distributions compare: masked (they add
             nothing; what is compared is the mapped distribution at one-to-one positions
             only) | span (the sampled estimator's exact span term, as loss.objective=pg
-            scores it: log p_S(span) - log p_T(span) at the span's last student token, its
-            gradient the score function there, at temperature 1, discount 0, the pg ratio
-            correction)
+            scores it: the span is one action, each of its student tokens takes the
+            advantage log p_T(span) - log p_S(span); at temperature 1, discount 0, the pg
+            ratio correction)
     """
 
     when: Literal["auto", "always"] = "auto"

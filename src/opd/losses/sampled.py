@@ -54,27 +54,37 @@ def distill_advantages(
     value. Returned without gradient. Shapes `[B, T]`.
 
     `span_end_BT` (a teacher with another tokenizer, `opd.teachers.cross_tokenizer`): the
-    teacher's log-prob of a span's text sits at the span's last token, and the student's
-    log-probs are summed over the same span to meet it there: a = log p_T(span text) -
-    log p_S(span tokens) at the span's last token, 0 at its other tokens (they share in it
-    through the discounted return only). Per-token rewards then sum to log p_T(text) -
-    log p_S(y) over a row, and with one token per span this is the per-token advantage.
+    teacher's log-prob of a span's tokens sits at the span's last token, and the student's
+    log-probs are summed over the same span to meet it there: the span's reward r =
+    log p_T(span) - log p_S(span) (`span_sums`; rewards sum to log p_T(text) - log p_S(y)
+    over a row). A span is one action: every one of its tokens takes the advantage at the
+    span's end (r with discount 0, else the discounted return from there), so the gradient
+    is the score function of the whole span's log-prob, not of its last token alone (which
+    left the earlier tokens' choices untrained and collapsed the student in
+    `benchmarks/cross_tokenizer.py`). With one token per span this is the per-token
+    advantage.
     """
     if not 0.0 <= discount <= 1.0:
         raise ValueError(f"discount must be in [0, 1], got {discount}")
     per_token = -(student_logprobs_BT.detach() - teacher_logprobs_BT.detach())
     per_token = torch.where(mask_BT.bool(), per_token, torch.zeros_like(per_token))
+    span_end = None
     if span_end_BT is not None:
         span_end = torch.where(mask_BT.bool(), span_end_BT.to(per_token.device), -1)
         per_token = span_sums(per_token, span_end)
     if discount == 0.0:
-        return per_token
-    returns = torch.zeros_like(per_token)
-    running = torch.zeros_like(per_token[..., 0])
-    for t in range(per_token.shape[-1] - 1, -1, -1):
-        running = per_token[..., t] + discount * running
-        returns[..., t] = running
-    return torch.where(mask_BT.bool(), returns, torch.zeros_like(returns))
+        returns = per_token
+    else:
+        returns = torch.zeros_like(per_token)
+        running = torch.zeros_like(per_token[..., 0])
+        for t in range(per_token.shape[-1] - 1, -1, -1):
+            running = per_token[..., t] + discount * running
+            returns[..., t] = running
+        returns = torch.where(mask_BT.bool(), returns, torch.zeros_like(returns))
+    if span_end is None:
+        return returns
+    at_end = returns.gather(-1, span_end.clamp(min=0))  # each token: its span's advantage
+    return torch.where(span_end >= 0, at_end, torch.zeros_like(at_end))
 
 
 def policy_gradient_loss(

@@ -51,9 +51,9 @@ def with_span_terms(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """kd with a teacher of another tokenizer and `cross_tokenizer.span_kd=span`: inside
     spans of several tokens (`scores.span_end >= 0`) no single-token distributions compare,
-    so the value there is pg's: the span's advantage log p_T(span) - log p_S(span) at its
-    last student token (discount 0, the pg ratio correction), 0 at its other tokens; its k1
-    estimate is logged. `value_BL` (the divergence) is kept elsewhere."""
+    so the value there is pg's: the span is one action, each of its student tokens takes
+    the advantage log p_T(span) - log p_S(span) (discount 0, the pg ratio correction); its
+    k1 estimate is logged. `value_BL` (the divergence) is kept elsewhere."""
     dev = student_lp_BL.device
     in_span = scores.span_end.to(dev).ge(0) & batch.loss_mask().to(dev)
     teacher_lp = scores.token_logprobs.to(dev)
