@@ -42,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from opd.cli.demo.tiny import save_tiny_pair
 from opd.config.parse import config_from_dict
 from opd.modeling.hf import load_causal_lm, load_tokenizer
@@ -63,8 +65,9 @@ class SlowReplica:
         self.control = workdir / f"replica-{time.monotonic_ns()}"
         cmd = [sys.executable, __file__, "--serve", str(teacher_dir)]
         cmd += ["--cost", repr(seconds_per_position), "--control", str(self.control)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
         with open(f"{self.control}.log", "w") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         url_file, deadline = Path(f"{self.control}.url"), time.monotonic() + 120
         while not url_file.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -161,10 +164,18 @@ def main() -> None:
     p.add_argument("--completion-len", type=int, default=96)
     p.add_argument("--student-hidden", type=int, default=256)
     p.add_argument("--timeout", type=float, default=3.0, help="teacher.timeout_s (failover)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the trainer and of each replica: more than 1 on a shared "
+        "2-core box lets OpenMP barriers stall for seconds when other processes run",
+    )
     p.add_argument("--serve", help=argparse.SUPPRESS)  # internal: run one emulated replica
     p.add_argument("--cost", type=float, help=argparse.SUPPRESS)
     p.add_argument("--control", help=argparse.SUPPRESS)
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     if args.serve:
         return serve_slow(args.serve, args.cost, args.control)
     logging.getLogger("opd").setLevel(logging.ERROR)
