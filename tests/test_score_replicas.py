@@ -1,7 +1,7 @@
 """`opd score --endpoint A --endpoint B`: given completions scored by replicas of one
-teacher (`opd serve`, real processes and in-process apps on 127.0.0.1) into the offline
+teacher (in-process `opd serve` apps on 127.0.0.1; the CLI in its own process) into the offline
 cache `opd score --teacher` writes. Rows spread over the servers, scores equal the local
-model's, a replica killed mid-run has its rows scored by the other, and a SIGKILLed CLI
+model's, a replica stopped mid-run has its rows scored by the other, and a SIGKILLed CLI
 run resumes exactly once."""
 
 import json
@@ -18,7 +18,7 @@ import pytest
 from opd.data.cache_format import CacheReader, read_manifest
 from opd.modeling.hf import load_causal_lm
 from opd.teachers.cache.generate import CacheSpec, build_cache
-from serve_util import TOKEN, Forwarder, start_serve_processes, start_server
+from serve_util import TOKEN, Forwarder, start_server
 
 TOL = 1e-5  # float32 both; the server pads rows into its own batches
 
@@ -88,28 +88,27 @@ def test_scores_over_replicas_equal_the_local_teachers(
     assert m["tokenizer"] == read_manifest(local_cache)["tokenizer"]
 
 
-def test_a_replica_killed_mid_run_has_its_rows_scored_by_the_other(
+def test_a_replica_stopped_mid_run_has_its_rows_scored_by_the_other(
     tiny_pair, pairs, local_cache, tmp_path, token
 ):
-    started = start_serve_processes(tiny_pair[0], tmp_path, 2)
+    """In-process replicas (a SIGKILLed replica process is `test_teacher_replicas`'s): one
+    stops after shard 0 and its share moves to the other; then the CLI over two, SIGKILLed
+    mid-run, resumed over a third: every row once, equal to the local model's cache."""
+    model = load_causal_lm(str(tiny_pair[0]))
+    started = [start_server(tiny_pair[0], model=model)[0] for _ in range(3)]
     try:
-        (_, a), (b_proc, b) = started
+        a, b, c = (s.url for s in started)
 
-        def kill_b(index):
+        def stop_b(index):
             if index == 0:
-                b_proc.send_signal(signal.SIGKILL)
-                b_proc.wait()
+                started[1].stop()
 
-        out = tmp_path / "killed"
-        build_cache(str(tiny_pair[0]), pairs, out, spec(), urls=[a, b], on_shard=kill_b)
+        out = tmp_path / "stopped"
+        build_cache(str(tiny_pair[0]), pairs, out, spec(), urls=[a, b], on_shard=stop_b)
         assert_same_rows(out, local_cache)
 
-        # the CLI over both, SIGKILLed mid-run, resumed over the survivor: every row once
-        started_b = start_serve_processes(tiny_pair[0], tmp_path, 1)
-        started += started_b
-        b = started_b[0][1]
         out = tmp_path / "cli"
-        cmd = [sys.executable, "-m", "opd.cli", "score", "--endpoint", f"{a},{b}"]
+        cmd = [sys.executable, "-m", "opd.cli", "score", "--endpoint", f"{a},{c}"]
         cmd += ["--tokenizer", str(tiny_pair[0]), "--prompts", str(pairs), "--out", str(out)]
         cmd += ["--topk", "4", "--shard-size", "1", "--logprob-dtype", "float32"]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -126,14 +125,12 @@ def test_a_replica_killed_mid_run_has_its_rows_scored_by_the_other(
         _, stderr = proc.communicate()
         done_before = len(read_manifest(out)["shards"])
         assert 3 <= done_before < 10, stderr.decode()[-2000:]
-        build_cache(str(tiny_pair[0]), pairs, out, spec(shard_size=1), urls=[b])
+        build_cache(str(tiny_pair[0]), pairs, out, spec(shard_size=1), urls=[c])
         assert not list(out.glob(".*.tmp-*"))
         assert_same_rows(out, local_cache)
     finally:
-        for proc, _ in started:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+        for server in started:
+            server.stop()
 
 
 def test_score_endpoint_mistakes_are_one_line_errors(tiny_pair, pairs, tmp_path, capsys):
