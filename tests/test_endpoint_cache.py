@@ -5,9 +5,6 @@ answers, rate limits, and SeqKD from the text cache it makes."""
 import asyncio
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
 import time
 
@@ -15,6 +12,7 @@ import pytest
 import torch
 
 from endpoint_fake import KEY, SLOW_S, FakeAPI, answer_text
+from kill_util import kill_after_shards
 from opd.cli import main as cli_main
 from opd.cli.demo.tiny import save_tiny_pair
 from opd.config.parse import DataConfig, config_from_dict
@@ -256,19 +254,7 @@ def test_sigkill_mid_run_then_resume_is_exactly_once(tmp_path, monkeypatch):
         cmd = [sys.executable, "-m", "opd.cli", "generate", "--endpoint", api.url, "--model", "m"]
         cmd += ["--prompts", str(prompts), "--out", str(out), "--api-key-env", ENV, "--n", "2"]
         cmd += ["--topk", "2", "--shard-size", "1", "--concurrency", "2", "--seed", "7"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if len(read_manifest(out)["shards"]) >= 3:
-                    break
-            except (FileNotFoundError, ValueError, KeyError):
-                pass
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        done_before = len(read_manifest(out)["shards"])
+        done_before, stdout, stderr = kill_after_shards(cmd, out, 3)
         build_endpoint_cache(api.url, "m", prompts, out, spec, settings)
     assert 3 <= done_before < 12  # killed mid-run
     reader = CacheReader(out)

@@ -3,15 +3,13 @@ API (tests/endpoint_fake.py, on 127.0.0.1). Rows are spread over the servers, th
 equals one server's, a dead or hanging server's rows are answered by another, a replica
 serving another model is refused, and a SIGKILLed run resumes exactly once."""
 
-import os
-import signal
-import subprocess
 import sys
 import time
 
 import pytest
 
 from endpoint_fake import KEY, FakeAPI
+from kill_util import kill_after_shards
 from opd.data.cache_format import CacheReader, read_manifest
 from opd.teachers.cache.endpoint import EndpointSettings, build_endpoint_cache
 from opd.teachers.cache.spec import CacheSpec
@@ -102,19 +100,7 @@ def test_sigkill_mid_run_with_replicas_then_resume_is_exactly_once(tmp_path, key
         cmd += ["--endpoint", b.url, "--model", "m", "--prompts", str(prompts), "--out", str(out)]
         cmd += ["--api-key-env", ENV, "--n", "2", "--topk", "2", "--shard-size", "1"]
         cmd += ["--concurrency", "2", "--seed", "7"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if len(read_manifest(out)["shards"]) >= 3:
-                    break
-            except (FileNotFoundError, ValueError, KeyError):
-                pass
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
-        done_before = len(read_manifest(out)["shards"])
+        done_before, _, _ = kill_after_shards(cmd, out, 3)
         build_endpoint_cache(f"{b.url},{a.url}".split(","), "m", prompts, out, spec, settings)
     assert 3 <= done_before < 12  # killed mid-run
     reader = CacheReader(out)

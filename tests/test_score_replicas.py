@@ -5,16 +5,13 @@ model's, a replica stopped mid-run has its rows scored by the other, and a SIGKI
 run resumes exactly once."""
 
 import json
-import os
 import random
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
+from kill_util import kill_after_shards
 from opd.data.cache_format import CacheReader, read_manifest
 from opd.modeling.hf import load_causal_lm
 from opd.teachers.cache.generate import CacheSpec, build_cache
@@ -111,19 +108,7 @@ def test_a_replica_stopped_mid_run_has_its_rows_scored_by_the_other(
         cmd = [sys.executable, "-m", "opd.cli", "score", "--endpoint", f"{a},{c}"]
         cmd += ["--tokenizer", str(tiny_pair[0]), "--prompts", str(pairs), "--out", str(out)]
         cmd += ["--topk", "4", "--shard-size", "1", "--logprob-dtype", "float32"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if len(read_manifest(out)["shards"]) >= 3:
-                    break
-            except (FileNotFoundError, ValueError, KeyError):
-                pass
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        _, stderr = proc.communicate()
-        done_before = len(read_manifest(out)["shards"])
+        done_before, _, stderr = kill_after_shards(cmd, out, 3)
         assert 3 <= done_before < 10, stderr.decode()[-2000:]
         build_cache(str(tiny_pair[0]), pairs, out, spec(shard_size=1), urls=[c])
         assert not list(out.glob(".*.tmp-*"))
