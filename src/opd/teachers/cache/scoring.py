@@ -6,6 +6,7 @@ so rows are spread over the servers and a dead one's requests move to another)."
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,7 +14,9 @@ import torch
 from opd.data.cache_format import tail_logmass_from_topk
 from opd.losses.sparse import fold_student_to_buckets
 from opd.modeling.hf import completion_logits, tokenizer_fingerprint
-from opd.teachers.remote import RemoteTeacher
+
+if TYPE_CHECKING:  # the client needs httpx (opd[serve]); `opd generate` and the demo do not
+    from opd.teachers.remote import RemoteTeacher
 
 
 @torch.no_grad()
@@ -43,6 +46,8 @@ def remote_scorer(urls: list[str], tokenizer, topk: int, remote: dict) -> Remote
     """The server(s) scoring a cache's rows, checked at connect against `tokenizer` (the
     rows' token ids are sent as they are) and its vocabulary; `remote`: `token_env`,
     `timeout_s`, `max_retries`."""
+    from opd.teachers.remote import RemoteTeacher  # optional dependency: httpx
+
     env = remote.get("token_env", "OPD_TEACHER_TOKEN")
     return RemoteTeacher(
         list(urls),
