@@ -26,15 +26,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from onpolicy_models import CHARS, build
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
+from onpolicy_models import CHARS, build, status_kb
 
 
 def prepare(workdir: Path, rows: int, positions: int) -> dict:
@@ -69,12 +61,12 @@ def worker(args) -> dict:
         "device": "cpu",
         "output_dir": tempfile.mkdtemp(),
     })  # fmt: skip
-    before = _status_kb("VmHWM")
+    before = status_kb("VmHWM")
     result = evaluate_model(config, config.student.path)
     # the models' own weights: their safetensors files (float32, no optimizer here)
     weights = sum((paths[n] / "model.safetensors").stat().st_size for n in ("student", "teacher"))
     return {
-        "process_peak_gb": _status_kb("VmHWM") * 1024 / 1e9,
+        "process_peak_gb": status_kb("VmHWM") * 1024 / 1e9,
         "peak_before_eval_gb": before * 1024 / 1e9,
         "weights_gb": weights / 1e9,
         "heldout_loss": result.get("heldout_loss"),

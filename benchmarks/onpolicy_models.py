@@ -38,6 +38,15 @@ CHARS = "0123456789abcdefghijklmnopqrstuvwxyz +-*/=()?"  # + pad/eos/unk = 49 to
 BATCH, MAX_NEW = 32, 48
 
 
+def status_kb(key: str) -> int:
+    """A field of /proc/self/status in kB (VmRSS, VmHWM: this process's memory)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
 def qwen3_config(name: str, vocab: int):
     from transformers import Qwen3Config
 

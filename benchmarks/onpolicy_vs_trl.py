@@ -45,16 +45,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from onpolicy_models import BATCH, MAX_NEW, SIZES, build, opd_config
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
-
+from onpolicy_models import BATCH, MAX_NEW, SIZES, build, opd_config, status_kb
 
 # ---------------------------------------------------------------- the two sides
 
@@ -86,7 +77,7 @@ def run_ours(args, paths: dict, out: Path) -> dict:
     opd.run.loop.train_step = timed_step
     opd.run.loop._save = lambda *a, **k: None  # TRL side saves nothing either
     _reset_peaks(args.device)
-    rss_before = _status_kb("VmRSS")
+    rss_before = status_kb("VmRSS")
     _sync(args.device)
     ends.append(time.perf_counter())
     cpu.append(time.process_time())
@@ -152,7 +143,7 @@ def run_trl(args, paths: dict, out: Path) -> dict:
 
     trainer._generate_single_turn = counted
     _reset_peaks(args.device)
-    rss_before = _status_kb("VmRSS")
+    rss_before = status_kb("VmRSS")
     _sync(args.device)
     ends.append(time.perf_counter())
     cpu.append(time.process_time())
@@ -189,7 +180,7 @@ def _summary(args, ends, cpu, tokens, rss_before_kb: int) -> dict:
         # cores shrinks the wall-clock figures, not this one, for single-threaded runs).
         "tokens_per_cpu_s": sum(timed_tokens) / sum(timed_cpu),
         "rss_before_mb": rss_before_kb / 1024,
-        "peak_rss_mb": _status_kb("VmHWM") / 1024,
+        "peak_rss_mb": status_kb("VmHWM") / 1024,
     }
     if args.device == "cuda":
         import torch

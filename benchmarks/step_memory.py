@@ -26,17 +26,10 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from onpolicy_models import BATCH, build
+from onpolicy_models import BATCH, build, status_kb
 
 MAX_NEW = 64
 
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
 
 
 def worker(args) -> dict:
@@ -70,9 +63,9 @@ def worker(args) -> dict:
     run = build_run(config_from_dict(config))
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := current RSS
-    before = _status_kb("VmRSS")
+    before = status_kb("VmRSS")
     record = train_step(run, 0, PhaseTimer())
-    peak = _status_kb("VmHWM")
+    peak = status_kb("VmHWM")
     # What any trainer holds at the optimizer step: both models' weights, the student's
     # gradients and AdamW's two moments (float32 here).
     student = sum(p.numel() * p.element_size() for p in run.student.parameters())
