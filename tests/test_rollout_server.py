@@ -11,9 +11,7 @@ import os
 import re
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 import torch
 
@@ -26,7 +24,7 @@ from opd.run.metrics import read_metrics
 from opd.run.rollouts import sampler_token_stats
 from opd.sampling.vllm_server import RolloutServerError, VllmServerSampler
 from test_vllm_train import config
-from vllm_util import free_port, vllm_or_skip
+from vllm_util import free_port, stop_server, vllm_or_skip, wait_for_server
 
 vllm_or_skip()
 
@@ -50,28 +48,6 @@ def start(model, port: int, log) -> subprocess.Popen:
     )
 
 
-def wait_up(proc: subprocess.Popen, url: str, log) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        assert proc.poll() is None, f"vLLM server exited; see {log.name}"
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"vLLM server not up in {START_TIMEOUT_S}s"
-        time.sleep(1)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 # The module's server process, replaced by the restart test (`restart`).
 SERVER: dict = {}
 
@@ -83,16 +59,16 @@ def server(vllm_pair, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     SERVER.update(proc=start(vllm_pair[1], port, log), model=vllm_pair[1], port=port, log=log)
     try:
-        wait_up(SERVER["proc"], url, log)
+        wait_for_server(SERVER["proc"], url, log.name, START_TIMEOUT_S)
         yield url
     finally:
-        stop(SERVER["proc"])
+        stop_server(SERVER["proc"])
         log.close()
 
 
 def restart() -> None:
     """Stop the module's server and start it again on the same port (not waiting for it)."""
-    stop(SERVER["proc"])
+    stop_server(SERVER["proc"])
     SERVER["proc"] = start(SERVER["model"], SERVER["port"], SERVER["log"])
 
 

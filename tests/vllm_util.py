@@ -72,22 +72,31 @@ def vllm_server(model: Path, log_path: Path, max_logprobs: int = 16):
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, f"vLLM server exited; see {log_path}"
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"vLLM server not up in {SERVER_START_TIMEOUT_S}s"
-            time.sleep(1)
+        wait_for_server(proc, url, log_path)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
         log.close()
+
+
+def wait_for_server(proc, url: str, log_path, timeout_s: float = SERVER_START_TIMEOUT_S) -> None:
+    """Until the server at `url` lists its models; fails if its process exits first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, f"vLLM server exited; see {log_path}"
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"vLLM server not up in {timeout_s}s"
+        time.sleep(1)
+
+
+def stop_server(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
