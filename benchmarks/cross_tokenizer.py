@@ -1,27 +1,41 @@
 """On-policy distillation from teachers with another tokenizer vs the same teacher with the
 student's tokenizer, on the demo's task; TRL's GOLD on the same pair beside it.
 
-    python benchmarks/cross_tokenizer.py                        # builds the demo's quick models
-    python benchmarks/cross_tokenizer.py --steps 40 --seeds 0 1 2 --eval-size 256
+    python benchmarks/cross_tokenizer.py                        # the quick setting, one seed
+    python benchmarks/cross_tokenizer.py --setting full --seeds 0 1 2 \
+        --runs same permuted merged same_rkl permuted_rkl merged_kd_span gold
     /work/main/.venv/bin/python benchmarks/cross_tokenizer.py   # an environment with TRL: + GOLD
 
-Teachers (`cross_tokenizer_teachers.py`):
+Settings (`--setting`; each value can be overridden by its option):
+
+  quick  the demo's quick recipe (40 updates of 32 prompts, lr 1e-3, 5 warm-up steps) and
+         256 eval problems of mixed length, 2 samples each, 72 new tokens
+  full   the full `opd demo` recipe: 250 updates of 32, lr 1e-3, 5 warm-up steps, and the
+         demo's held-out problems (96 per length at 4, 8, 12, 16 steps, 4 samples each,
+         the demo's max new tokens)
+
+The student and teacher A are the demo's (`opd.cli.demo.build`, cached under --cache-dir;
+the quick and full presets build the same models). Teachers (`cross_tokenizer_teachers.py`):
 
   A         the demo's teacher, the student's character tokenizer
   permuted  A's weights behind a permuted character vocabulary with renamed specials:
             equal skill by construction, every span one token on each side (the machinery)
-  merged    trained here with A's architecture, recipe and stopping rule on the demo's data,
-            in a tokenizer that writes each step label with its digit as one token (`a7`,
-            `#4`): every completion step is a span of two student tokens and one teacher
-            token (few one-to-one positions); skill measured, not constructed
+  merged    trained here with A's architecture, build recipe and stopping rule on the demo's
+            data, in a tokenizer that writes each step label with its digit as one token
+            (`a7`, `#4`): every completion step is a span of two student tokens and one
+            teacher token (few one-to-one positions); skill measured, not constructed
 
 Runs, each from the same student with the same prompts, seeds and updates:
 
   same           on_policy (pg), teacher A: the shared-vocabulary path
   permuted       on_policy (pg), the permuted teacher: the alignment path
   merged         on_policy (pg), the merged teacher: exact span log-probs across real spans
+  same_rkl       the demo's on_policy_rkl (minillm_like: full-vocabulary reverse KL), A
+  permuted_rkl   the same from the permuted teacher (its distribution mapped by token bytes)
+  merged_rkl     the same from the merged teacher, cross_tokenizer.span_kd=masked
+  merged_rkl_span  the same with span_kd=span (pg's span term inside multi-token spans)
   merged_kd      top-k reverse-KL kd from the merged teacher, cross_tokenizer.span_kd=masked
-  merged_kd_span the same with span_kd=span (pg's span term inside multi-token spans)
+  merged_kd_span the same with span_kd=span
   forced         on_policy (pg), teacher A forced through alignment: its step time against
                  `same` is the alignment's overhead
   same_d1,       (with --runs only) same and merged with loss.discount=1: each token's
@@ -29,17 +43,21 @@ Runs, each from the same student with the same prompts, seeds and updates:
   gold           TRL's GOLDTrainer (ULD) from the merged teacher (`cross_tokenizer_gold.py`),
                  when TRL imports: the same prompts, batch, steps, learning rate, on-policy
 
-Reported per run: greedy exact-match accuracy on the eval split before and after, the gain,
-time per step; then, over seeds, each run's gain and its ratio to `same` (goal >= 0.9 for
-the cross runs) as mean ± sd, and the alignment overhead (goal <= 10% of step time),
-measured directly as the median time of one step batch's alignment work (teacher batch
-built, scores mapped back; no forward) over the `same` run's step time.
+Reported per run (`cross_tokenizer_measure.py`, the demo's probes): sampled (T=1) and greedy
+answer accuracy before and after, the gain with its 95% interval over seeds and problems,
+time per step; for each cross run its gain's ratio to the matching same-tokenizer run
+(`same`, or `same_rkl` for the reverse-KL runs) per seed with a t interval, and the paired
+goal test (gain - 0.9 x reference gain); both teachers' accuracy in their own tokenizers;
+and the alignment overhead (goal <= 10% of step time), measured directly as the median time
+of one step batch's alignment work (teacher batch built, scores mapped back; no forward)
+over the `same` run's step time. Runs on one torch thread (`--threads`), as the demo does.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -48,14 +66,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import cross_tokenizer_measure as measure
 from cross_tokenizer_teachers import merged_teacher, permuted_teacher
 
+from opd.cli.demo import probes
 from opd.cli.demo.build import BuildConfig, build_models
+from opd.cli.demo.quiet import quiet_transformers
 from opd.cli.demo.task import make_examples
 from opd.config.parse import config_from_dict
-from opd.modeling.hf import load_tokenizer
+from opd.config.sections import DataConfig
+from opd.data.rows import Encoder
+from opd.modeling.hf import load_causal_lm, load_tokenizer
 from opd.run.loop import train
 from opd.run.metrics import read_metrics
+from opd.run.setup import build_run
 
 # on-policy top-k kd: the on_policy preset's samples (source.lmbda=1), not its estimator
 KD = {
@@ -63,49 +87,62 @@ KD = {
     "source": {"lmbda": 1.0},
     "loss": {"objective": "kd", "estimator": "topk", "topk": 16, "divergence": "reverse_kl"},
 }
+# the demo's on_policy_rkl (`opd.cli.demo.run.METHODS`): full-vocabulary reverse KL
+RKL = {"preset": "minillm_like"}
 # name -> (teacher key, config overrides)
 RUNS = {
     "same": ("A", {}),
     "permuted": ("permuted", {}),
     "merged": ("merged", {}),
+    "same_rkl": ("A", RKL),
+    "permuted_rkl": ("permuted", RKL),
+    "merged_rkl": ("merged", {**RKL, "cross_tokenizer": {"span_kd": "masked"}}),
+    "merged_rkl_span": ("merged", {**RKL, "cross_tokenizer": {"span_kd": "span"}}),
     "merged_kd": ("merged", {**KD, "cross_tokenizer": {"span_kd": "masked"}}),
     "merged_kd_span": ("merged", {**KD, "cross_tokenizer": {"span_kd": "span"}}),
     "forced": ("A", {"cross_tokenizer": {"when": "always"}}),
-    # not run by default (--runs): pg with the whole return (discount 1) as the advantage,
-    # so a span's reward reaches every earlier token, not only the span's last one
+    # not run by default (--runs): pg with the whole return (discount 1) as the advantage
     "same_d1": ("A", {"loss": {"discount": 1.0}}),
     "merged_d1": ("merged", {"loss": {"discount": 1.0}}),
 }
 DEFAULT_RUNS = ["same", "permuted", "merged", "merged_kd", "merged_kd_span", "forced", "gold"]
+# the run whose gain a cross run's gain is a share of
+REFERENCE = {n: "same_rkl" if "rkl" in n else "same" for n in RUNS if not n.startswith("same")}
+REFERENCE["gold"] = "same"
+SETTINGS = {
+    "quick": {"steps": 40, "eval_size": 256, "lengths": None, "samples": 2, "max_new_tokens": 72},
+    # the demo's full recipe and held-out problems (`opd.cli.demo.run.DemoSettings`)
+    "full": {"steps": 250, "eval_size": 96, "lengths": [4, 8, 12, 16], "samples": 4,
+             "max_new_tokens": BuildConfig.preset(quick=False).max_new_tokens},
+}  # fmt: skip
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def run(name: str, common: dict, teacher: Path, out: Path, seed: int, extra: dict) -> dict:
+def run(name: str, common: dict, teacher: Path, out: Path, seed: int, extra: dict, ev) -> dict:
+    """Train the student with run `name`; its accuracy after (`ev(model, seed)`) and timings."""
     run_dir = out / f"{name}-seed{seed}"
     data = {**common, "seed": seed, "output_dir": str(run_dir), **extra}
     data = {k: v for k, v in data.items() if v is not None}
     data["teacher"] = {"path": str(teacher)}
     if run_dir.exists():
-        import shutil
-
         shutil.rmtree(run_dir)
     t0 = time.perf_counter()
-    train(config_from_dict(data))
+    config = config_from_dict(data)
+    with quiet_transformers():
+        setup = build_run(config)
+        train(config, run=setup)
     seconds = time.perf_counter() - t0
     records = read_metrics(run_dir)
-    evals = [r for r in records if "eval_accuracy" in r]
     steps = [r for r in records if r.get("step", 0) > 1]  # the first step warms up
     out_ = {
-        "accuracy_before": evals[0]["eval_accuracy"],
-        "accuracy_after": evals[-1]["eval_accuracy"],
+        "accuracy": ev(setup.student, seed),
         "seconds": round(seconds, 1),
         "step_s": statistics.mean(r["time_step"] for r in steps),
         "teacher_score_s": statistics.mean(r.get("time_teacher_score", 0.0) for r in steps),
     }
-    out_["gain"] = out_["accuracy_after"] - out_["accuracy_before"]
     if "xtok_aligned_frac" in records[-1]:
         for key in ("aligned_frac", "one_to_one_frac", "mean_span_len"):
             out_[key] = round(statistics.mean(r[f"xtok_{key}"] for r in steps), 4)
@@ -148,12 +185,6 @@ def alignment_seconds(student_dir: Path, teacher_dir: Path, rows: list[dict], re
     return statistics.median(times)
 
 
-def spread(values: list[float]) -> str:
-    mean = statistics.mean(values)
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.3f} ± {sd:.3f} (n={len(values)})"
-
-
 def gold_available() -> str | None:
     """None when `trl.experimental.gold` imports, else why not."""
     try:
@@ -163,101 +194,141 @@ def gold_available() -> str | None:
     return None
 
 
-def run_gold_seed(args, student: Path, teacher: Path, out: Path, seed: int, eval_rows) -> dict:
-    """GOLD from `teacher` with this run's budget; accuracies by the demo's greedy decoding
-    (`greedy_accuracy`), the same greedy exact match opd's eval reports."""
+def run_gold_seed(args, student: Path, teacher: Path, out: Path, seed: int, ev) -> dict:
+    """GOLD from `teacher` with this run's budget; its student measured as ours are."""
     from cross_tokenizer_gold import run_gold
-    from transformers import AutoModelForCausalLM
-
-    from opd.cli.demo.pretrain import greedy_accuracy
 
     rows = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
-    max_new = args.max_new_tokens
-    initial = AutoModelForCausalLM.from_pretrained(student).eval()
-    before = greedy_accuracy(initial, load_tokenizer(str(student)), eval_rows, max_new)
-    model, tok, info = run_gold(
+    model, _, info = run_gold(
         student, teacher, rows, out / f"gold-seed{seed}", steps=args.steps,
-        batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, max_new_tokens=max_new,
-        seed=seed, extended=False,
+        batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+        max_new_tokens=args.max_new_tokens, seed=seed, extended=False,
     )  # fmt: skip
-    after = greedy_accuracy(model, tok, eval_rows, max_new)
-    steps = max(args.steps, 1)
-    return {"accuracy_before": before, "accuracy_after": after, "gain": after - before,
-            "seconds": info["seconds"], "step_s": info["seconds"] / steps,
+    return {"accuracy": ev(model, seed), "seconds": info["seconds"],
+            "step_s": info["seconds"] / max(args.steps, 1),
             "uld": "positional (use_extended_uld=False)"}  # fmt: skip
 
 
-def main(argv=None) -> int:
+def brief(acc: dict) -> dict:
+    return {k: round(measure.mean_of(acc, k), 4) for k in ("sampled", "greedy")}
+
+
+def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="quick")
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "opd" / "demo"))
     parser.add_argument("--out", default="runs/cross_tokenizer")
-    parser.add_argument("--steps", type=int, default=40)  # the demo's quick recipe
+    parser.add_argument("--steps", type=int, help="updates (setting's default)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=5, help="linear warm-up steps")
-    parser.add_argument("--eval-size", type=int, default=256)
-    parser.add_argument("--max-new-tokens", type=int, default=72)
+    parser.add_argument("--eval-size", type=int, help="eval problems (per length in full)")
+    parser.add_argument("--samples", type=int, help="sampled completions per eval problem")
+    parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, choices=[*RUNS, "gold"])
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
+    setting = SETTINGS[args.setting]
+    for key in ("steps", "eval_size", "samples", "max_new_tokens"):
+        if getattr(args, key) is None:
+            setattr(args, key, setting[key])
+    args.lengths = setting["lengths"]
+    return args
+
+
+def summarize(report: dict, args, names: list[str], student: Path, merged: Path) -> dict:
+    """Gains, ratios and goal tests over the seeds of `report` (`cross_tokenizer_measure`);
+    step times; the alignment overhead."""
+    seeds = [s for s in args.seeds if all(f"{n}/seed{s}" in report["runs"] for n in names)]
+    by = {n: [report["runs"][f"{n}/seed{s}"] for s in seeds] for n in names}
+    summary = measure.summarize(
+        [report["before"][s] for s in seeds],
+        {n: [r["accuracy"] for r in rs] for n, rs in by.items()},
+        {n: ref for n, ref in REFERENCE.items() if n in by},
+    )
+    summary["seeds"] = seeds
+    for n, rs in by.items():
+        summary[n]["step_s"] = round(statistics.mean(r["step_s"] for r in rs), 4)
+    if "same" in by:
+        rows = make_examples(args.batch_size, 1, "train")
+        align_s = alignment_seconds(student, merged, rows)
+        summary["alignment_s_per_step_batch_merged"] = round(align_s, 5)
+        shares = [align_s / r["step_s"] for r in by["same"]]
+        summary["alignment_share_of_same_step"] = measure._fmt(measure.t_interval(shares))
+    if "forced" in by and "same" in by:
+        summary["forced_minus_same_step_time_over_same"] = measure._fmt(measure.t_interval(
+            [(f["step_s"] - s["step_s"]) / s["step_s"] for s, f in zip(by["same"], by["forced"])]
+        ))  # fmt: skip
+    return summary
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    models_ = build_models(args.cache_dir, seed=0, config=BuildConfig.preset(quick=True))
+    build = BuildConfig.preset(quick=args.setting == "quick")
+    models_ = build_models(args.cache_dir, seed=0, config=build)
     student = Path(models_["student_dir"])
     teachers = {"A": Path(models_["teacher_dir"])}
     teachers["permuted"] = permuted_teacher(teachers["A"], out / "teacher-permuted")
-    teachers["merged"], merged_meta = merged_teacher(out / "teacher-merged", seed=0)
+    teachers["merged"], merged_meta = merged_teacher(out / "teacher-merged", build, seed=0)
     write_jsonl(out / "train.jsonl", make_examples(args.steps * args.batch_size, 0, "train"))
-    eval_rows = make_examples(args.eval_size, 0, "eval")
-    write_jsonl(out / "eval.jsonl", eval_rows)
+    if args.lengths:  # the demo's held-out problems (`opd.cli.demo.run`, seed 0)
+        eval_sets = probes.make_eval_sets(build.task, args.lengths, args.eval_size, 0)
+    else:  # one set of mixed lengths, keyed 0
+        eval_sets = {0: make_examples(args.eval_size, 0, "eval")}
+    encoder = Encoder(load_tokenizer(str(student)), DataConfig())
+
+    def ev(model, seed, enc=encoder):
+        return measure.accuracy(model, enc, eval_sets, args.samples, seed, args.max_new_tokens)
+
     common = {
         "preset": "on_policy",
         "student": {"path": str(student)},
-        "data": {"train": str(out / "train.jsonl"), "eval": str(out / "eval.jsonl")},
+        "data": {"train": str(out / "train.jsonl")},
         "sampling": {"temperature": 1.0, "max_new_tokens": args.max_new_tokens},
         "optim": {"lr": args.lr, "warmup_steps": args.warmup, "max_grad_norm": 1.0},
         "steps": args.steps,
         "batch_size": args.batch_size,
         "micro_batch_size": args.batch_size,
-        "eval_every": args.steps,
-        "eval_size": args.eval_size,
-        "eval_metric": "opd.cli.demo.task:exact_match",
         "device": args.device,
     }
+    with quiet_transformers():
+        student0 = load_causal_lm(str(student))
+        skill = {
+            key: brief(ev(load_causal_lm(str(teachers[key])), 0,
+                          Encoder(load_tokenizer(str(teachers[key])), DataConfig())))
+            for key in ("A", "merged")
+        }  # fmt: skip
     gold_missing = gold_available() if "gold" in args.runs else "not asked for"
     report = {
         "args": vars(args),
-        "teachers": {"A": models_["meta"]["teacher"]["eval_accuracy"], "merged": merged_meta},
+        "teachers": {"A": {"build": models_["meta"]["teacher"]["eval_accuracy"], **skill["A"]},
+                     "merged": {"build": merged_meta, **skill["merged"]}},
         "gold": gold_missing or "run",
+        "before": {},
         "runs": {},
-    }
+    }  # fmt: skip
+    print(json.dumps({"teachers": report["teachers"]}), flush=True)
     names = [n for n in args.runs if n != "gold" or gold_missing is None]
     for seed in args.seeds:
+        report["before"][seed] = ev(student0, seed)
+        print(json.dumps({"before": seed, **brief(report["before"][seed])}), flush=True)
         for name in names:
             if name == "gold":
-                result = run_gold_seed(args, student, teachers["merged"], out, seed, eval_rows)
+                result = run_gold_seed(args, student, teachers["merged"], out, seed, ev)
             else:
                 key, extra = RUNS[name]
-                result = run(name, common, teachers[key], out, seed, extra)
+                result = run(name, common, teachers[key], out, seed, extra, ev)
             report["runs"][f"{name}/seed{seed}"] = result
-            print(json.dumps({"run": name, "seed": seed, **result}), flush=True)
-    by = {n: [report["runs"][f"{n}/seed{s}"] for s in args.seeds] for n in names}
-    summary = {f"gain_{n}": spread([r["gain"] for r in rs]) for n, rs in by.items()}
-    if "same" in by:
-        for n in names:
-            pairs = [(s["gain"], r["gain"]) for s, r in zip(by["same"], by[n]) if s["gain"] > 0]
-            if n != "same" and pairs:
-                summary[f"gain_ratio_{n}_over_same"] = spread([g / s for s, g in pairs])
-        align_s = alignment_seconds(student, teachers["merged"], make_examples(args.batch_size, 1, "train"))
-        summary["alignment_s_per_step_batch_merged"] = round(align_s, 5)
-        summary["alignment_share_of_same_step"] = spread([align_s / r["step_s"] for r in by["same"]])
-    if "forced" in by and "same" in by:
-        summary["forced_minus_same_step_time_over_same"] = spread(
-            [(f["step_s"] - s["step_s"]) / s["step_s"] for s, f in zip(by["same"], by["forced"])]
-        )
-    report["summary"] = summary
-    print(json.dumps(summary, indent=2))
+            (out / "results.json").write_text(json.dumps(report, indent=2))  # so far
+            shown = {k: v for k, v in result.items() if k != "accuracy"}
+            print(json.dumps({"run": name, "seed": seed, **brief(result["accuracy"]), **shown}), flush=True)
+    report["summary"] = summarize(report, args, names, student, teachers["merged"])
+    print(json.dumps(report["summary"], indent=2))
     (out / "results.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {out / 'results.json'}")
     return 0

@@ -24,7 +24,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from opd.cli.demo.build import BuildConfig, _new_model
+from opd.cli.demo.build import BuildConfig, _new_model, config_hash
 from opd.cli.demo.pretrain import collate_right_padded, completion_nll, greedy_accuracy
 from opd.cli.demo.task import corrupt, make_examples
 from opd.cli.demo.tiny import DEFAULT_CHARS
@@ -124,12 +124,16 @@ def train_merged(tok, spec, examples, dev, max_new: int, seed: int, log=print):
     return model.eval(), done
 
 
-def merged_teacher(out: Path, seed: int = 0, log=print) -> tuple[Path, dict]:
-    """The merged-tokenizer teacher (module doc), trained once into `out`; its meta."""
+def merged_teacher(out: Path, build: BuildConfig, seed: int = 0, log=print) -> tuple[Path, dict]:
+    """The merged-tokenizer teacher (module doc) of the demo build `build` (its teacher's
+    spec: architecture, recipe, stopping rule; its data sizes), trained once into `out`
+    (rebuilt when `build` or `seed` changes); its meta."""
+    key = config_hash(build, seed)
     meta_file = out / "meta.json"
     if meta_file.is_file():
-        return out, json.loads(meta_file.read_text())
-    build = BuildConfig.preset(quick=True)
+        meta = json.loads(meta_file.read_text())
+        if meta.get("build_hash") == key:
+            return out, meta
     tok = merged_tokenizer()
     train = make_examples(build.num_train, seed, "train", build.task)
     dev = make_examples(build.num_dev, seed, "dev", build.task)
@@ -139,6 +143,7 @@ def merged_teacher(out: Path, seed: int = 0, log=print) -> tuple[Path, dict]:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    meta = {"steps": steps, "eval_accuracy": acc, "params": sum(p.numel() for p in model.parameters())}
+    meta = {"steps": steps, "eval_accuracy": acc, "params": sum(p.numel() for p in model.parameters()),
+            "build_hash": key}  # fmt: skip
     meta_file.write_text(json.dumps(meta))
     return out, meta
