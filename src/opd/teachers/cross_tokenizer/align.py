@@ -69,6 +69,38 @@ def special_token_ids(tokenizer) -> set[int]:
     return set(tokenizer.all_special_ids) | {i for i, t in added.items() if t.special}
 
 
+# Roles a special token can be paired across tokenizers by (not eos: the end of a turn is
+# paired by the stop rule, and "eos" means end of text in a base vocabulary, end of turn in
+# an instruct one).
+PAIRED_ROLES = ("pad_token", "unk_token", "bos_token", "sep_token", "cls_token", "mask_token")
+
+
+def special_pairs(student_tok, teacher_tok) -> dict[int, int]:
+    """Student special id -> the teacher's special of the same text (`<|im_start|>`), else of
+    the same declared role (`pad_token`, `unk_token`, ...: `PAIRED_ROLES`; not a token that
+    is also its tokenizer's EOS); specials with neither are left out. Both are non-text tokens that play the same part, so a student
+    that writes one mid-completion is scored by the teacher's log-prob of its counterpart
+    (`render.CompletionAligner`), as the same-tokenizer path scores its own."""
+    s_ids, t_ids = special_token_ids(student_tok), special_token_ids(teacher_tok)
+    t_by_text = {teacher_tok.convert_ids_to_tokens(i): i for i in sorted(t_ids)}
+
+    def by_role(tok, ids) -> dict[str, int]:  # a role's token, unless it ends text too
+        named = tok.special_tokens_map
+        found = {r: tok.convert_tokens_to_ids(named[r]) for r in PAIRED_ROLES if isinstance(named.get(r), str)}
+        return {r: i for r, i in found.items() if i in ids and i != tok.eos_token_id}
+
+    s_roles, t_roles = by_role(student_tok, s_ids), by_role(teacher_tok, t_ids)
+    out = {}
+    for i in sorted(s_ids):
+        j = t_by_text.get(student_tok.convert_ids_to_tokens(i))
+        for role in PAIRED_ROLES:
+            if j is None and s_roles.get(role) == i:
+                j = t_roles.get(role)
+        if j is not None:
+            out[i] = j
+    return out
+
+
 def piece_bytes(piece: str, style: str) -> bytes | None:
     """The bytes one vocabulary entry stands for, None when it has no byte reading."""
     if style == "byte_level":

@@ -7,8 +7,11 @@
 * The completion is the bytes of the student's completion tokens (never decoded and
   re-encoded on the student side), as text, tokenized by the teacher. A student stop token
   at the end becomes the teacher's end-of-turn token, so both score "the turn ends here".
+* A special token inside the completion is paired with the teacher's special of the same
+  text or declared role (`align.special_pairs`: `<pad>` with `[PAD]`), scored there by the
+  teacher as its own would be by a same-tokenizer teacher, and the text after it goes on.
 * Where the bytes cannot round-trip the rest of the row is masked, and counted by reason:
-  a special token inside the completion, a cut inside a UTF-8 character (or a byte that is
+  a special token without a counterpart, a cut inside a UTF-8 character (or a byte that is
   no UTF-8), a piece of text the teacher's tokenizer does not reproduce byte for byte.
 """
 
@@ -52,43 +55,67 @@ class CompletionAligner:
         teacher_encode,
         student_stop_ids,
         teacher_end_id: int,
+        special_map: dict[int, int] | None = None,
     ):
         """`teacher_encode(text) -> ids`: the teacher tokenizer on plain text (no specials
-        added, special-token text split as text)."""
+        added, special-token text split as text). `special_map`: student special id -> the
+        teacher's counterpart (`align.special_pairs`); a special without one cuts the row."""
         self.s_table, self.t_table = student_table, teacher_table
         self.encode = teacher_encode
         self.stop_ids = set(student_stop_ids)
         self.t_end = teacher_end_id
+        self.specials = dict(special_map or {})
 
     def __call__(self, student_ids: list[int]) -> RowAlignment:
-        n, cut, pieces = len(student_ids), None, []
-        ended = False
-        for k, i in enumerate(student_ids):
-            piece = self.s_table.get(i)
-            if piece is None:
-                if k == n - 1 and i in self.stop_ids:
-                    ended = True
-                else:
-                    cut = "special_token"
+        """Text segments between special tokens are tokenized by the teacher one by one (as
+        its tokenizer splits text at specials); a special with a teacher counterpart is a
+        zero-width token on both sides, so the teacher scores its counterpart there and the
+        row goes on (leaving it unscored would let a pg student escape the teacher's
+        judgement by writing it: `benchmarks/cross_tokenizer.py` saw that collapse)."""
+        n, cut, ended = len(student_ids), None, False
+        s_lens: list[int] = []
+        t_lens: list[int] = []
+        t_ids: list[int] = []
+        pieces: list[bytes] = []
+        for k, i in enumerate([*student_ids, None]):
+            piece = None if i is None else self.s_table.get(i)
+            if piece is not None:
+                pieces.append(piece)
+                continue
+            cut = self._segment(pieces, s_lens, t_lens, t_ids)
+            pieces = []
+            if cut is not None or i is None:
                 break
-            pieces.append(piece)
-        raw = b"".join(pieces)
-        text = valid_utf8_prefix(raw)
-        if cut is None and len(text) < len(raw):
-            cut = "utf8"
-        t_ids = self.encode(text.decode("utf-8")) if text else []
-        good = matching_prefix(t_ids, self.t_table, text)
-        if cut is None and (good < len(t_ids) or sum(len(self.t_table.get(i)) for i in t_ids) != len(text)):
-            cut = "teacher_bytes"
-        t_ids = t_ids[:good]
-        s_lens = [len(p) for p in pieces]
-        t_lens = [len(self.t_table.get(i)) for i in t_ids]
+            if k == n - 1 and i in self.stop_ids:
+                ended = True
+            elif i in self.specials:
+                s_lens.append(0)
+                t_lens.append(0)
+                t_ids.append(self.specials[i])
+                continue
+            else:
+                cut = "special_token"
+            break
         if ended and cut is None:  # the student's stop <-> the teacher's end of turn
             s_lens.append(0)
             t_lens.append(0)
-            t_ids = [*t_ids, self.t_end]
+            t_ids.append(self.t_end)
         return RowAlignment(t_ids, align(s_lens, t_lens), n, cut)
 
+    def _segment(self, pieces: list[bytes], s_lens, t_lens, t_ids) -> str | None:
+        """One text segment's student pieces, tokenized by the teacher, appended to the
+        row's lengths and teacher ids; why the row is cut inside it, None if it is not."""
+        raw = b"".join(pieces)
+        text = valid_utf8_prefix(raw)
+        cut = "utf8" if len(text) < len(raw) else None
+        ids = self.encode(text.decode("utf-8")) if text else []
+        good = matching_prefix(ids, self.t_table, text)
+        if cut is None and (good < len(ids) or sum(len(self.t_table.get(i)) for i in ids) != len(text)):
+            cut = "teacher_bytes"
+        s_lens.extend(len(p) for p in pieces)
+        t_lens.extend(len(self.t_table.get(i)) for i in ids[:good])
+        t_ids.extend(ids[:good])
+        return cut
 
     def pair(self, student_ids: list[int], teacher_ids: list[int], teacher_end_ids) -> RowAlignment:
         """Spans between a student completion and given teacher ids of the same text (a

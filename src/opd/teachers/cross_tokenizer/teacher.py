@@ -17,7 +17,7 @@ import torch
 
 from opd.data.batch import SequenceBatch, assemble
 from opd.teachers.base import TeacherScores, check_need
-from opd.teachers.cross_tokenizer.align import ByteTable
+from opd.teachers.cross_tokenizer.align import ByteTable, special_pairs
 from opd.teachers.cross_tokenizer.grid import student_grid_scores
 from opd.teachers.cross_tokenizer.render import (
     CompletionAligner,
@@ -53,12 +53,14 @@ class CrossTokenizerTeacher:
         self.prompt_template = prompt_template
         self.s_table = ByteTable.of(student_tokenizer)
         self.t_table = ByteTable.of(teacher_tokenizer)
+        specials = special_pairs(student_tokenizer, teacher_tokenizer)
         self.aligner = CompletionAligner(
             self.s_table,
             self.t_table,
             self._encode,
             student_encoder.end_ids,
             teacher_encoder.stop_id,
+            specials,
         )
         self.vocab = VocabMap(
             self.s_table,
@@ -66,6 +68,7 @@ class CrossTokenizerTeacher:
             student_encoder.stop_id,
             teacher_encoder.stop_id,
             self._student_first,
+            specials,
         )
         self.stats = AlignmentStats()
         if hasattr(inner, "submit"):  # a remote teacher: scoring can start without waiting

@@ -11,7 +11,8 @@ that text with it, so the teacher's mass on `b2` is mass on "the student's next 
 list, another event). Teacher tokens whose bytes are no text (a byte-fallback piece of a
 character) keep their mass in the tail bucket of the sparse divergence
 (`opd.losses.sparse`). Special tokens map by their text (`<|im_end|>` to
-`<|im_end|>`), and the teacher's end-of-turn token to the student's stop token.
+`<|im_end|>`), the teacher's end-of-turn token to the student's stop token, other specials
+by their declared role (`[PAD]` to `<pad>`, `align.special_pairs`).
 
 This is approximate where the vocabularies differ: P_T(" the") in a vocabulary without
 " them" also holds " them"'s continuation mass. With the student's own tokenizer every id
@@ -38,10 +39,13 @@ class VocabMap:
         student_stop: int,
         teacher_end: int,
         student_first=None,
+        special_map: dict[int, int] | None = None,
     ):
         """`student_first(text) -> id | None`: the first token of the student's own
         tokenization of a teacher token's text, for teacher tokens no student token spells
-        (module doc); None leaves them to the tail."""
+        (module doc); None leaves them to the tail. `special_map` (student special ->
+        teacher special, `align.special_pairs`): teacher specials matched neither by text
+        nor as the end of turn map back by it (`[PAD]` to `<pad>`)."""
         by_bytes: dict[bytes, int] = {}
         for sid, piece in enumerate(student.table):
             if piece is None:
@@ -60,6 +64,9 @@ class VocabMap:
                 t2s.append(student_specials.get((teacher.specials or {}).get(tid), -1))
         if 0 <= teacher_end < len(t2s) and t2s[teacher_end] < 0:
             t2s[teacher_end] = student_stop
+        for sid, tid in sorted((special_map or {}).items()):
+            if 0 <= tid < len(t2s) and t2s[tid] < 0:
+                t2s[tid] = sid
         self.t2s = torch.tensor(t2s, dtype=torch.long)
         # For full distributions: the distinct student ids reached, and each teacher id's group.
         self.student_ids = torch.unique(self.t2s[self.t2s >= 0])
