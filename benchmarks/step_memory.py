@@ -66,6 +66,12 @@ def worker(args) -> dict:
     before = status_kb("VmRSS")
     record = train_step(run, 0, PhaseTimer())
     peak = status_kb("VmHWM")
+    later = 0  # steps after the first: AdamW's moments exist, the heap is warm
+    for step in range(1, args.steps):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        train_step(run, step, PhaseTimer())
+        later = max(later, status_kb("VmHWM"))
     # What any trainer holds at the optimizer step: both models' weights, the student's
     # gradients and AdamW's two moments (float32 here).
     student = sum(p.numel() * p.element_size() for p in run.student.parameters())
@@ -73,6 +79,7 @@ def worker(args) -> dict:
     return {
         "process_peak_gb": peak * 1024 / 1e9,
         "step_peak_gb": (peak - before) * 1024 / 1e9,
+        "later_peak_gb": later * 1024 / 1e9,
         "state_gb": (4 * student + teacher) / 1e9,
         "tokens": int(record.get("student_tokens_generated", 0)),
         "fused": bool(run.path.fused),
@@ -82,7 +89,7 @@ def worker(args) -> dict:
 
 def spawn(args, preset: str, fused: str, src: str | None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--preset", preset,
-           "--fused", fused, "--workdir", args.workdir]  # fmt: skip
+           "--fused", fused, "--workdir", args.workdir, "--steps", str(args.steps)]  # fmt: skip
     env = dict(os.environ)
     if src:
         env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
@@ -97,6 +104,8 @@ def main(argv=None) -> None:
     p.add_argument("--presets", nargs="+", default=["on_policy"])
     p.add_argument("--src", default=None, help="also measure with this opd src first on the path")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "opd-bench-152k"))
+    p.add_argument("--steps", type=int, default=1,
+                   help="steps per process; > 1 also reports the later steps' peak")  # fmt: skip
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--preset", default="on_policy", help=argparse.SUPPRESS)
     p.add_argument("--fused", default="on", help=argparse.SUPPRESS)
@@ -119,7 +128,8 @@ def main(argv=None) -> None:
             print(f"{preset:12s} {label:30s} loss.fused={fused:3s} (fused path: {r['fused']!s:5s}, engine {r.get('engine', '?')}) "
                   f"process peak {r['process_peak_gb']:5.2f} GB  step peak "
                   f"{r['step_peak_gb']:5.2f} GB  weights+grads+AdamW {r['state_gb']:5.2f} GB  "
-                  f"tokens {r['tokens']}", flush=True)  # fmt: skip
+                  + (f"steps 2-{args.steps} peak {r['later_peak_gb']:5.2f} GB  " if args.steps > 1 else "")
+                  + f"tokens {r['tokens']}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -136,3 +136,19 @@ def test_masked_rows_with_minus_inf_teacher_add_zero_gradient(kind):
     (grad2,) = torch.autograd.grad(alone, x2)
     torch.testing.assert_close(total, alone)
     torch.testing.assert_close(grad[:2], grad2)
+
+
+def test_token_logprob_scored_in_place_equals_float64_at_the_extremes():
+    """The teacher's sampled-token log-prob from hidden states exponentiates its logits chunk
+    in place (one [rows, V] tensor, not two); it must equal float64's log-softmax where the
+    token is the confident top-1, a token 25 nats below it, and beside masked -inf columns."""
+    t, _ = _confident_teacher()
+    t[:, 900:] = -math.inf  # a padded vocabulary's masked columns
+    ids = torch.tensor([3, 5])  # row 0: the confident top-1; row 1: far below its top-1
+    want = torch.log_softmax(t.double(), dim=-1).gather(-1, ids[:, None]).squeeze(-1)
+    got, *_ = _token_and_topk(t.clone(), ids, "token", 0, 1.0, consume=True)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    z = t.clone()
+    kept, *_ = _token_and_topk(z, ids, "token", 0, 1.0)  # not consuming: logits untouched
+    assert torch.equal(z, t) and torch.equal(kept, got)

@@ -37,6 +37,7 @@ from opd.run.checkpoint import (
     set_rng_state,
     weights_finite,
 )
+from opd.run.heap import release_freed_heap
 from opd.run.interrupt import Interrupted, StopFlag
 from opd.run.lock import hold_run_dir, is_main_process, release_run_dir
 from opd.run.metrics import MetricsLog, PhaseTimer
@@ -156,6 +157,8 @@ def optimizer_step(run: RunSetup, loss_total: float) -> tuple[float, bool]:
         run.scaler.unscale_(run.optimizer)  # clip the true gradients; records any overflow
     grad_norm = run.world.clip_grad_norm(run.student, params, max_norm)
     finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
+    if finite and not run.optimizer.state:
+        release_freed_heap()  # before the optimizer's state exists (opd.run.heap says why)
     if run.scaler is not None:
         if finite:
             run.scaler.step(run.optimizer)  # finite gradients: steps

@@ -77,17 +77,31 @@ def check_untempered(kind: str, temperature: float) -> None:
 
 
 # Positions whose full-vocabulary logits exist at once when a teacher scores from hidden
-# states: 128 x 151,936 float32 is 78 MB, twice that with the log-softmax.
+# states: 128 x 151,936 float32 is 78 MB (twice that with top-k's log-softmax).
 SCORE_ROWS = 128
 
 
-def _token_and_topk(logits_NV, ids_N, need: str, topk: int, temperature: float):
+def _token_logprobs_consuming(z_NV: torch.Tensor, ids_N: torch.Tensor) -> torch.Tensor:
+    """log softmax(z)[ids], overwriting `z` (a fresh logits chunk): exponentiating in place
+    keeps one `[rows, V]` tensor alive where `log_softmax` would add a second."""
+    picked = z_NV.gather(-1, ids_N.unsqueeze(-1)).squeeze(-1)
+    m = z_NV.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # as log_softmax: all -inf
+    log_z = z_NV.sub_(m).exp_().sum(dim=-1).log_() + m.squeeze(-1)
+    return picked - log_z
+
+
+def _token_and_topk(
+    logits_NV, ids_N, need: str, topk: int, temperature: float, consume: bool = False
+):
     """log p of `ids_N` (temperature 1) and, for need 'topk', the top-k ids, log-probs and
     tail log-mass of softmax(logits / temperature), from raw logits `[..., V]`.
 
     The tail is the log-sum-exp of the log-probs outside the top-k, never `1 - sum(top-k)`:
     where the rest weighs less than float32's resolution next to the top-1, the top-1's
     log-prob rounds to 0.0 and that difference reads an empty tail."""
+    if need != "topk" and consume:  # `logits_NV` is the caller's to give up
+        return _token_logprobs_consuming(logits_NV.float(), ids_N), None, None, None
     logp = torch.log_softmax(logits_NV.float(), dim=-1)
     token = logp.gather(-1, ids_N.unsqueeze(-1)).squeeze(-1)
     if need != "topk":
@@ -146,7 +160,12 @@ def scores_from_hidden(
     ids = batch.completion_ids().to(flat.device).reshape(-1)
     parts = [
         _token_and_topk(
-            head(flat[r : r + rows])[:, :vocab_size], ids[r : r + rows], need, topk, temperature
+            head(flat[r : r + rows])[:, :vocab_size],
+            ids[r : r + rows],
+            need,
+            topk,
+            temperature,
+            consume=True,
         )
         for r in range(0, B * T, rows)
     ]
