@@ -121,6 +121,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def step_times(records: list[dict]) -> dict:
+    """Median seconds per step and per teacher scoring, the first (warm-up) step left out:
+    medians, because on the shared box a step now and then stalls for minutes (one of 250
+    took 142 s with 0.3 s in its phases, 2026-12-06)."""
+    steps = [r for r in records if r.get("step", 0) > 1]
+    return {
+        "step_s": statistics.median(r["time_step"] for r in steps),
+        "teacher_score_s": statistics.median(r.get("time_teacher_score", 0.0) for r in steps),
+    }
+
+
 def run(name: str, common: dict, teacher: Path, out: Path, seed: int, extra: dict, ev) -> dict:
     """Train the student with run `name`; its accuracy after (`ev(model, seed)`) and timings."""
     run_dir = out / f"{name}-seed{seed}"
@@ -136,12 +147,11 @@ def run(name: str, common: dict, teacher: Path, out: Path, seed: int, extra: dic
         train(config, run=setup)
     seconds = time.perf_counter() - t0
     records = read_metrics(run_dir)
-    steps = [r for r in records if r.get("step", 0) > 1]  # the first step warms up
+    steps = [r for r in records if r.get("step", 0) > 1]
     out_ = {
         "accuracy": ev(setup.student, seed),
         "seconds": round(seconds, 1),
-        "step_s": statistics.mean(r["time_step"] for r in steps),
-        "teacher_score_s": statistics.mean(r.get("time_teacher_score", 0.0) for r in steps),
+        **step_times(records),
     }
     if "xtok_aligned_frac" in records[-1]:
         for key in ("aligned_frac", "one_to_one_frac", "mean_span_len"):
@@ -229,6 +239,9 @@ def parse(argv):
     parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, choices=[*RUNS, "gold"])
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--summarize-only", action="store_true",
+                        help="recompute the summary of --out's results.json (step times from "
+                        "the runs' metrics), train nothing")  # fmt: skip
     args = parser.parse_args(argv)
     setting = SETTINGS[args.setting]
     for key in ("steps", "eval_size", "samples", "max_new_tokens"):
@@ -264,9 +277,36 @@ def summarize(report: dict, args, names: list[str], student: Path, merged: Path)
     return summary
 
 
+def resummarize(args) -> int:
+    """The summary of a finished (or partial) results.json again: step times as medians
+    read from each run's metrics, everything else as stored."""
+    out = Path(args.out)
+    report = json.loads((out / "results.json").read_text())
+    report["before"] = {int(k): _int_keys(v) for k, v in report["before"].items()}
+    for key, result in report["runs"].items():
+        result["accuracy"] = _int_keys(result["accuracy"])
+        name, seed = key.split("/seed")
+        metrics = out / f"{name}-seed{seed}"
+        if (metrics / "metrics.jsonl").is_file():
+            result.update(step_times(read_metrics(metrics)))
+    stored = argparse.Namespace(**report["args"])
+    names = list(dict.fromkeys(k.split("/seed")[0] for k in report["runs"]))
+    models_ = build_models(stored.cache_dir, seed=0, config=BuildConfig.preset(quick=stored.setting == "quick"))
+    report["summary"] = summarize(report, stored, names, Path(models_["student_dir"]), out / "teacher-merged")
+    print(json.dumps(report["summary"], indent=2))
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def _int_keys(d: dict) -> dict:
+    return {int(k): v for k, v in d.items()}
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
+    if args.summarize_only:
+        return resummarize(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     build = BuildConfig.preset(quick=args.setting == "quick")
