@@ -36,6 +36,9 @@ Runs, each from the same student with the same prompts, seeds and updates:
   merged_rkl_span  the same with span_kd=span (pg's span term inside multi-token spans)
   merged_kd      top-k reverse-KL kd from the merged teacher, cross_tokenizer.span_kd=masked
   merged_kd_span the same with span_kd=span
+  merged_long,   (with --runs only) pg and full reverse KL from `merged_long`: the merged
+  merged_long_rkl  teacher trained all of the spec's 900 steps (no early stop), where the
+                 stopping rule leaves `merged` weaker than A on the demo's long problems
   forced         on_policy (pg), teacher A forced through alignment: its step time against
                  `same` is the alignment's overhead
   same_d1,       (with --runs only) same and merged with loss.discount=1: each token's
@@ -104,6 +107,9 @@ RUNS = {
     # not run by default (--runs): pg with the whole return (discount 1) as the advantage
     "same_d1": ("A", {"loss": {"discount": 1.0}}),
     "merged_d1": ("merged", {"loss": {"discount": 1.0}}),
+    # the merged teacher trained all of the spec's steps (no early stop): see --runs
+    "merged_long": ("merged_long", {}),
+    "merged_long_rkl": ("merged_long", {**RKL, "cross_tokenizer": {"span_kd": "masked"}}),
 }
 DEFAULT_RUNS = ["same", "permuted", "merged", "merged_kd", "merged_kd_span", "forced", "gold"]
 # the run whose gain a cross run's gain is a share of
@@ -315,6 +321,11 @@ def main(argv=None) -> int:
     teachers = {"A": Path(models_["teacher_dir"])}
     teachers["permuted"] = permuted_teacher(teachers["A"], out / "teacher-permuted")
     teachers["merged"], merged_meta = merged_teacher(out / "teacher-merged", build, seed=0)
+    metas = {"A": models_["meta"]["teacher"]["eval_accuracy"], "merged": merged_meta}
+    if any(RUNS.get(n, ("",))[0] == "merged_long" for n in args.runs):
+        teachers["merged_long"], metas["merged_long"] = merged_teacher(
+            out / "teacher-merged-long", build, seed=0, stop=False
+        )
     write_jsonl(out / "train.jsonl", make_examples(args.steps * args.batch_size, 0, "train"))
     if args.lengths:  # the demo's held-out problems (`opd.cli.demo.run`, seed 0)
         eval_sets = probes.make_eval_sets(build.task, args.lengths, args.eval_size, 0)
@@ -341,13 +352,12 @@ def main(argv=None) -> int:
         skill = {
             key: brief(ev(load_causal_lm(str(teachers[key])), 0,
                           Encoder(load_tokenizer(str(teachers[key])), DataConfig())))
-            for key in ("A", "merged")
+            for key in metas
         }  # fmt: skip
     gold_missing = gold_available() if "gold" in args.runs else "not asked for"
     report = {
         "args": vars(args),
-        "teachers": {"A": {"build": models_["meta"]["teacher"]["eval_accuracy"], **skill["A"]},
-                     "merged": {"build": merged_meta, **skill["merged"]}},
+        "teachers": {key: {"build": meta, **skill[key]} for key, meta in metas.items()},
         "gold": gold_missing or "run",
         "before": {},
         "runs": {},

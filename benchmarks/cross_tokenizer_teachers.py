@@ -18,6 +18,7 @@ import json
 import math
 import random
 import string
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -114,7 +115,7 @@ def train_merged(tok, spec, examples, dev, max_new: int, seed: int, log=print):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         done = step + 1
-        if done >= spec.min_steps and done % spec.check_every == 0:
+        if spec.target_accuracy is not None and done >= spec.min_steps and done % spec.check_every == 0:
             model.eval()
             acc = greedy_accuracy(model, tok, dev, max_new)
             model.train()
@@ -124,11 +125,16 @@ def train_merged(tok, spec, examples, dev, max_new: int, seed: int, log=print):
     return model.eval(), done
 
 
-def merged_teacher(out: Path, build: BuildConfig, seed: int = 0, log=print) -> tuple[Path, dict]:
+def merged_teacher(
+    out: Path, build: BuildConfig, seed: int = 0, stop: bool = True, log=print
+) -> tuple[Path, dict]:
     """The merged-tokenizer teacher (module doc) of the demo build `build` (its teacher's
     spec: architecture, recipe, stopping rule; its data sizes), trained once into `out`
-    (rebuilt when `build` or `seed` changes); its meta."""
-    key = config_hash(build, seed)
+    (rebuilt when `build` or `seed` changes); its meta. `stop=False`: no early stop, all of
+    the spec's steps (its whole cosine schedule), for a teacher as skilled as A where the
+    stopping rule leaves it weaker."""
+    key = config_hash(build, seed) + ("" if stop else "-all-steps")
+    spec = build.teacher if stop else replace(build.teacher, target_accuracy=None)
     meta_file = out / "meta.json"
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
@@ -138,7 +144,7 @@ def merged_teacher(out: Path, build: BuildConfig, seed: int = 0, log=print) -> t
     train = make_examples(build.num_train, seed, "train", build.task)
     dev = make_examples(build.num_dev, seed, "dev", build.task)
     evals = make_examples(build.num_eval, seed, "eval", build.task)
-    model, steps = train_merged(tok, build.teacher, train, dev, build.max_new_tokens, seed * 2 + 1, log)
+    model, steps = train_merged(tok, spec, train, dev, build.max_new_tokens, seed * 2 + 1, log)
     acc = greedy_accuracy(model, tok, evals, build.max_new_tokens)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

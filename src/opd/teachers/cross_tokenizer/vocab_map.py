@@ -18,6 +18,17 @@ This is approximate where the vocabularies differ: P_T(" the") in a vocabulary w
 " them" also holds " them"'s continuation mass. With the student's own tokenizer every id
 maps to itself and the result is the same-tokenizer distribution.
 
+It is biased where the teacher's token before the position could have merged with what
+follows: the teacher's prefix then ends at a boundary its tokenizer puts there only when
+the next text does not continue the merge, so its next-token distribution is conditioned
+on that (the boundary leaks the next token). In `benchmarks/cross_tokenizer.py`'s merged
+pair (`a7` one teacher token, `a` `7` two student ones) a student position after a
+standalone label `o` gets a mapped P(digit next) of 0.000-0.001 while the teacher, read
+at the boundary before `o`, puts 1.0 on a digit following it (and the student 0.99): kd
+there teaches "no digit after a label" and the student collapses. Such positions are
+counted as one-to-one all the same; `opd eval --teacher` and the pair's one-to-one
+fraction are the checks.
+
 Mapped entries: `ids >= 0`; entries whose id is -1 are padding (log-prob -inf), which the
 sparse divergences ignore.
 """
