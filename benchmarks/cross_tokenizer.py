@@ -39,12 +39,17 @@ Runs, each from the same student with the same prompts, seeds and updates:
   merged_long,   (with --runs only) pg and full reverse KL from `merged_long`: the merged
   merged_long_rkl  teacher trained all of the spec's 900 steps (no early stop), where the
                  stopping rule leaves `merged` weaker than A on the demo's long problems
+  same_long      (with --runs only) pg from `A_long`: the same code, steps and seed as
+                 `merged_long` in the student's character tokenizer (the teacher's
+                 training apart, only the tokenizer differs); merged_long's second reference
   forced         on_policy (pg), teacher A forced through alignment: its step time against
                  `same` is the alignment's overhead
   same_d1,       (with --runs only) same and merged with loss.discount=1: each token's
   merged_d1      advantage is the whole return, so a span's reward reaches all its tokens
   gold           TRL's GOLDTrainer (ULD) from the merged teacher (`cross_tokenizer_gold.py`),
                  when TRL imports: the same prompts, batch, steps, learning rate, on-policy
+  gold_permuted  the same from the permuted teacher (every position one token a side: ULD's
+                 positional pairing is right there; GOLD's best case)
 
 Reported per run (`cross_tokenizer_measure.py`, the demo's probes): sampled (T=1) and greedy
 answer accuracy before and after, the gain with its 95% interval over seeds and problems,
@@ -109,12 +114,15 @@ RUNS = {
     "merged_d1": ("merged", {"loss": {"discount": 1.0}}),
     # the merged teacher trained all of the spec's steps (no early stop): see --runs
     "merged_long": ("merged_long", {}),
+    "same_long": ("A_long", {}),
     "merged_long_rkl": ("merged_long", {**RKL, "cross_tokenizer": {"span_kd": "masked"}}),
 }
 DEFAULT_RUNS = ["same", "permuted", "merged", "merged_kd", "merged_kd_span", "forced", "gold"]
 # the run whose gain a cross run's gain is a share of
-REFERENCE = {n: "same_rkl" if "rkl" in n else "same" for n in RUNS if not n.startswith("same")}
-REFERENCE["gold"] = "same"
+REFERENCE = {n: ["same_rkl" if "rkl" in n else "same"] for n in RUNS if not n.startswith("same")}
+REFERENCE["merged_long"].append("same_long")  # the same training code, steps and seed
+GOLD = {"gold": "merged", "gold_permuted": "permuted"}  # GOLD run -> its teacher
+REFERENCE.update({g: ["same"] for g in GOLD})
 SETTINGS = {
     "quick": {"steps": 40, "eval_size": 256, "lengths": None, "samples": 2, "max_new_tokens": 72},
     # the demo's full recipe and held-out problems (`opd.cli.demo.run.DemoSettings`)
@@ -210,13 +218,13 @@ def gold_available() -> str | None:
     return None
 
 
-def run_gold_seed(args, student: Path, teacher: Path, out: Path, seed: int, ev) -> dict:
+def run_gold_seed(args, student: Path, teacher: Path, out: Path, seed: int, ev, name="gold") -> dict:
     """GOLD from `teacher` with this run's budget; its student measured as ours are."""
     from cross_tokenizer_gold import run_gold
 
     rows = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
     model, _, info = run_gold(
-        student, teacher, rows, out / f"gold-seed{seed}", steps=args.steps,
+        student, teacher, rows, out / f"{name}-seed{seed}", steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
         max_new_tokens=args.max_new_tokens, seed=seed, extended=False,
     )  # fmt: skip
@@ -242,12 +250,15 @@ def parse(argv):
     parser.add_argument("--samples", type=int, help="sampled completions per eval problem")
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, choices=[*RUNS, "gold"])
+    parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, choices=[*RUNS, *GOLD])
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--summarize-only", action="store_true",
                         help="recompute the summary of --out's results.json (step times from "
                         "the runs' metrics), train nothing")  # fmt: skip
+    parser.add_argument("--merge", nargs="*", default=[], metavar="OUT",
+                        help="with --summarize-only: add the seeds and runs of these --out "
+                        "directories (the same setting) into results-merged.json")  # fmt: skip
     args = parser.parse_args(argv)
     setting = SETTINGS[args.setting]
     for key in ("steps", "eval_size", "samples", "max_new_tokens"):
@@ -260,14 +271,14 @@ def parse(argv):
 def summarize(report: dict, args, names: list[str], student: Path, merged: Path) -> dict:
     """Gains, ratios and goal tests over the seeds of `report` (`cross_tokenizer_measure`);
     step times; the alignment overhead."""
-    seeds = [s for s in args.seeds if all(f"{n}/seed{s}" in report["runs"] for n in names)]
-    by = {n: [report["runs"][f"{n}/seed{s}"] for s in seeds] for n in names}
+    runs = {n: {s: report["runs"][f"{n}/seed{s}"] for s in args.seeds if f"{n}/seed{s}" in report["runs"]}
+            for n in names}  # fmt: skip
     summary = measure.summarize(
-        [report["before"][s] for s in seeds],
-        {n: [r["accuracy"] for r in rs] for n, rs in by.items()},
-        {n: ref for n, ref in REFERENCE.items() if n in by},
+        report["before"],
+        {n: {s: r["accuracy"] for s, r in rs.items()} for n, rs in runs.items()},
+        {n: ref for n, ref in REFERENCE.items() if n in runs},
     )
-    summary["seeds"] = seeds
+    by = {n: list(rs.values()) for n, rs in runs.items()}
     for n, rs in by.items():
         summary[n]["step_s"] = round(statistics.mean(r["step_s"] for r in rs), 4)
     if "same" in by:
@@ -289,10 +300,19 @@ def resummarize(args) -> int:
     out = Path(args.out)
     report = json.loads((out / "results.json").read_text())
     report["before"] = {int(k): _int_keys(v) for k, v in report["before"].items()}
+    for other in args.merge:  # more seeds or runs of the same setting, run apart
+        more = json.loads((Path(other) / "results.json").read_text())
+        differ = {k for k in ("setting", "steps", "eval_size", "samples", "lr", "max_new_tokens")
+                  if more["args"][k] != report["args"][k]}  # fmt: skip
+        if differ:
+            raise SystemExit(f"--merge {other}: another setting ({', '.join(sorted(differ))})")
+        report["before"].update({int(k): _int_keys(v) for k, v in more["before"].items()})
+        report["runs"].update({k: {**v, "out": other} for k, v in more["runs"].items()})
+        report["args"]["seeds"] = sorted({*report["args"]["seeds"], *more["args"]["seeds"]})
     for key, result in report["runs"].items():
         result["accuracy"] = _int_keys(result["accuracy"])
         name, seed = key.split("/seed")
-        metrics = out / f"{name}-seed{seed}"
+        metrics = Path(result.get("out", out)) / f"{name}-seed{seed}"
         if (metrics / "metrics.jsonl").is_file():
             result.update(step_times(read_metrics(metrics)))
     stored = argparse.Namespace(**report["args"])
@@ -300,7 +320,9 @@ def resummarize(args) -> int:
     models_ = build_models(stored.cache_dir, seed=0, config=BuildConfig.preset(quick=stored.setting == "quick"))
     report["summary"] = summarize(report, stored, names, Path(models_["student_dir"]), out / "teacher-merged")
     print(json.dumps(report["summary"], indent=2))
-    (out / "results.json").write_text(json.dumps(report, indent=2))
+    name = "results-merged.json" if args.merge else "results.json"
+    (out / name).write_text(json.dumps(report, indent=2))
+    print(f"wrote {out / name}")
     return 0
 
 
@@ -325,6 +347,10 @@ def main(argv=None) -> int:
     if any(RUNS.get(n, ("",))[0] == "merged_long" for n in args.runs):
         teachers["merged_long"], metas["merged_long"] = merged_teacher(
             out / "teacher-merged-long", build, seed=0, stop=False
+        )
+    if any(RUNS.get(n, ("",))[0] == "A_long" for n in args.runs):
+        teachers["A_long"], metas["A_long"] = merged_teacher(
+            out / "teacher-A-long", build, seed=0, stop=False, tokenizer=load_tokenizer(str(student))
         )
     write_jsonl(out / "train.jsonl", make_examples(args.steps * args.batch_size, 0, "train"))
     if args.lengths:  # the demo's held-out problems (`opd.cli.demo.run`, seed 0)
@@ -354,7 +380,7 @@ def main(argv=None) -> int:
                           Encoder(load_tokenizer(str(teachers[key])), DataConfig())))
             for key in metas
         }  # fmt: skip
-    gold_missing = gold_available() if "gold" in args.runs else "not asked for"
+    gold_missing = gold_available() if set(GOLD) & set(args.runs) else "not asked for"
     report = {
         "args": vars(args),
         "teachers": {key: {"build": meta, **skill[key]} for key, meta in metas.items()},
@@ -363,13 +389,13 @@ def main(argv=None) -> int:
         "runs": {},
     }  # fmt: skip
     print(json.dumps({"teachers": report["teachers"]}), flush=True)
-    names = [n for n in args.runs if n != "gold" or gold_missing is None]
+    names = [n for n in args.runs if n not in GOLD or gold_missing is None]
     for seed in args.seeds:
         report["before"][seed] = ev(student0, seed)
         print(json.dumps({"before": seed, **brief(report["before"][seed])}), flush=True)
         for name in names:
-            if name == "gold":
-                result = run_gold_seed(args, student, teachers["merged"], out, seed, ev)
+            if name in GOLD:
+                result = run_gold_seed(args, student, teachers[GOLD[name]], out, seed, ev, name)
             else:
                 key, extra = RUNS[name]
                 result = run(name, common, teachers[key], out, seed, extra, ev)

@@ -68,38 +68,38 @@ def t_interval(values: list[float]) -> dict:
     return {"mean": mean, "ci95": [mean - half, mean + half], "n": len(values)}
 
 
-def summarize(before: list[dict], after: dict[str, list[dict]], refs: dict[str, str]) -> dict:
-    """`before[i]`, `after[name][i]`: `accuracy` results of seed index i. `refs` maps a run to
-    the run its gain is a share of (`permuted` -> `same`, `permuted_rkl` -> `same_rkl`)."""
+def summarize(before: dict, after: dict[str, dict], refs: dict[str, str]) -> dict:
+    """`before[seed]`, `after[name][seed]`: `accuracy` results. `refs` maps a run to the runs
+    its gain is a share of (`permuted` -> [`same`], `permuted_rkl` -> [`same_rkl`]); a ratio
+    pairs the seeds both have."""
     out: dict = {}
-    gains: dict[str, dict[str, np.ndarray]] = {}
+    gains: dict[str, dict[str, dict[int, np.ndarray]]] = {}
     for name, runs in after.items():
-        out[name] = {}
+        out[name] = {"seeds": sorted(runs)}
         gains[name] = {}
         for kind in ("sampled", "greedy"):
-            g = np.array([flat(a, kind) for a in runs]) - np.array(
-                [flat(b, kind) for b in before[: len(runs)]]
-            )
+            g = {s: np.array(flat(a, kind)) - np.array(flat(before[s], kind)) for s, a in runs.items()}
             gains[name][kind] = g
-            iv = interval(g)
+            iv = interval(np.array([g[s] for s in sorted(g)]))
             out[name][kind] = {
-                "after": float(np.mean([mean_of(a, kind) for a in runs])),
+                "after": float(np.mean([mean_of(a, kind) for a in runs.values()])),
                 "gain": _fmt(iv),
                 "gain_mean": iv["mean"],
                 "gain_per_seed": [round(v, 4) for v in iv["per_seed"]],
             }
-    for name, ref in refs.items():
+    for name, ref in ((n, r) for n, rs in refs.items() for r in rs):
         if name not in gains or ref not in gains:
             continue
         for kind in ("sampled", "greedy"):
-            gx, gs = gains[name][kind], gains[ref][kind]
-            k = min(len(gx), len(gs))
-            ratios = [float(x.mean() / s.mean()) for x, s in zip(gx[:k], gs[:k], strict=True)]
-            goal = interval(gx[:k] - GOAL * gs[:k])
-            out[name][kind].update(
+            common = sorted(set(gains[name][kind]) & set(gains[ref][kind]))
+            gx = np.array([gains[name][kind][s] for s in common])
+            gs = np.array([gains[ref][kind][s] for s in common])
+            ratios = [float(x.mean() / s.mean()) for x, s in zip(gx, gs, strict=True)]
+            goal = interval(gx - GOAL * gs)
+            out[name][kind][f"vs_{ref}"] = (
                 {
-                    "ratio_to": ref,
-                    "ratio_of_means": float(gx[:k].mean() / gs[:k].mean()),
+                    "ratio_seeds": common,
+                    "ratio_of_means": float(gx.mean() / gs.mean()),
                     "ratio_per_seed": [round(r, 3) for r in ratios],
                     "ratio_t95": _fmt(t_interval(ratios)) if all(map(math.isfinite, ratios)) else "n/a",
                     f"gain_minus_{GOAL}x_{ref}": _fmt(goal),

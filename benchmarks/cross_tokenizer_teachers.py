@@ -126,21 +126,22 @@ def train_merged(tok, spec, examples, dev, max_new: int, seed: int, log=print):
 
 
 def merged_teacher(
-    out: Path, build: BuildConfig, seed: int = 0, stop: bool = True, log=print
+    out: Path, build: BuildConfig, seed: int = 0, stop: bool = True, log=print, tokenizer=None
 ) -> tuple[Path, dict]:
     """The merged-tokenizer teacher (module doc) of the demo build `build` (its teacher's
     spec: architecture, recipe, stopping rule; its data sizes), trained once into `out`
-    (rebuilt when `build` or `seed` changes); its meta. `stop=False`: no early stop, all of
+    (rebuilt when `build` or `seed` changes); its meta. `tokenizer`: the same training in
+    another tokenizer (the student's, for a control). `stop=False`: no early stop, all of
     the spec's steps (its whole cosine schedule), for a teacher as skilled as A where the
     stopping rule leaves it weaker."""
-    key = config_hash(build, seed) + ("" if stop else "-all-steps")
+    key = config_hash(build, seed) + ("" if stop else "-all-steps") + ("-own" if tokenizer else "")
     spec = build.teacher if stop else replace(build.teacher, target_accuracy=None)
     meta_file = out / "meta.json"
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
         if meta.get("build_hash") == key:
             return out, meta
-    tok = merged_tokenizer()
+    tok = tokenizer or merged_tokenizer()  # another: the same recipe in its tokens
     train = make_examples(build.num_train, seed, "train", build.task)
     dev = make_examples(build.num_dev, seed, "dev", build.task)
     evals = make_examples(build.num_eval, seed, "eval", build.task)
