@@ -48,6 +48,8 @@ Runs, each from the same student with the same prompts, seeds and updates:
   merged_d1      advantage is the whole return, so a span's reward reaches all its tokens
   gold           TRL's GOLDTrainer (ULD) from the merged teacher (`cross_tokenizer_gold.py`),
                  when TRL imports: the same prompts, batch, steps, learning rate, on-policy
+  gold_hybrid    the same with GOLD's hybrid loss (uld_use_hybrid_loss: JSD on the tokens
+                 both vocabularies spell alike, ULD on the rest)
   gold_permuted  the same from the permuted teacher (every position one token a side: ULD's
                  positional pairing is right there; GOLD's best case)
 
@@ -121,7 +123,8 @@ DEFAULT_RUNS = ["same", "permuted", "merged", "merged_kd", "merged_kd_span", "fo
 # the run whose gain a cross run's gain is a share of
 REFERENCE = {n: ["same_rkl" if "rkl" in n else "same"] for n in RUNS if not n.startswith("same")}
 REFERENCE["merged_long"].append("same_long")  # the same training code, steps and seed
-GOLD = {"gold": "merged", "gold_permuted": "permuted"}  # GOLD run -> its teacher
+# GOLD run -> (its teacher, GOLD's hybrid loss)
+GOLD = {"gold": ("merged", False), "gold_hybrid": ("merged", True), "gold_permuted": ("permuted", False)}
 REFERENCE.update({g: ["same"] for g in GOLD})
 SETTINGS = {
     "quick": {"steps": 40, "eval_size": 256, "lengths": None, "samples": 2, "max_new_tokens": 72},
@@ -218,7 +221,9 @@ def gold_available() -> str | None:
     return None
 
 
-def run_gold_seed(args, student: Path, teacher: Path, out: Path, seed: int, ev, name="gold") -> dict:
+def run_gold_seed(
+    args, student: Path, teacher: Path, out: Path, seed: int, ev, name="gold", hybrid=False
+) -> dict:
     """GOLD from `teacher` with this run's budget; its student measured as ours are."""
     from cross_tokenizer_gold import run_gold
 
@@ -226,11 +231,11 @@ def run_gold_seed(args, student: Path, teacher: Path, out: Path, seed: int, ev, 
     model, _, info = run_gold(
         student, teacher, rows, out / f"{name}-seed{seed}", steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-        max_new_tokens=args.max_new_tokens, seed=seed, extended=False,
+        max_new_tokens=args.max_new_tokens, seed=seed, extended=False, hybrid=hybrid,
     )  # fmt: skip
     return {"accuracy": ev(model, seed), "seconds": info["seconds"],
             "step_s": info["seconds"] / max(args.steps, 1),
-            "uld": "positional (use_extended_uld=False)"}  # fmt: skip
+            "uld": "positional (use_extended_uld=False)" + (", hybrid" if hybrid else "")}  # fmt: skip
 
 
 def brief(acc: dict) -> dict:
@@ -395,7 +400,8 @@ def main(argv=None) -> int:
         print(json.dumps({"before": seed, **brief(report["before"][seed])}), flush=True)
         for name in names:
             if name in GOLD:
-                result = run_gold_seed(args, student, teachers[GOLD[name]], out, seed, ev, name)
+                key, hybrid = GOLD[name]
+                result = run_gold_seed(args, student, teachers[key], out, seed, ev, name, hybrid)
             else:
                 key, extra = RUNS[name]
                 result = run(name, common, teachers[key], out, seed, extra, ev)

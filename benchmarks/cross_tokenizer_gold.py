@@ -8,7 +8,8 @@ decay.
 GOLD across tokenizers is its ULD loss (`use_uld_loss=True`: sorted probabilities compared
 position by position, with its extended byte alignment when `extended` is set; TRL's docs
 say to turn that off for tokenizers that are not byte-level BPE, which the demo's character
-tokenizer is not, so both are offered). The student's prompt reaches GOLD as a chat whose
+tokenizer is not, so both are offered); `hybrid` turns on GOLD's hybrid loss (JSD over the
+tokens both vocabularies spell alike, ULD over the rest). The student's prompt reaches GOLD as a chat whose
 template writes the prompt text as it is and the answer followed by the EOS token: the same
 text opd trains on without a chat template.
 
@@ -39,6 +40,7 @@ def run_gold(
     max_new_tokens: int,
     seed: int,
     extended: bool,
+    hybrid: bool = False,
 ):
     """Train a copy of the student with GOLD; returns (the trained model, its tokenizer,
     seconds)."""
@@ -74,6 +76,8 @@ def run_gold(
         teacher_tokenizer_name_or_path=str(teacher_dir),
         use_uld_loss=True,
         use_extended_uld=extended,
+        # GOLD's hybrid: JSD over tokens the two vocabularies share by text, ULD over the rest
+        uld_use_hybrid_loss=hybrid,
         bf16=False,
         gradient_checkpointing=False,
         use_cpu=True,
