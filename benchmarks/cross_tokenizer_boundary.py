@@ -10,7 +10,9 @@ by what the student wrote there) and its per-position reverse KL to the mapped t
 distribution; then, at positions whose teacher prefix ends in a standalone label or `#`,
 three numbers: the mapped teacher's P(a digit comes next), the student's, and the
 teacher's own probability that a digit follows that label, read one token earlier at the
-boundary every continuation shares (its merged tokens `o0`..`o9` against `o` alone).
+boundary every continuation shares (its merged tokens `o0`..`o9` against `o` alone); and
+pg's span rewards at a standalone label's span (the teacher's rare `o` alone) and at the span
+after it, whose first student token is the choice that made the label stand alone.
 """
 
 from __future__ import annotations
@@ -77,12 +79,31 @@ def probe(student_dir, teacher_dir, rows: int, seed: int) -> dict:
                 alone = float(before[row.teacher_ids[t0 - 1]])
                 leak.append((sum(at.get(d, 0.0) for d in digits), float(s_p[b, j][digits].sum()),
                              merged / (merged + alone)))  # fmt: skip
+    # pg's span rewards (log p_T(span) - log p_S(span)) at a standalone label's span and at
+    # the span after it, whose first student token is what made the label stand alone
+    token = cross.score(batch, "token")
+    s_lp = torch.log(s_p.gather(-1, batch.input_ids[:, P:, None]).squeeze(-1))
+    rewards = {"label_alone": [], "next": [], "label_with_digit": []}
+    for b, row in enumerate(arows):
+        spans = [sp for sp in row.alignment.spans if sp.two_sided]
+        for k, sp in enumerate(spans):
+            text = t_tok.convert_ids_to_tokens(row.teacher_ids[sp.t0]) if sp.t1 == sp.t0 + 1 else ""
+            reward = float(token.token_logprobs[b, sp.s1 - 1]) - float(s_lp[b, sp.s0 : sp.s1].sum())
+            if len(text) == 2 and text[0] in string.ascii_lowercase and text[1].isdigit():
+                rewards["label_with_digit"].append(reward)
+            elif len(text) == 1 and text in string.ascii_lowercase:
+                rewards["label_alone"].append(reward)
+                if k + 1 < len(spans):
+                    nxt = spans[k + 1]
+                    rewards["next"].append(float(token.token_logprobs[b, nxt.s1 - 1])
+                                           - float(s_lp[b, nxt.s0 : nxt.s1].sum()))  # fmt: skip
     tokens = sum(len(x) for x in c)
     mean = lambda xs: round(statistics.mean(xs), 4) if xs else None  # noqa: E731
     return {
         "completion_tokens": tokens,
         "one_to_one_by_what_the_student_wrote": dict(kinds),
         "reverse_kl_by_kind": {k: mean(v) for k, v in rkl.items()},
+        "pg_span_rewards": {k: {"n": len(v), "mean": mean(v)} for k, v in rewards.items()},
         "after_a_standalone_label": {
             "positions": len(leak),
             "mapped_teacher_p_digit_next": mean([x[0] for x in leak]),
@@ -98,12 +119,13 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "opd" / "demo"))
     parser.add_argument("--students", nargs="*", default=[],
                         help="trained students (checkpoint dirs) to probe beside the initial one")  # fmt: skip
+    parser.add_argument("--teacher", default="teacher-merged", help="a teacher folder in --out")
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--seed", type=int, default=3)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     models_ = build_models(args.cache_dir, seed=0, config=BuildConfig.preset(quick=False))
-    teacher = Path(args.out) / "teacher-merged"
+    teacher = Path(args.out) / args.teacher
     for student in [models_["student_dir"], *args.students]:
         print(json.dumps({"student": str(student), **probe(student, teacher, args.rows, args.seed)}))
     return 0
