@@ -25,6 +25,7 @@ from opd.teachers.cross_tokenizer.teacher import CrossTokenizerTeacher
 from opd.teachers.local import LocalTeacher
 from real_format import build_tokenizer
 from sp_format import build_sp_tokenizer, tiny_model
+from test_cross_tokenizer_eval import wrapped
 from test_cross_tokenizer_teacher import losses
 
 RENAMED = {"<pad>": "[PAD]", "<eos>": "[EOS]", "<unk>": "[UNK]"}
@@ -66,16 +67,9 @@ def batch_with(tok, enc, comps):
 def renamed():
     s_tok = build_char_tokenizer()
     t_tok = renamed_char_tokenizer(s_tok)
-    s_enc, t_enc = Encoder(s_tok, DataConfig()), Encoder(t_tok, DataConfig())
     t_model = tiny_model(t_tok, seed=1, hidden=48, scale=4.0).double()
-    cross = CrossTokenizerTeacher(
-        LocalTeacher(t_model, len(t_tok)),
-        student_tokenizer=s_tok,
-        teacher_tokenizer=t_tok,
-        student_encoder=s_enc,
-        teacher_encoder=t_enc,
-    )
-    return s_tok, s_enc, t_model, cross
+    cross = wrapped(LocalTeacher(t_model, len(t_tok)), s_tok, t_tok)
+    return s_tok, cross.s_encoder, t_model, cross
 
 
 def test_a_paired_special_is_scored_by_the_teacher_and_the_row_goes_on(renamed):
