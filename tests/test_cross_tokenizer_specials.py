@@ -9,6 +9,8 @@ cross_tokenizer.py`, `permuted`), where the same teacher with the student's own 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -19,6 +21,7 @@ from opd.config.sections import DataConfig, LossConfig
 from opd.data.batch import assemble
 from opd.data.encoding import Encoder
 from opd.losses import distill_advantages
+from opd.losses.sampled import span_sums
 from opd.modeling.hf import completion_logits, token_logprobs
 from opd.teachers.cross_tokenizer.align import special_pairs
 from opd.teachers.cross_tokenizer.teacher import CrossTokenizerTeacher
@@ -26,7 +29,7 @@ from opd.teachers.local import LocalTeacher
 from real_format import build_tokenizer
 from sp_format import build_sp_tokenizer, tiny_model
 from test_cross_tokenizer_eval import wrapped
-from test_cross_tokenizer_teacher import losses
+from test_cross_tokenizer_teacher import ROWS, losses, sequence_logprob
 
 RENAMED = {"<pad>": "[PAD]", "<eos>": "[EOS]", "<unk>": "[UNK]"}
 
@@ -101,15 +104,40 @@ def test_a_paired_special_is_scored_by_the_teacher_and_the_row_goes_on(renamed):
     assert at_unk < -1.0  # a real judgement, not the 0 of an unscored token
 
 
-def test_an_unpaired_special_still_cuts_the_row(renamed):
-    s_tok, s_enc, _t_model, cross = renamed
-    text = s_tok("a1b1", add_special_tokens=False).input_ids
-    eos = s_enc.stop_id  # the stop mid-row: paired only at the end (the stop rule)
-    batch = batch_with(s_tok, s_enc, [[*text, eos, *text, eos]])
+def test_an_unpaired_special_is_read_as_its_text_and_scored():
+    """Qwen's `<|im_start|>` against a Llama-3-style teacher: no counterpart by text or role.
+    The teacher reads it spelt out, the row goes on, and the rewards still sum to the
+    sequence's log-ratio with the teacher's log-prob of that literal text (a student cannot
+    escape the teacher by writing it)."""
+    s_tok, t_tok = build_tokenizer(), build_sp_tokenizer()
+    student = tiny_model(s_tok, seed=2).double()
+    t_model = tiny_model(t_tok, seed=1, hidden=48, scale=4.0).double()
+    cross = wrapped(LocalTeacher(t_model, len(t_tok)), s_tok, t_tok)
+    s_enc = cross.s_encoder
+    im_start = s_tok.convert_tokens_to_ids("<|im_start|>")
+    assert im_start not in cross.aligner.specials
+    head, tail = (s_tok(t, add_special_tokens=False).input_ids for t in ("ok 12", " café"))
+    row = ROWS[0]
+    comp = [*head, im_start, *tail, s_enc.stop_id]
+    batch = assemble([s_enc.prompt_ids(row["prompt"])], [comp], pad_id=s_tok.pad_token_id,
+                     source="student", rows=[row])  # fmt: skip
     cross.step_record()
     scores = cross.score(batch, "token")
-    assert scores.aligned[0].tolist() == [True] * len(text) + [False] * (len(text) + 2)
-    assert cross.step_record()["xtok_rows_cut_special_token"] == 1
+    assert scores.aligned.equal(batch.loss_mask())
+    assert cross.step_record().get("xtok_rows_cut_special_token", 0) == 0
+    s_lp = token_logprobs(completion_logits(student, batch, len(s_tok)), batch.completion_ids())
+    diff = torch.where(scores.aligned, scores.token_logprobs.double() - s_lp.double(), 0.0)
+    rewards = span_sums(diff, torch.where(scores.aligned, scores.span_end, -1))
+    literal = t_tok("ok 12<|im_start|> café", add_special_tokens=False, split_special_tokens=True)
+    t_comp = [*literal.input_ids, t_tok.convert_tokens_to_ids("<|eot_id|>")]
+    assert len(t_comp) > len(comp)  # spelt out in several teacher tokens
+    turns = [{"role": "user", "content": row["prompt"]}]
+    t_prompt = t_tok(t_tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False),
+                     add_special_tokens=False).input_ids  # fmt: skip
+    P = batch.prompt_width
+    s_prompt = batch.input_ids[0, :P][batch.attention_mask[0, :P].bool()].tolist()
+    want = sequence_logprob(t_model, t_prompt, t_comp) - sequence_logprob(student, s_prompt, comp)
+    assert math.isclose(float(rewards[0].sum()), want, abs_tol=1e-4), want
 
 
 def test_kd_maps_the_teachers_renamed_specials_to_the_students(renamed):

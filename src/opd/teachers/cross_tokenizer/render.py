@@ -10,9 +10,12 @@
 * A special token inside the completion is paired with the teacher's special of the same
   text or declared role (`align.special_pairs`: `<pad>` with `[PAD]`), scored there by the
   teacher as its own would be by a same-tokenizer teacher, and the text after it goes on.
+  A special without a counterpart is read as its literal text (`<|im_start|>` spelt out),
+  scored like any other span: a student cannot escape the teacher by writing one.
 * Where the bytes cannot round-trip the rest of the row is masked, and counted by reason:
-  a special token without a counterpart, a cut inside a UTF-8 character (or a byte that is
-  no UTF-8), a piece of text the teacher's tokenizer does not reproduce byte for byte.
+  a cut inside a UTF-8 character (or a byte that is no UTF-8), a piece of text the
+  teacher's tokenizer does not reproduce byte for byte (`special_token`: a special with
+  neither a counterpart nor a text).
 """
 
 from __future__ import annotations
@@ -65,13 +68,19 @@ class CompletionAligner:
         self.stop_ids = set(student_stop_ids)
         self.t_end = teacher_end_id
         self.specials = dict(special_map or {})
+        # A special without a counterpart is read by the teacher as its literal text
+        # (`<|im_start|>` spelt out), what the student's bytes say when specials are shown.
+        self.literal = {i: t.encode("utf-8") for i, t in (student_table.specials or {}).items()}
 
     def __call__(self, student_ids: list[int]) -> RowAlignment:
         """Text segments between special tokens are tokenized by the teacher one by one (as
         its tokenizer splits text at specials); a special with a teacher counterpart is a
         zero-width token on both sides, so the teacher scores its counterpart there and the
         row goes on (leaving it unscored would let a pg student escape the teacher's
-        judgement by writing it: `benchmarks/cross_tokenizer.py` saw that collapse)."""
+        judgement by writing it: `benchmarks/cross_tokenizer.py` saw that collapse). A
+        special without a counterpart is its literal text, a span like any other: the
+        teacher scores those characters (a mid-row stop included; the stop that ends the
+        row is the end of turn)."""
         n, cut, ended = len(student_ids), None, False
         s_lens: list[int] = []
         t_lens: list[int] = []
@@ -79,6 +88,8 @@ class CompletionAligner:
         pieces: list[bytes] = []
         for k, i in enumerate([*student_ids, None]):
             piece = None if i is None else self.s_table.get(i)
+            if piece is None and i not in self.specials and not (k == n - 1 and i in self.stop_ids):
+                piece = self.literal.get(i)  # None: the end of the row, or no text at all
             if piece is not None:
                 pieces.append(piece)
                 continue
