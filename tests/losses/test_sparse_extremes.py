@@ -14,7 +14,7 @@ import torch
 
 from opd.losses import fused_sparse_token_divergence, masked_sum, sparse_token_divergence
 from opd.losses.sparse import fold_student_to_buckets, log_tail_mass
-from opd.teachers.base import _token_and_topk
+from opd.teachers.base import _token_and_topk, _token_logprobs_consuming
 
 V, K = 1000, 4
 
@@ -146,7 +146,7 @@ def test_token_logprob_scored_in_place_equals_float64_at_the_extremes():
     t[:, 900:] = -math.inf  # a padded vocabulary's masked columns
     ids = torch.tensor([3, 5])  # row 0: the confident top-1; row 1: far below its top-1
     want = torch.log_softmax(t.double(), dim=-1).gather(-1, ids[:, None]).squeeze(-1)
-    got, *_ = _token_and_topk(t.clone(), ids, "token", 0, 1.0, consume=True)
+    got = _token_logprobs_consuming(t.clone(), ids)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
     z = t.clone()

@@ -5,7 +5,7 @@ in its heap for reuse. AdamW allocates its moments on its first step, each as la
 parameter (an embedding at Qwen's vocabulary is 78 MB), so glibc maps them afresh rather
 than from that heap, and they add to what it retains: the first step's peak is their size
 above a heap the step no longer uses. `malloc_trim(0)` hands the free pages back first
-(benchmarks/README.md, step memory: 1.45 -> 1.36 GB for the default on_policy step at
+(benchmarks/README.md, step memory: 1.45 -> 1.35 GB for the default on_policy step at
 V = 151,936). Later steps reuse the heap for the same shapes, so trimming them would only
 cost page faults. Elsewhere than glibc this does nothing.
 """

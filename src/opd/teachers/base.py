@@ -91,17 +91,13 @@ def _token_logprobs_consuming(z_NV: torch.Tensor, ids_N: torch.Tensor) -> torch.
     return picked - log_z
 
 
-def _token_and_topk(
-    logits_NV, ids_N, need: str, topk: int, temperature: float, consume: bool = False
-):
+def _token_and_topk(logits_NV, ids_N, need: str, topk: int, temperature: float):
     """log p of `ids_N` (temperature 1) and, for need 'topk', the top-k ids, log-probs and
     tail log-mass of softmax(logits / temperature), from raw logits `[..., V]`.
 
     The tail is the log-sum-exp of the log-probs outside the top-k, never `1 - sum(top-k)`:
     where the rest weighs less than float32's resolution next to the top-1, the top-1's
     log-prob rounds to 0.0 and that difference reads an empty tail."""
-    if need != "topk" and consume:  # `logits_NV` is the caller's to give up
-        return _token_logprobs_consuming(logits_NV.float(), ids_N), None, None, None
     logp = torch.log_softmax(logits_NV.float(), dim=-1)
     token = logp.gather(-1, ids_N.unsqueeze(-1)).squeeze(-1)
     if need != "topk":
@@ -158,14 +154,15 @@ def scores_from_hidden(
     B, T, _ = hidden_BTH.shape
     flat = hidden_BTH.reshape(B * T, -1)
     ids = batch.completion_ids().to(flat.device).reshape(-1)
+    if need == "token":  # each chunk's logits are ours: exponentiated in place
+        token = torch.cat([
+            _token_logprobs_consuming(head(flat[r : r + rows])[:, :vocab_size].float(), ids[r : r + rows])
+            for r in range(0, B * T, rows)
+        ]).view(B, T)  # fmt: skip
+        return TeacherScores(token_logprobs=token, tokens_scored=batch.num_target_tokens())
     parts = [
         _token_and_topk(
-            head(flat[r : r + rows])[:, :vocab_size],
-            ids[r : r + rows],
-            need,
-            topk,
-            temperature,
-            consume=True,
+            head(flat[r : r + rows])[:, :vocab_size], ids[r : r + rows], need, topk, temperature
         )
         for r in range(0, B * T, rows)
     ]

@@ -13,9 +13,9 @@
   A special without a counterpart is read as its literal text (`<|im_start|>` spelt out),
   scored like any other span: a student cannot escape the teacher by writing one.
 * Where the bytes cannot round-trip the rest of the row is masked, and counted by reason:
-  a cut inside a UTF-8 character (or a byte that is no UTF-8), a piece of text the
-  teacher's tokenizer does not reproduce byte for byte (`special_token`: a special with
-  neither a counterpart nor a text).
+  a token with no text at all (`special_token`), a cut inside a UTF-8 character (or a byte
+  that is no UTF-8), a piece of text the teacher's tokenizer does not reproduce byte for
+  byte.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class CompletionAligner:
     ):
         """`teacher_encode(text) -> ids`: the teacher tokenizer on plain text (no specials
         added, special-token text split as text). `special_map`: student special id -> the
-        teacher's counterpart (`align.special_pairs`); a special without one cuts the row."""
+        teacher's counterpart (`align.special_pairs`); one without is read as its literal text."""
         self.s_table, self.t_table = student_table, teacher_table
         self.encode = teacher_encode
         self.stop_ids = set(student_stop_ids)
@@ -87,9 +87,11 @@ class CompletionAligner:
         t_ids: list[int] = []
         pieces: list[bytes] = []
         for k, i in enumerate([*student_ids, None]):
-            piece = None if i is None else self.s_table.get(i)
-            if piece is None and i not in self.specials and not (k == n - 1 and i in self.stop_ids):
-                piece = self.literal.get(i)  # None: the end of the row, or no text at all
+            ends_row = k == n - 1 and i in self.stop_ids
+            piece = None
+            if i is not None and not ends_row and i not in self.specials:
+                piece = self.s_table.get(i)  # text, or an unpaired special's literal text
+                piece = self.literal.get(i) if piece is None else piece
             if piece is not None:
                 pieces.append(piece)
                 continue
@@ -97,15 +99,13 @@ class CompletionAligner:
             pieces = []
             if cut is not None or i is None:
                 break
-            if k == n - 1 and i in self.stop_ids:
-                ended = True
-            elif i in self.specials:
+            if i in self.specials:
                 s_lens.append(0)
                 t_lens.append(0)
                 t_ids.append(self.specials[i])
                 continue
-            else:
-                cut = "special_token"
+            ended = ends_row
+            cut = None if ends_row else "special_token"  # a token with no text at all
             break
         if ended and cut is None:  # the student's stop <-> the teacher's end of turn
             s_lens.append(0)
