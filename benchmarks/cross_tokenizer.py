@@ -29,7 +29,10 @@ Runs, each from the same student with the same prompts, seeds and updates:
 
   same           on_policy (pg), teacher A: the shared-vocabulary path
   permuted       on_policy (pg), the permuted teacher: the alignment path
-  merged         on_policy (pg), the merged teacher: exact span log-probs across real spans
+  merged         on_policy (pg), the merged teacher: exact span log-probs across real spans,
+                 each span's teacher log-prob of its text whatever follows (the default
+                 cross_tokenizer.boundary=marginal; `merged_token`, `merged_long_token`
+                 with --runs: boundary=token, the teacher's tokens as cut)
   same_rkl       the demo's on_policy_rkl (minillm_like: full-vocabulary reverse KL), A
   permuted_rkl   the same from the permuted teacher (its distribution mapped by token bytes)
   merged_rkl     the same from the merged teacher, cross_tokenizer.span_kd=masked
@@ -118,11 +121,16 @@ RUNS = {
     "merged_long": ("merged_long", {}),
     "same_long": ("A_long", {}),
     "merged_long_rkl": ("merged_long", {**RKL, "cross_tokenizer": {"span_kd": "masked"}}),
+    # pg with the boundary's "no merge" term left where the teacher's tokens cut it
+    # (cross_tokenizer.boundary=token, the rule before 2026-12-06's default `marginal`)
+    "merged_token": ("merged", {"cross_tokenizer": {"boundary": "token"}}),
+    "merged_long_token": ("merged_long", {"cross_tokenizer": {"boundary": "token"}}),
 }
 DEFAULT_RUNS = ["same", "permuted", "merged", "merged_kd", "merged_kd_span", "forced", "gold"]
 # the run whose gain a cross run's gain is a share of
 REFERENCE = {n: ["same_rkl" if "rkl" in n else "same"] for n in RUNS if not n.startswith("same")}
 REFERENCE["merged_long"].append("same_long")  # the same training code, steps and seed
+REFERENCE["merged_long_token"].append("same_long")
 # GOLD run -> (its teacher, GOLD's hybrid loss)
 GOLD = {"gold": ("merged", False), "gold_hybrid": ("merged", True), "gold_permuted": ("permuted", False)}
 REFERENCE.update({g: ["same"] for g in GOLD})

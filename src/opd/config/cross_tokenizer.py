@@ -30,12 +30,30 @@ class CrossTokenizerConfig:
             scores it: the span is one action, each of its student tokens takes the
             advantage log p_T(span) - log p_S(span); at temperature 1, discount 0, the pg
             ratio correction)
+        boundary: loss.objective=pg: a span's teacher log-prob is of (marginal) its text
+            whatever follows: the teacher tokens that extend the span's last one across the
+            boundary, where the student's tokenizer could not merge, are summed in, and the
+            rest ("the text does not go on that way") is charged to the next span, whose
+            first tokens made that choice; a row's sum is unchanged
+            (`opd.teachers.cross_tokenizer.boundary`) | (token) the teacher's tokens as its
+            tokenizer cut the text: a standalone `o` where `o7` is a token then means "no
+            digit follows", charged to the span that wrote the `o`
+        boundary_topk: the teacher's top-k read for `boundary=marginal` (the extensions
+            summed are those among them; a server must allow this many log-probs)
     """
 
     when: Literal["auto", "always"] = "auto"
     prompt_template: Literal["native", "student"] = "native"
     teacher_tokenizer: str = ""
     span_kd: Literal["masked", "span"] = "masked"
+    boundary: Literal["marginal", "token"] = "marginal"
+    boundary_topk: int = 16
 
     def __post_init__(self):
         _check_choices(self)
+        if isinstance(self.boundary_topk, bool) or not isinstance(self.boundary_topk, int) or self.boundary_topk < 1:
+            raise ValueError(f"cross_tokenizer.boundary_topk={self.boundary_topk!r} must be an integer >= 1")
+
+    def boundary_k(self, objective: str) -> int:
+        """The top-k a teacher with another tokenizer is asked for the boundary rule (0: none)."""
+        return self.boundary_topk if objective == "pg" and self.boundary == "marginal" else 0

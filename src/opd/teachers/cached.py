@@ -128,4 +128,5 @@ def build_cached_teacher(config, tokenizer, encoder=None):
         return CachedTeacher(cache_dir, tokenizer)
     # The rows were re-tokenized for the student (opd.data); scores are aligned to them.
     inner = CachedTeacher(cache_dir, teacher_tok)
-    return wrap(config, inner, tokenizer, teacher_tok, encoder, cache_dir)
+    cap = inner.topk if inner.temperature == 1.0 else 0  # the boundary rule reads top-k at T=1
+    return wrap(config, inner, tokenizer, teacher_tok, encoder, cache_dir, topk_cap=cap)

@@ -52,7 +52,8 @@ def build_teacher(
         teacher_tok = load_tokenizer(named) if named else None
         if teacher_tok is None or not needs_alignment(config, tokenizer, teacher_tok):
             return remote_teacher_from_config(config, tokenizer)
-        inner = remote_teacher_from_config(config, teacher_tok)  # checked against teacher_tok
+        k = config.cross_tokenizer.boundary_k(config.loss.objective)  # the boundary rule's
+        inner = remote_teacher_from_config(config, teacher_tok, min_topk=k)  # vs teacher_tok
         return wrap(config, inner, tokenizer, teacher_tok, encoder, config.teacher.url)
     if kind == "cached":  # offline log-probs: the teacher model is never loaded
         from opd.teachers.cached import build_cached_teacher

@@ -381,8 +381,8 @@ def sequences_of(batch: SequenceBatch) -> list[tuple[int, list[int], int]]:
     return rows
 
 
-def remote_teacher_from_config(config, tokenizer) -> RemoteTeacher:
-    """The `teacher.kind: remote` of a run config, checked against the student's tokenizer."""
+def remote_teacher_from_config(config, tokenizer, min_topk: int = 0) -> RemoteTeacher:
+    """`teacher.kind: remote` of a run config, checked against `tokenizer`, top-k >= `min_topk`."""
     from opd.modeling.hf import tokenizer_fingerprint
 
     check_remote_config(config)
@@ -395,6 +395,6 @@ def remote_teacher_from_config(config, tokenizer) -> RemoteTeacher:
         token_env=t.api_key_env,
         expected_fingerprint=tokenizer_fingerprint(tokenizer),
         expected_vocab_size=len(tokenizer),
-        required_topk=teacher_need(config.loss)[1],
+        required_topk=max(teacher_need(config.loss)[1], min_topk),
         tokenizer=tokenizer,
     )

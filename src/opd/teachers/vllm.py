@@ -110,7 +110,7 @@ def build_vllm_teacher(config, tokenizer, encoder=None):
     max_len = data.max_prompt_tokens + longest
     if cross:  # the same text in the teacher's tokens: room for a tokenizer twice as fine
         max_len *= 2
-    max_logprobs = max(topk, 1)
+    max_logprobs = max(topk, config.cross_tokenizer.boundary_k(config.loss.objective) if cross else 0, 1)
     llm = start_engine(
         t.path,
         dtype=t.dtype,

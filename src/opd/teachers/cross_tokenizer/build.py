@@ -37,16 +37,20 @@ def refuse_unsupported(config, where: str) -> None:
         )
 
 
-def wrap(config, inner, student_tok, teacher_tok, student_encoder, where: str):
+def wrap(config, inner, student_tok, teacher_tok, student_encoder, where: str, topk_cap: int | None = None):
     """`inner` (a teacher scoring its own tokens) seen through the student's grid, for a
     training run (what alignment cannot serve there is refused first)."""
     refuse_unsupported(config, where)
-    return cross_teacher(config, inner, student_tok, teacher_tok, student_encoder, where)
+    return cross_teacher(config, inner, student_tok, teacher_tok, student_encoder, where, topk_cap)
 
 
-def cross_teacher(config, inner, student_tok, teacher_tok, student_encoder, where: str):
+def cross_teacher(
+    config, inner, student_tok, teacher_tok, student_encoder, where: str, topk_cap: int | None = None
+):
     """`CrossTokenizerTeacher` over `inner`, the tokenizers checked for a byte reading (also
-    `opd eval`'s probe, which samples nothing in the teacher's tokens for training)."""
+    `opd eval`'s probe, which samples nothing in the teacher's tokens for training).
+    `topk_cap`: the most top-k `inner` can give at temperature 1 (a cache's); with none,
+    `pg` spans keep the token rule, said in the log."""
     for tok in (student_tok, teacher_tok):
         try:
             ByteTable.of(tok)
@@ -61,6 +65,12 @@ def cross_teacher(config, inner, student_tok, teacher_tok, student_encoder, wher
     # teacher's rendering of the same row may take more tokens.
     data = replace(config.data, max_prompt_tokens=max(config.data.max_prompt_tokens, 1 << 20))
     teacher_encoder = Encoder(teacher_tok, data)
+    boundary_topk = config.cross_tokenizer.boundary_k(config.loss.objective)
+    if topk_cap is not None:
+        boundary_topk = min(boundary_topk, topk_cap)
+    if config.cross_tokenizer.boundary_k(config.loss.objective) and not boundary_topk:
+        log.info("teacher %s holds no top-k: pg spans take the teacher's tokens as cut "
+                 "(cross_tokenizer.boundary=token)", where)  # fmt: skip
     if not teacher_encoder.use_chat and student_encoder.use_chat:
         log.warning("teacher %s has no chat template: its prompt is the row's plain text", where)
     teacher = CrossTokenizerTeacher(
@@ -71,13 +81,15 @@ def cross_teacher(config, inner, student_tok, teacher_tok, student_encoder, wher
         teacher_encoder=teacher_encoder,
         prompt_template=config.cross_tokenizer.prompt_template,
         span_kd=config.cross_tokenizer.span_kd,
+        boundary_topk=boundary_topk,
     )
     log.info(
         "teacher %s has another tokenizer or chat template: scoring by byte alignment "
-        "(prompt_template=%s; %.0f%% of the student's vocabulary receives the mass of some "
+        "(prompt_template=%s, pg boundary: %s; %.0f%% of the student's vocabulary receives the mass of some "
         "teacher token: one of the same bytes, or a longer one the student begins with it)",
         where,
         config.cross_tokenizer.prompt_template,
+        f"marginal over the teacher's top-{teacher.boundary_topk}" if teacher.boundary_topk else "token",
         100 * teacher.vocab.coverage(len(student_tok)),
     )
     return teacher

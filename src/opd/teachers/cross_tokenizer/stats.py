@@ -8,6 +8,7 @@ from opd.teachers.cross_tokenizer.render import CUT_REASONS, RowAlignment
 
 log = logging.getLogger("opd")
 WARN_BELOW = 0.5  # aligned fraction (pg) or one-to-one fraction (kd) below which to warn
+MOVED_NATS = 0.1  # a span end counts as moved (`xtok_boundary_moved_frac`) above this
 
 
 class AlignmentStats:
@@ -18,7 +19,16 @@ class AlignmentStats:
     @staticmethod
     def _zero() -> dict:
         return {"tokens": 0, "aligned": 0, "one_to_one": 0, "spans": 0, "rows": 0,
+                "ends": 0, "ends_moved": 0, "moved_nats": 0.0,
                 **{f"cut_{r}": 0 for r in CUT_REASONS}}  # fmt: skip
+
+    def add_boundary(self, leaks, ends) -> None:
+        """The boundary terms moved to the next span (`boundary.BoundaryMarginal.shift`):
+        `leaks` `[B, Lt]` (<= 0) at the span ends `ends` `[B, Lt]` bool."""
+        moved = -leaks[ends.to(leaks.device)]
+        self.counts["ends"] += int(moved.numel())
+        self.counts["ends_moved"] += int((moved > MOVED_NATS).sum())
+        self.counts["moved_nats"] += float(moved.sum())
 
     def add(self, rows: list[RowAlignment], need: str) -> None:
         c = self.counts
@@ -38,7 +48,9 @@ class AlignmentStats:
     def record(self) -> dict:
         """Fields since the last call: the aligned fraction of completion tokens (pg scores
         them), the one-to-one fraction (kd compares distributions there), the mean span
-        length in student tokens, rows whose tail was masked (and why)."""
+        length in student tokens, rows whose tail was masked (and why); with the boundary
+        rule, the fraction of span ends whose "no merge" term moved more than `MOVED_NATS`
+        to the next span, and the nats moved per span end."""
         c, self.counts = self.counts, self._zero()
         out = {
             "xtok_aligned_frac": c["aligned"] / max(c["tokens"], 1),
@@ -46,6 +58,9 @@ class AlignmentStats:
             "xtok_mean_span_len": c["aligned"] / max(c["spans"], 1),
             "xtok_rows_masked": sum(c[f"cut_{r}"] for r in CUT_REASONS),
         }
+        if c["ends"]:  # cross_tokenizer.boundary=marginal, pg
+            out["xtok_boundary_moved_frac"] = c["ends_moved"] / c["ends"]
+            out["xtok_boundary_nats_per_end"] = c["moved_nats"] / c["ends"]
         out.update({f"xtok_rows_cut_{r}": c[f"cut_{r}"] for r in CUT_REASONS if c[f"cut_{r}"]})
         return out
 

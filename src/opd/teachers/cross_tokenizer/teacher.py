@@ -3,10 +3,12 @@
 `CrossTokenizerTeacher(inner, ...)` wraps any teacher that scores batches in its own
 tokens (local, remote, vLLM). For each student batch it builds the teacher's batch (its
 prompt, the student's completion bytes in its tokens: `render`), asks `inner` to score it,
-and returns the scores on the student's `[B, L]` completion grid (`grid`): span log-probs
-for `pg`, distributions mapped into the student's vocabulary at one-to-one positions for
-`kd` (and, with `span_kd="span"`, span log-probs inside multi-token spans). It counts
-aligned tokens, spans and masked rows per step (`record`, `stats`).
+and returns the scores on the student's `[B, L]` completion grid: for `pg` the teacher's
+log-prob of the text to each student token's end, per token (`boundary`, the default) or
+per span (`grid`, `cross_tokenizer.boundary=token`); for `kd` distributions mapped into
+the student's vocabulary at one-to-one positions (and, with `span_kd="span"`, span
+log-probs inside multi-token spans). It counts aligned tokens, spans and masked rows per
+step (`record`, `stats`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from opd.data.batch import SequenceBatch, assemble
 from opd.teachers.base import TeacherScores, check_need
 from opd.teachers.cross_tokenizer.align import ByteTable, special_pairs
+from opd.teachers.cross_tokenizer.boundary import BoundaryMarginal
 from opd.teachers.cross_tokenizer.grid import student_grid_scores
 from opd.teachers.cross_tokenizer.render import (
     CompletionAligner,
@@ -41,12 +44,18 @@ class CrossTokenizerTeacher:
         teacher_encoder,
         prompt_template: str = "native",
         span_kd: str = "masked",
+        boundary_topk: int = 0,
     ):
+        """`boundary_topk` > 0: `pg` rewards per student token, each the teacher's log-prob
+        of its text whatever follows, read from the teacher's top-k (`boundary`); 0: per
+        span, the teacher's tokens as cut (`grid`)."""
         if prompt_template not in ("native", "student"):
             raise ValueError(f"cross_tokenizer.prompt_template={prompt_template!r} not in native, student")
         if span_kd not in ("masked", "span"):
             raise ValueError(f"cross_tokenizer.span_kd={span_kd!r} not in masked, span")
         self.span_kd = span_kd
+        if boundary_topk < 0:
+            raise ValueError(f"cross_tokenizer.boundary_topk={boundary_topk} must be >= 0")
         self.inner = inner
         self.student_tok, self.teacher_tok = student_tokenizer, teacher_tokenizer
         self.s_encoder, self.t_encoder = student_encoder, teacher_encoder
@@ -70,6 +79,9 @@ class CrossTokenizerTeacher:
             self._student_first,
             specials,
         )
+        # the student's own byte table needs no move (every extension is one it merges too)
+        self.boundary_topk = boundary_topk if self.s_table.table != self.t_table.table else 0
+        self.boundary = BoundaryMarginal(self.s_table, self.t_table) if self.boundary_topk else None
         self.stats = AlignmentStats()
         if hasattr(inner, "submit"):  # a remote teacher: scoring can start without waiting
             self.submit = self._submit
@@ -101,10 +113,8 @@ class CrossTokenizerTeacher:
             )
         P = batch.prompt_width
         ids, real = batch.input_ids.cpu(), batch.attention_mask.bool().cpu()
-        comp = batch.completion_mask[:, P:].bool().cpu()
         prompts, rows = [], []
-        for b, data_row in enumerate(batch.rows):
-            s_comp = ids[b, P:][comp[b]].tolist()
+        for b, (data_row, s_comp) in enumerate(zip(batch.rows, student_completions(batch), strict=True)):
             if "teacher_completion_ids" in data_row:  # a cache's row: the teacher's own ids
                 prompts.append(list(data_row["teacher_prompt_ids"]))
                 stored = list(data_row["teacher_completion_ids"])
@@ -129,6 +139,20 @@ class CrossTokenizerTeacher:
         inner = self.inner.step_record(sum_all) if hasattr(self.inner, "step_record") else {}
         return {**inner, **self.stats.record()}
 
+    def _inner_request(self, need: str, topk: int) -> tuple[str, int]:
+        """What the wrapped teacher is asked: `pg` with the boundary rule needs its top-k."""
+        return ("topk", self.boundary_topk) if need == "token" and self.boundary else (need, topk)
+
+    def _on_grid(self, batch, rows, scores: TeacherScores, need: str, temperature: float):
+        L = batch.completion_width
+        if need != "token" or self.boundary is None:
+            return student_grid_scores(rows, L, scores, need, self.vocab, temperature, self.span_kd)
+        grid, span_end, leaks, ends = self.boundary.scores(rows, student_completions(batch), L, scores)
+        self.stats.add_boundary(leaks, ends)
+        return TeacherScores(
+            token_logprobs=grid, tokens_scored=scores.tokens_scored, span_end=span_end, aligned=span_end >= 0
+        )
+
     @torch.no_grad()
     def score(
         self, batch: SequenceBatch, need: str, topk: int = 0, temperature: float = 1.0
@@ -137,10 +161,8 @@ class CrossTokenizerTeacher:
         tbatch, rows = self.teacher_batch(batch)
         self.stats.add(rows, need)
         kw = {"temperature": temperature} if temperature != 1.0 else {}
-        scores = self.inner.score(tbatch, need, topk, **kw)
-        return student_grid_scores(
-            rows, batch.completion_width, scores, need, self.vocab, temperature, self.span_kd
-        )
+        scores = self.inner.score(tbatch, *self._inner_request(need, topk), **kw)
+        return self._on_grid(batch, rows, scores, need, temperature)
 
     def _submit(self, batch: SequenceBatch, need: str, topk: int = 0) -> Future:
         """`score` started on the wrapped teacher's `submit`; the future yields the scores
@@ -148,15 +170,12 @@ class CrossTokenizerTeacher:
         check_need(need, topk)
         tbatch, rows = self.teacher_batch(batch)
         self.stats.add(rows, need)
-        started, out = self.inner.submit(tbatch, need, topk), Future()
-        L = batch.completion_width
+        started, out = self.inner.submit(tbatch, *self._inner_request(need, topk)), Future()
 
         def done(inner: Future) -> None:
             try:
-                scores = inner.result()
-                out.set_result(
-                    student_grid_scores(rows, L, scores, need, self.vocab, 1.0, self.span_kd)
-                )
+                with torch.no_grad():
+                    out.set_result(self._on_grid(batch, rows, inner.result(), need, 1.0))
             except BaseException as err:  # handed to whoever waits on `out`
                 out.set_exception(err)
 
@@ -166,3 +185,10 @@ class CrossTokenizerTeacher:
     def after_optimizer_step(self) -> None:
         if hasattr(self.inner, "after_optimizer_step"):
             self.inner.after_optimizer_step()
+
+
+def student_completions(batch: SequenceBatch) -> list[list[int]]:
+    """Each row's completion ids, as the student sampled them (padding dropped)."""
+    P = batch.prompt_width
+    ids, comp = batch.input_ids[:, P:].cpu(), batch.completion_mask[:, P:].bool().cpu()
+    return [ids[b][comp[b]].tolist() for b in range(batch.size)]
