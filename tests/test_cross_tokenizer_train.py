@@ -103,6 +103,23 @@ def test_span_kd_key_reaches_the_loss(cross_setup, tmp_path):
     assert losses["span"] != losses["masked"]
 
 
+def test_boundary_key_reaches_the_pg_loss(cross_setup, tmp_path):
+    """cross_tokenizer.boundary: `marginal` (default) asks the teacher for its top-k and
+    gives per-token rewards (`test_cross_tokenizer_boundary`), reported per step; `token`
+    keeps per-span ones; a k below 1 is refused when the config is read."""
+    for rule in ("marginal", "token"):
+        cfg = config(cross_setup, tmp_path / rule, objective="pg")
+        cfg.steps, cfg.cross_tokenizer.boundary = 1, rule
+        run = build_run(cfg)
+        assert run.teacher.boundary_topk == (16 if rule == "marginal" else 0)
+        train(cfg, run)
+        (rec,) = read_metrics(cfg.output_dir)
+        assert math.isfinite(rec["loss"]) and ("xtok_boundary_moved_frac" in rec) == (rule == "marginal")
+        assert rec.get("xtok_boundary_nats_per_end", 0) >= 0
+    with pytest.raises(ValueError, match="boundary_topk=0 must be an integer >= 1"):
+        config_from_dict({"cross_tokenizer": {"boundary_topk": 0}})
+
+
 
 @pytest.fixture(scope="module")
 def same_tok_teacher(cross_setup):

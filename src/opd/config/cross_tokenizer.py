@@ -27,19 +27,22 @@ class CrossTokenizerConfig:
             or teacher tokens, where no single-token distributions compare: masked (they add
             nothing; what is compared is the mapped distribution at one-to-one positions
             only) | span (the sampled estimator's exact span term, as loss.objective=pg
-            scores it: the span is one action, each of its student tokens takes the
-            advantage log p_T(span) - log p_S(span); at temperature 1, discount 0, the pg
-            ratio correction)
-        boundary: loss.objective=pg: a span's teacher log-prob is of (marginal) its text
-            whatever follows: the teacher tokens that extend the span's last one across the
-            boundary, where the student's tokenizer could not merge, are summed in, and the
-            rest ("the text does not go on that way") is charged to the next span, whose
-            first tokens made that choice; a row's sum is unchanged
-            (`opd.teachers.cross_tokenizer.boundary`) | (token) the teacher's tokens as its
-            tokenizer cut the text: a standalone `o` where `o7` is a token then means "no
-            digit follows", charged to the span that wrote the `o`
-        boundary_topk: the teacher's top-k read for `boundary=marginal` (the extensions
-            summed are those among them; a server must allow this many log-probs)
+            scores it with boundary=token: the span is one action, each of its student
+            tokens takes the advantage log p_T(span) - log p_S(span); at temperature 1,
+            discount 0, the pg ratio correction)
+        boundary: loss.objective=pg: how a row's reward is shared among its student tokens:
+            (marginal) each token's reward is the teacher's log-prob of the text up to its
+            end whatever follows, minus that up to the previous token: inside a teacher
+            token, summed over the teacher's tokens that begin with the text so far; at a
+            shared boundary, over the token there and those extending it where the
+            student's tokenizer could not merge, the rest ("the text does not go on that
+            way") charged to the next token (`opd.teachers.cross_tokenizer.boundary`) |
+            (token) per span between shared boundaries, the teacher's tokens as its
+            tokenizer cut the text: a standalone `o` where `o7` is a teacher token then
+            means "no digit follows", charged to the span that wrote the `o`. A row's sum
+            is the same under both
+        boundary_topk: the teacher's top-k read for `boundary=marginal` (the tokens summed
+            are those among them; a server must allow this many log-probs)
     """
 
     when: Literal["auto", "always"] = "auto"
