@@ -12,7 +12,10 @@ three numbers: the mapped teacher's P(a digit comes next), the student's, and th
 teacher's own probability that a digit follows that label, read one token earlier at the
 boundary every continuation shares (its merged tokens `o0`..`o9` against `o` alone); and
 pg's span rewards at a standalone label's span (the teacher's rare `o` alone) and at the span
-after it, whose first student token is the choice that made the label stand alone.
+after it, whose first student token is the choice that made the label stand alone; and the
+per-token rewards `cross_tokenizer.boundary=marginal` gives there instead (the label, the
+token after it; a label and its digit inside the teacher's `o7`). `label_alone`'s `n` is
+how many standalone labels the student wrote in those rows.
 """
 
 from __future__ import annotations
@@ -82,19 +85,31 @@ def probe(student_dir, teacher_dir, rows: int, seed: int) -> dict:
     # pg's span rewards (log p_T(span) - log p_S(span)) at a standalone label's span and at
     # the span after it, whose first student token is what made the label stand alone
     token = cross.score(batch, "token")
+    marginal = CrossTokenizerTeacher(
+        LocalTeacher(t_model, len(t_tok)), student_tokenizer=s_tok, teacher_tokenizer=t_tok,
+        student_encoder=s_enc, teacher_encoder=t_enc, boundary_topk=16,
+    ).score(batch, "token")  # fmt: skip
     s_lp = torch.log(s_p.gather(-1, batch.input_ids[:, P:, None]).squeeze(-1))
     rewards = {"label_alone": [], "next": [], "label_with_digit": []}
+    # boundary=marginal: one reward per student token (the label; the next span's first token)
+    per_token = {"label_alone": [], "next_first_token": [], "label_before_digit": [], "digit_after_label": []}
     for b, row in enumerate(arows):
         spans = [sp for sp in row.alignment.spans if sp.two_sided]
         for k, sp in enumerate(spans):
             text = t_tok.convert_ids_to_tokens(row.teacher_ids[sp.t0]) if sp.t1 == sp.t0 + 1 else ""
             reward = float(token.token_logprobs[b, sp.s1 - 1]) - float(s_lp[b, sp.s0 : sp.s1].sum())
+            mine = lambda k, b=b: float(marginal.token_logprobs[b, k]) - float(s_lp[b, k])  # noqa: E731
             if len(text) == 2 and text[0] in string.ascii_lowercase and text[1].isdigit():
                 rewards["label_with_digit"].append(reward)
+                if sp.s1 - sp.s0 == 2:
+                    per_token["label_before_digit"].append(mine(sp.s0))
+                    per_token["digit_after_label"].append(mine(sp.s0 + 1))
             elif len(text) == 1 and text in string.ascii_lowercase:
                 rewards["label_alone"].append(reward)
+                per_token["label_alone"].append(mine(sp.s0))
                 if k + 1 < len(spans):
                     nxt = spans[k + 1]
+                    per_token["next_first_token"].append(mine(nxt.s0))
                     rewards["next"].append(float(token.token_logprobs[b, nxt.s1 - 1])
                                            - float(s_lp[b, nxt.s0 : nxt.s1].sum()))  # fmt: skip
     tokens = sum(len(x) for x in c)
@@ -104,6 +119,7 @@ def probe(student_dir, teacher_dir, rows: int, seed: int) -> dict:
         "one_to_one_by_what_the_student_wrote": dict(kinds),
         "reverse_kl_by_kind": {k: mean(v) for k, v in rkl.items()},
         "pg_span_rewards": {k: {"n": len(v), "mean": mean(v)} for k, v in rewards.items()},
+        "pg_marginal_token_rewards": {k: {"n": len(v), "mean": mean(v)} for k, v in per_token.items()},
         "after_a_standalone_label": {
             "positions": len(leak),
             "mapped_teacher_p_digit_next": mean([x[0] for x in leak]),
