@@ -131,6 +131,8 @@ class FixedTeacher:
         ids = batch.completion_ids()
         lp = self.logp.expand(*ids.shape, -1)
         token = lp.gather(-1, ids[..., None]).squeeze(-1)
+        if need == "logits":
+            return TeacherScores(logits=lp.clone())
         if need == "token":
             return TeacherScores(token_logprobs=token)
         values, top = lp.topk(topk, dim=-1)
@@ -203,3 +205,47 @@ def test_a_standalone_piece_is_charged_to_the_text_that_kept_it_standalone():
         boundary_topk=4,
     )  # fmt: skip
     assert same.boundary is None and same._inner_request("token", 0) == ("token", 0)
+
+
+@pytest.mark.parametrize("need", ["topk", "logits"])
+def test_kd_after_a_standalone_piece_reads_the_teacher_one_token_earlier(need):
+    """At the one-to-one position after a standalone `o` (where `o7` is a teacher token)
+    the teacher's distribution given its boundary says "no digit"; the mixture gives the
+    next student token given the text: w q_T + p(o7) / M on `7`."""
+    chars = list("o7;= ")
+    s_tok = literal(chars, r"[\s\S]")
+    t_tok = literal([*chars, "o7"], r"o7|[\s\S]")
+    p = {"o7": 0.9, "o": 0.01, ";": 0.05, "7": 0.005, "[EOS]": 0.02}
+    probs = torch.full((len(t_tok),), 1e-3, dtype=torch.float64)
+    for piece, q in p.items():
+        probs[t_tok.convert_tokens_to_ids(piece)] = q
+    logp = (probs / probs.sum()).log()
+    batch = batch_of(s_tok, Encoder(s_tok, DataConfig()), [{"prompt": "=", "completion": ""}], ["o;"], ended=(True,))
+
+    def mapped(k):
+        cross = CrossTokenizerTeacher(
+            FixedTeacher(logp), student_tokenizer=s_tok, teacher_tokenizer=t_tok,
+            student_encoder=Encoder(s_tok, DataConfig()), teacher_encoder=Encoder(t_tok, DataConfig()),
+            boundary_topk=k,
+        )  # fmt: skip
+        out = cross.score(batch, need, len(t_tok) if need == "topk" else 0)
+        dist = {}
+        for col in range(3):
+            ids, lps = out.topk_ids[0, col], out.topk_logprobs[0, col].double()
+            dist[col] = {int(i): float(v.exp()) for i, v in zip(ids, lps, strict=True) if i >= 0}
+        return dist
+
+    plain, mixed = mapped(0), mapped(len(t_tok))
+    sid = s_tok.convert_tokens_to_ids
+    q = {t_tok.convert_ids_to_tokens(i): float(v) for i, v in enumerate(logp.exp())}
+    # the teacher's `o7` maps to the student's `o`: the student would begin that text with it
+    assert math.isclose(plain[1][sid("o")], q["o"] + q["o7"], rel_tol=1e-6)
+    M = q["o"] + q["o7"]
+    w = q["o"] / M
+    for i, v in plain[1].items():  # after the standalone `o`: scaled by w, `7` gets p(o7) / M
+        expect = w * v + (q["o7"] / M if i == sid("7") else 0.0)
+        assert math.isclose(mixed[1][i], expect, rel_tol=1e-6, abs_tol=1e-12), (i, mixed[1][i], expect)
+    assert mixed[1][sid("7")] > 0.98 and plain[1][sid("7")] < 0.01
+    for col in (0, 2):  # no standalone piece before: the mapped distribution, unchanged
+        assert mixed[col].keys() == plain[col].keys()
+        assert all(math.isclose(mixed[col][i], plain[col][i], rel_tol=1e-6) for i in plain[col])

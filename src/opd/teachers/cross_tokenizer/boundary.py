@@ -195,22 +195,29 @@ class BoundaryMarginal:
     def _leak(self, t_ids, s_last, token_lp, topk_ids, topk_lp) -> torch.Tensor:
         """`[B, Lt]` (<= 0): at each movable span end, the teacher's log-prob of its token
         minus the marginal over it and its extensions the student could not merge."""
+        _, marginal = self.extensions(t_ids, s_last, token_lp, topk_ids, topk_lp)
+        lp = token_lp
+        return torch.where(torch.isfinite(lp) & (s_last.to(lp.device) >= 0), lp - marginal, torch.zeros_like(lp))
+
+    def extensions(self, t_ids, s_last, token_lp, cand, cand_lp) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`[..., K]` which of the candidates `cand` (the teacher's top-k after the
+        prefix before `t_ids`) extend `t_ids` past its end by a first byte the student
+        could not merge after its token `s_last` (-1: none there); `[...]` the log of the
+        teacher's mass on `t_ids` and those), over any leading shape."""
         dev = token_lp.device
-        t_ids, s_last = t_ids.to(dev), s_last.to(dev)
-        lp, cand = token_lp, topk_ids.to(dev)
+        t_ids, s_last, cand = t_ids.to(dev), s_last.to(dev), cand.to(dev)
         t_bytes, t_lens = self.t_bytes.to(dev), self.t_lens.to(dev)
         V = t_lens.shape[0]
         valid = (cand >= 0) & (cand < V) & (cand != t_ids[..., None])
         c = cand.clamp(0, V - 1)
-        lt, lc = t_lens[t_ids][..., None], t_lens[c]  # [B, Lt, 1], [B, Lt, K]
+        lt, lc = t_lens[t_ids][..., None], t_lens[c]  # [..., 1], [..., K]
         cols = torch.arange(WIDTH, device=dev)
-        same_head = (t_bytes[c] == t_bytes[t_ids][:, :, None, :]) | (cols >= lt[..., None])
+        same_head = (t_bytes[c] == t_bytes[t_ids][..., None, :]) | (cols >= lt[..., None])
         extends = valid & (lt > 0) & (lt < WIDTH) & (lc > lt) & same_head.all(-1)
         first = t_bytes[c].gather(-1, lt.clamp(max=WIDTH - 1)[..., None].expand(*c.shape, 1))
-        s_next = self.s_next.to(dev)
-        student_merges = s_next[s_last.clamp(min=0)][..., None, :].expand(*c.shape, 256)
-        student_merges = student_merges.gather(-1, first.long()).squeeze(-1)
-        keep = extends & ~student_merges & (s_last >= 0)[..., None]
-        moved = torch.where(keep, topk_lp.to(lp.dtype), torch.full_like(topk_lp, -math.inf, dtype=lp.dtype))
-        marginal = torch.logsumexp(torch.cat([lp[..., None], moved], dim=-1), dim=-1)
-        return torch.where(torch.isfinite(lp) & (s_last >= 0), lp - marginal, torch.zeros_like(lp))
+        merges = self.s_next.to(dev)[s_last.clamp(min=0)][..., None, :].expand(*c.shape, 256)
+        merges = merges.gather(-1, first.long()).squeeze(-1)
+        keep = extends & ~merges & (s_last >= 0)[..., None]
+        lp = token_lp
+        moved = torch.where(keep, cand_lp.to(lp.dtype), torch.full_like(cand_lp, -math.inf, dtype=lp.dtype))
+        return keep, torch.logsumexp(torch.cat([lp[..., None], moved], dim=-1), dim=-1)

@@ -65,10 +65,11 @@ def cross_teacher(
     # teacher's rendering of the same row may take more tokens.
     data = replace(config.data, max_prompt_tokens=max(config.data.max_prompt_tokens, 1 << 20))
     teacher_encoder = Encoder(teacher_tok, data)
-    boundary_topk = config.cross_tokenizer.boundary_k(config.loss.objective)
+    ct = config.cross_tokenizer
+    boundary_topk = ct.boundary_topk if ct.boundary == "marginal" else 0
     if topk_cap is not None:
         boundary_topk = min(boundary_topk, topk_cap)
-    if config.cross_tokenizer.boundary_k(config.loss.objective) and not boundary_topk:
+    if ct.boundary_k(config.loss.objective) and not boundary_topk:
         log.info("teacher %s holds no top-k: pg spans take the teacher's tokens as cut "
                  "(cross_tokenizer.boundary=token)", where)  # fmt: skip
     if not teacher_encoder.use_chat and student_encoder.use_chat:
@@ -85,7 +86,7 @@ def cross_teacher(
     )
     log.info(
         "teacher %s has another tokenizer or chat template: scoring by byte alignment "
-        "(prompt_template=%s, pg boundary: %s; %.0f%% of the student's vocabulary receives the mass of some "
+        "(prompt_template=%s, boundary: %s; %.0f%% of the student's vocabulary receives the mass of some "
         "teacher token: one of the same bytes, or a longer one the student begins with it)",
         where,
         config.cross_tokenizer.prompt_template,

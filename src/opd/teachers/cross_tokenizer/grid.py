@@ -20,6 +20,7 @@ import math
 import torch
 
 from opd.teachers.base import TeacherScores
+from opd.teachers.cross_tokenizer.boundary_kd import mix_full, mix_topk
 from opd.teachers.cross_tokenizer.render import RowAlignment
 from opd.teachers.cross_tokenizer.vocab_map import VocabMap
 
@@ -79,9 +80,12 @@ def student_grid_scores(
     vocab: VocabMap,
     temperature: float = 1.0,
     span_kd: str = "masked",
+    mixture=None,
 ) -> TeacherScores:
     """`teacher` (scores of the teacher's batch, completion-aligned `[B, Lt, ...]`) on the
-    student's `[B, L]` completion grid (module doc)."""
+    student's `[B, L]` completion grid (module doc). `mixture(pairs)`: for kd, the
+    one-to-one positions' correction after a teacher boundary that depends on what follows
+    (`boundary_kd.BoundaryMixture`), None where none applies."""
     B = len(rows)
     Lt = max([len(r.teacher_ids) for r in rows] + [1])
     span_end, t_to_s, (pb, ps, pt) = span_grids(rows, B, L, Lt)
@@ -94,13 +98,26 @@ def student_grid_scores(
             span_end=span_end,
             aligned=span_end >= 0,
         )
+    mixed = mixture((pb, ps, pt)) if mixture is not None else None
+    pair_tail = None
     if need == "topk":
         sel_ids, sel_lp = teacher.topk_ids[pb, pt], teacher.topk_logprobs[pb, pt]
         mapped_ids, mapped_lp = vocab.topk(sel_ids, sel_lp)
+        if teacher.topk_tail_logmass is not None:
+            # the teacher's exact tail, plus its top-k entries that map to no student token
+            t2s = vocab.t2s.to(sel_ids.device)
+            lost = (sel_ids < 0) | (t2s[sel_ids.clamp(min=0)] < 0)
+            lost_lp = torch.where(lost, sel_lp, torch.full_like(sel_lp, -math.inf))
+            sel_tail = teacher.topk_tail_logmass[pb, pt].to(lost_lp.dtype)[:, None]
+            pair_tail = torch.logsumexp(torch.cat([sel_tail, lost_lp], dim=-1), dim=-1)
+        if mixed is not None:
+            mapped_ids, mapped_lp, pair_tail = mix_topk(mixed, mapped_ids, mapped_lp, pair_tail, vocab.merge)
     else:  # full: every mapped student id, from the teacher's tempered distribution
         logits = teacher.logits
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         mapped_lp = vocab.full(torch.log_softmax(logits[pb, pt].to(dtype) / temperature, dim=-1))
+        if mixed is not None:
+            mapped_lp = mix_full(mixed, mapped_lp, vocab.student_ids)
         mapped_ids = vocab.student_ids.to(mapped_lp.device).expand(mapped_lp.shape[0], -1)
     dev, K = mapped_lp.device, mapped_ids.shape[-1]
     out_ids = torch.full((B, L, K), -1, dtype=torch.long, device=dev)
@@ -109,14 +126,9 @@ def student_grid_scores(
     aligned = torch.zeros((B, L), dtype=torch.bool, device=dev)
     aligned[pb, ps] = True
     tail = None
-    if need == "topk" and teacher.topk_tail_logmass is not None:
-        # the teacher's exact tail, plus its top-k entries that map to no student token
-        t2s = vocab.t2s.to(sel_ids.device)
-        lost = (sel_ids < 0) | (t2s[sel_ids.clamp(min=0)] < 0)
-        lost_lp = torch.where(lost, sel_lp, torch.full_like(sel_lp, -math.inf))
-        sel_tail = teacher.topk_tail_logmass[pb, pt].to(lost_lp.dtype)[:, None]
+    if pair_tail is not None:
         tail = torch.zeros((B, L), dtype=mapped_lp.dtype, device=dev)  # unaligned: all tail
-        tail[pb, ps] = torch.logsumexp(torch.cat([sel_tail, lost_lp], dim=-1), dim=-1).to(dev)
+        tail[pb, ps] = pair_tail.to(dev, mapped_lp.dtype)
     out = TeacherScores(
         topk_ids=out_ids, topk_logprobs=out_lp, topk_tail_logmass=tail,
         tokens_scored=teacher.tokens_scored, aligned=aligned,

@@ -23,7 +23,7 @@ class AlignmentStats:
                 **{f"cut_{r}": 0 for r in CUT_REASONS}}  # fmt: skip
 
     def add_boundary(self, leaks, ends) -> None:
-        """The boundary terms moved to the next span (`boundary.BoundaryMarginal.shift`):
+        """The boundary terms moved to the next span (`boundary.BoundaryMarginal.scores`):
         `leaks` `[B, Lt]` (<= 0) at the span ends `ends` `[B, Lt]` bool."""
         moved = -leaks[ends.to(leaks.device)]
         self.counts["ends"] += int(moved.numel())

@@ -21,6 +21,7 @@ from opd.data.batch import SequenceBatch, assemble
 from opd.teachers.base import TeacherScores, check_need
 from opd.teachers.cross_tokenizer.align import ByteTable, special_pairs
 from opd.teachers.cross_tokenizer.boundary import BoundaryMarginal
+from opd.teachers.cross_tokenizer.boundary_kd import BoundaryMixture
 from opd.teachers.cross_tokenizer.grid import student_grid_scores
 from opd.teachers.cross_tokenizer.render import (
     CompletionAligner,
@@ -47,8 +48,9 @@ class CrossTokenizerTeacher:
         boundary_topk: int = 0,
     ):
         """`boundary_topk` > 0: `pg` rewards per student token, each the teacher's log-prob
-        of its text whatever follows, read from the teacher's top-k (`boundary`); 0: per
-        span, the teacher's tokens as cut (`grid`)."""
+        of its text whatever follows, read from the teacher's top-k (`boundary`), and kd's
+        one-to-one positions after a boundary that leaks read one token earlier
+        (`boundary_kd`); 0: per span, the teacher's tokens as cut (`grid`)."""
         if prompt_template not in ("native", "student"):
             raise ValueError(f"cross_tokenizer.prompt_template={prompt_template!r} not in native, student")
         if span_kd not in ("masked", "span"):
@@ -82,6 +84,9 @@ class CrossTokenizerTeacher:
         # the student's own byte table needs no move (every extension is one it merges too)
         self.boundary_topk = boundary_topk if self.s_table.table != self.t_table.table else 0
         self.boundary = BoundaryMarginal(self.s_table, self.t_table) if self.boundary_topk else None
+        self.mixture = None  # kd: the one-to-one positions after a boundary that leaks
+        if self.boundary is not None:
+            self.mixture = BoundaryMixture(self.boundary, self.t_table, self._student_first, self.boundary_topk)
         self.stats = AlignmentStats()
         if hasattr(inner, "submit"):  # a remote teacher: scoring can start without waiting
             self.submit = self._submit
@@ -146,7 +151,11 @@ class CrossTokenizerTeacher:
     def _on_grid(self, batch, rows, scores: TeacherScores, need: str, temperature: float):
         L = batch.completion_width
         if need != "token" or self.boundary is None:
-            return student_grid_scores(rows, L, scores, need, self.vocab, temperature, self.span_kd)
+            mix = None
+            if self.mixture is not None:
+                s_ids = student_completions(batch)
+                mix = lambda pairs: self.mixture(rows, s_ids, scores, pairs, need, temperature)  # noqa: E731
+            return student_grid_scores(rows, L, scores, need, self.vocab, temperature, self.span_kd, mix)
         grid, span_end, leaks, ends = self.boundary.scores(rows, student_completions(batch), L, scores)
         self.stats.add_boundary(leaks, ends)
         return TeacherScores(

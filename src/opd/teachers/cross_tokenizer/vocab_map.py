@@ -26,8 +26,9 @@ pair (`a7` one teacher token, `a` `7` two student ones) a student position after
 standalone label `o` gets a mapped P(digit next) of 0.000-0.001 while the teacher, read
 at the boundary before `o`, puts 1.0 on a digit following it (and the student 0.99): kd
 there teaches "no digit after a label" and the student collapses. Such positions are
-counted as one-to-one all the same; `opd eval --teacher` and the pair's one-to-one
-fraction are the checks.
+counted as one-to-one all the same; with `cross_tokenizer.boundary=marginal` (the
+default) their distribution is the mixture of `boundary_kd`, the text's next token read
+one teacher token earlier.
 
 Mapped entries: `ids >= 0`; entries whose id is -1 are padding (log-prob -inf), which the
 sparse divergences ignore.
@@ -69,7 +70,7 @@ class VocabMap:
             if piece is not None:
                 sid = by_bytes.get(piece, -1)
                 if sid < 0 and student_first is not None:
-                    sid = _first(student_first, piece)
+                    sid = student_first_id(student_first, piece)
                 t2s.append(sid)
             else:
                 t2s.append(student_specials.get((teacher.specials or {}).get(tid), -1))
@@ -95,7 +96,13 @@ class VocabMap:
         with the same student id merged by log-sum-exp into the first of them."""
         t2s = self.t2s.to(ids_NK.device)
         sid = torch.where(ids_NK >= 0, t2s[ids_NK.clamp(min=0)], -1)
-        lp = torch.where(sid >= 0, logprobs_NK, torch.full_like(logprobs_NK, -math.inf))
+        return self.merge(sid, logprobs_NK)
+
+    @staticmethod
+    def merge(sid: torch.Tensor, logprobs: torch.Tensor):
+        """Student ids `[N, k]` (-1: none) and log-probs -> the same with entries of one id
+        merged by log-sum-exp into the first of them, the others -1 / -inf."""
+        lp = torch.where(sid >= 0, logprobs, torch.full_like(logprobs, -math.inf))
         same = (sid[..., :, None] == sid[..., None, :]) & (sid[..., :, None] >= 0)  # [N, k, k]
         k = sid.shape[-1]
         earlier = torch.ones(k, k, dtype=torch.bool, device=sid.device).tril(-1)
@@ -126,7 +133,7 @@ class VocabMap:
         return torch.where(total > 0, safe + torch.log(total), torch.full_like(top, -math.inf))
 
 
-def _first(student_first, piece: bytes) -> int:
+def student_first_id(student_first, piece: bytes) -> int:
     """The student's first token of `piece` as text; -1 for bytes that are no text (a
     byte-fallback piece of a character) or text the student does not begin with a token."""
     try:
