@@ -40,7 +40,10 @@ class CrossTokenizerConfig:
             (token) per span between shared boundaries, the teacher's tokens as its
             tokenizer cut the text: a standalone `o` where `o7` is a teacher token then
             means "no digit follows", charged to the span that wrote the `o`. A row's sum
-            is the same under both
+            is the same under both. kd: with marginal a one-to-one position after such a
+            boundary takes the teacher's next token given the text, read one token earlier
+            (`opd.teachers.cross_tokenizer.boundary_kd`); with token, the one given its
+            boundary
         boundary_topk: the teacher's top-k read for `boundary=marginal` (the tokens summed
             are those among them; a server must allow this many log-probs)
     """
