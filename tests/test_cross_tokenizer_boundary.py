@@ -249,3 +249,21 @@ def test_kd_after_a_standalone_piece_reads_the_teacher_one_token_earlier(need):
     for col in (0, 2):  # no standalone piece before: the mapped distribution, unchanged
         assert mixed[col].keys() == plain[col].keys()
         assert all(math.isclose(mixed[col][i], plain[col][i], rel_tol=1e-6) for i in plain[col])
+
+
+@pytest.mark.parametrize("need", ["topk", "logits"])
+def test_span_kd_inside_multi_token_spans_takes_pgs_per_token_terms(need):
+    """kd with `span_kd=span` and the marginal rule: inside spans of several student tokens
+    each token carries pg's per-token term (the teacher's log-prob of the text to its end,
+    minus to the previous one), the same numbers pg's scores hold there."""
+    s_tok, t_tok = build_sp_tokenizer(), build_tokenizer()  # the teacher merges digits
+    t_model = tiny_model(t_tok, seed=1, hidden=48, scale=4.0).double()
+    cross = wrapped(s_tok, t_tok, t_model, len(t_tok))
+    cross.span_kd = "span"
+    batch = batch_of(s_tok, Encoder(s_tok, DataConfig()), ROWS, TEXTS)
+    pg = cross.score(batch, "token")
+    kd = cross.score(batch, need, len(t_tok) if need == "topk" else 0)
+    inside = kd.span_end >= 0
+    assert inside.any() and (kd.span_end[inside] == torch.nonzero(inside)[:, 1]).all()
+    assert torch.allclose(kd.token_logprobs[inside].double(), pg.token_logprobs[inside].double(), atol=2e-5)
+    assert not (inside & (kd.topk_ids >= 0).any(-1)).any()  # a position is one or the other

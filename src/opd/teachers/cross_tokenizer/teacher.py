@@ -22,7 +22,11 @@ from opd.teachers.base import TeacherScores, check_need
 from opd.teachers.cross_tokenizer.align import ByteTable, special_pairs
 from opd.teachers.cross_tokenizer.boundary import BoundaryMarginal
 from opd.teachers.cross_tokenizer.boundary_kd import BoundaryMixture
-from opd.teachers.cross_tokenizer.grid import student_grid_scores
+from opd.teachers.cross_tokenizer.grid import (
+    span_grids,
+    student_grid_scores,
+    teacher_token_logprobs,
+)
 from opd.teachers.cross_tokenizer.render import (
     CompletionAligner,
     RowAlignment,
@@ -150,17 +154,28 @@ class CrossTokenizerTeacher:
 
     def _on_grid(self, batch, rows, scores: TeacherScores, need: str, temperature: float):
         L = batch.completion_width
-        if need != "token" or self.boundary is None:
-            mix = None
-            if self.mixture is not None:
-                s_ids = student_completions(batch)
-                mix = lambda pairs: self.mixture(rows, s_ids, scores, pairs, need, temperature)  # noqa: E731
-            return student_grid_scores(rows, L, scores, need, self.vocab, temperature, self.span_kd, mix)
-        grid, span_end, leaks, ends = self.boundary.scores(rows, student_completions(batch), L, scores)
-        self.stats.add_boundary(leaks, ends)
-        return TeacherScores(
-            token_logprobs=grid, tokens_scored=scores.tokens_scored, span_end=span_end, aligned=span_end >= 0
-        )
+        if self.boundary is None:
+            return student_grid_scores(rows, L, scores, need, self.vocab, temperature, self.span_kd)
+        s_ids = student_completions(batch)
+        if need == "token":
+            grid, span_end, leaks, ends = self.boundary.scores(rows, s_ids, L, scores)
+            self.stats.add_boundary(leaks, ends)
+            return TeacherScores(
+                token_logprobs=grid, tokens_scored=scores.tokens_scored, span_end=span_end, aligned=span_end >= 0
+            )
+        mix = lambda pairs: self.mixture(rows, s_ids, scores, pairs, need, temperature)  # noqa: E731
+        per_token = self.span_kd == "span" and (need == "logits" or temperature == 1.0)
+        span_kd = "masked" if per_token else self.span_kd
+        out = student_grid_scores(rows, L, scores, need, self.vocab, temperature, span_kd, mix)
+        if per_token:  # inside multi-token spans: pg's per-token terms of the text (`boundary`)
+            grid, _, _, _ = self.boundary.scores(rows, s_ids, L, token_scores(rows, scores, need, self.boundary_topk))
+            Lt = max([len(r.teacher_ids) for r in rows] + [1])
+            inside = span_grids(rows, len(rows), L, Lt, multi_only=True)[0].ge(0).to(grid.device)
+            cols = torch.arange(L, device=grid.device).expand(len(rows), -1)
+            out.token_logprobs = torch.where(inside, grid, torch.zeros_like(grid))
+            out.span_end = torch.where(inside, cols, -1)
+            out.aligned = out.aligned | inside
+        return out
 
     @torch.no_grad()
     def score(
@@ -201,3 +216,13 @@ def student_completions(batch: SequenceBatch) -> list[list[int]]:
     P = batch.prompt_width
     ids, comp = batch.input_ids[:, P:].cpu(), batch.completion_mask[:, P:].bool().cpu()
     return [ids[b][comp[b]].tolist() for b in range(batch.size)]
+
+
+def token_scores(rows, scores: TeacherScores, need: str, k: int) -> TeacherScores:
+    """The teacher's token log-probs and top-k at temperature 1 from kd scores (its top-k
+    asked at temperature 1, or its full logits), for the per-token span terms."""
+    if need == "topk":
+        return scores
+    logp = torch.log_softmax(scores.logits.float(), dim=-1)
+    top_lp, top_ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    return TeacherScores(token_logprobs=teacher_token_logprobs(rows, scores), topk_ids=top_ids, topk_logprobs=top_lp)
