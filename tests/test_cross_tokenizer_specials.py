@@ -104,15 +104,22 @@ def test_a_paired_special_is_scored_by_the_teacher_and_the_row_goes_on(renamed):
     assert at_unk < -1.0  # a real judgement, not the 0 of an unscored token
 
 
-def test_an_unpaired_special_is_read_as_its_text_and_scored():
+@pytest.mark.parametrize("boundary_topk", [0, 16])
+def test_an_unpaired_special_is_read_as_its_text_and_scored(boundary_topk):
     """Qwen's `<|im_start|>` against a Llama-3-style teacher: no counterpart by text or role.
     The teacher reads it spelt out, the row goes on, and the rewards still sum to the
     sequence's log-ratio with the teacher's log-prob of that literal text (a student cannot
-    escape the teacher by writing it)."""
+    escape the teacher by writing it); per span (`boundary=token`) or per token (the
+    marginal rule, which reads the special's bytes as the aligner did)."""
     s_tok, t_tok = build_tokenizer(), build_sp_tokenizer()
     student = tiny_model(s_tok, seed=2).double()
     t_model = tiny_model(t_tok, seed=1, hidden=48, scale=4.0).double()
     cross = wrapped(LocalTeacher(t_model, len(t_tok)), s_tok, t_tok)
+    if boundary_topk:
+        cross = CrossTokenizerTeacher(
+            cross.inner, student_tokenizer=s_tok, teacher_tokenizer=t_tok,
+            student_encoder=cross.s_encoder, teacher_encoder=cross.t_encoder, boundary_topk=boundary_topk,
+        )  # fmt: skip
     s_enc = cross.s_encoder
     im_start = s_tok.convert_tokens_to_ids("<|im_start|>")
     assert im_start not in cross.aligner.specials

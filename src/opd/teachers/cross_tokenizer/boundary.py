@@ -94,7 +94,10 @@ class BoundaryMarginal:
         self.t_bytes, self.t_lens = _teacher_bytes(teacher_table)
         self.s_next = _student_next_bytes(student_table)
         self.t_len_list = self.t_lens.tolist()
-        self.s_len_list = [len(p) if p else 0 for p in student_table.table]
+        # as `render.CompletionAligner` reads them: a special without a counterpart is its
+        # literal text (a paired one is zero-width, in a span of its own)
+        literal = {i: len(t.encode("utf-8")) for i, t in (student_table.specials or {}).items()}
+        self.s_len_list = [len(p) if p else literal.get(i, 0) for i, p in enumerate(student_table.table)]
 
     def scores(self, rows: list[RowAlignment], student_ids: list[list[int]], L: int, teacher):
         """(`token_logprobs` `[B, L]`: each unit's teacher log-prob at its last column,
@@ -163,7 +166,7 @@ class BoundaryMarginal:
                 t_end = self.t_len_list[t[j]]
                 for k in range(span.s0, span.s1 - 1):  # boundaries strictly inside the span
                     at += self.s_len_list[s_ids[k]]
-                    while t_end <= at:
+                    while t_end <= at and j < span.t1 - 1:
                         j += 1
                         t_end += self.t_len_list[t[j]]
                     mine.append((k, k, j, len(queries)))
