@@ -42,6 +42,9 @@ Runs, each from the same student with the same prompts, seeds and updates:
   merged_long,   (with --runs only) pg and full reverse KL from `merged_long`: the merged
   merged_long_rkl  teacher trained all of the spec's 900 steps (no early stop), where the
                  stopping rule leaves `merged` weaker than A on the demo's long problems
+  merged_xl      (with --runs only) pg from `merged_xl`: the merged teacher trained twice the
+                 spec's steps, to A_long's skill (measured: both teachers' sampled accuracy
+                 is reported); its references are same and same_long
   same_long      (with --runs only) pg from `A_long`: the same code, steps and seed as
                  `merged_long` in the student's character tokenizer (the teacher's
                  training apart, only the tokenizer differs); merged_long's second reference
@@ -125,12 +128,15 @@ RUNS = {
     # (cross_tokenizer.boundary=token, the rule before 2026-12-06's default `marginal`)
     "merged_token": ("merged", {"cross_tokenizer": {"boundary": "token"}}),
     "merged_long_token": ("merged_long", {"cross_tokenizer": {"boundary": "token"}}),
+    # the merged teacher trained twice the spec's steps: as skilled as A_long when sampled
+    "merged_xl": ("merged_xl", {}),
 }
 DEFAULT_RUNS = ["same", "permuted", "merged", "merged_kd", "merged_kd_span", "forced", "gold"]
 # the run whose gain a cross run's gain is a share of
 REFERENCE = {n: ["same_rkl" if "rkl" in n else "same"] for n in RUNS if not n.startswith("same")}
 REFERENCE["merged_long"].append("same_long")  # the same training code, steps and seed
 REFERENCE["merged_long_token"].append("same_long")
+REFERENCE["merged_xl"].append("same_long")
 # GOLD run -> (its teacher, GOLD's hybrid loss)
 GOLD = {"gold": ("merged", False), "gold_hybrid": ("merged", True), "gold_permuted": ("permuted", False)}
 REFERENCE.update({g: ["same"] for g in GOLD})
@@ -360,6 +366,10 @@ def main(argv=None) -> int:
     if any(RUNS.get(n, ("",))[0] == "merged_long" for n in args.runs):
         teachers["merged_long"], metas["merged_long"] = merged_teacher(
             out / "teacher-merged-long", build, seed=0, stop=False
+        )
+    if any(RUNS.get(n, ("",))[0] == "merged_xl" for n in args.runs):
+        teachers["merged_xl"], metas["merged_xl"] = merged_teacher(
+            out / "teacher-merged-xl", build, seed=0, stop=False, steps=2 * build.teacher.steps
         )
     if any(RUNS.get(n, ("",))[0] == "A_long" for n in args.runs):
         teachers["A_long"], metas["A_long"] = merged_teacher(

@@ -126,16 +126,21 @@ def train_merged(tok, spec, examples, dev, max_new: int, seed: int, log=print):
 
 
 def merged_teacher(
-    out: Path, build: BuildConfig, seed: int = 0, stop: bool = True, log=print, tokenizer=None
+    out: Path, build: BuildConfig, seed: int = 0, stop: bool = True, log=print, tokenizer=None,
+    steps: int | None = None,
 ) -> tuple[Path, dict]:
     """The merged-tokenizer teacher (module doc) of the demo build `build` (its teacher's
     spec: architecture, recipe, stopping rule; its data sizes), trained once into `out`
     (rebuilt when `build` or `seed` changes); its meta. `tokenizer`: the same training in
     another tokenizer (the student's, for a control). `stop=False`: no early stop, all of
     the spec's steps (its whole cosine schedule), for a teacher as skilled as A where the
-    stopping rule leaves it weaker."""
+    stopping rule leaves it weaker. `steps`: that many steps instead of the spec's (with
+    `stop=False`), for a merged teacher as skilled as A_long (the merged tokenizer takes
+    longer to learn)."""
     key = config_hash(build, seed) + ("" if stop else "-all-steps") + ("-own" if tokenizer else "")
     spec = build.teacher if stop else replace(build.teacher, target_accuracy=None)
+    if steps is not None:
+        key, spec = f"{key}-{steps}-steps", replace(spec, steps=steps)
     meta_file = out / "meta.json"
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())

@@ -153,10 +153,9 @@ def literal(pieces, pattern):
     )
 
 
-def test_a_standalone_piece_is_charged_to_the_text_that_kept_it_standalone():
-    """The benchmark's failure (a standalone `o` where `o7` is one teacher token): with the
-    token rule the `o` span carries the teacher's "no digit follows"; with the marginal it
-    carries the label's own probability and the span after it is charged instead."""
+def o7_pair():
+    """A character student, a teacher that also has `o7`, and the teacher's fixed
+    next-token distribution (`o7` likely, a bare `o` rare): (s_tok, t_tok, {piece: p}, logp)."""
     chars = list("o7;= ")
     s_tok = literal(chars, r"[\s\S]")
     t_tok = literal([*chars, "o7"], r"o7|[\s\S]")
@@ -164,7 +163,14 @@ def test_a_standalone_piece_is_charged_to_the_text_that_kept_it_standalone():
     probs = torch.full((len(t_tok),), 1e-3, dtype=torch.float64)
     for piece, q in p.items():
         probs[t_tok.convert_tokens_to_ids(piece)] = q
-    logp = (probs / probs.sum()).log()
+    return s_tok, t_tok, p, (probs / probs.sum()).log()
+
+
+def test_a_standalone_piece_is_charged_to_the_text_that_kept_it_standalone():
+    """The benchmark's failure (a standalone `o` where `o7` is one teacher token): with the
+    token rule the `o` span carries the teacher's "no digit follows"; with the marginal it
+    carries the label's own probability and the span after it is charged instead."""
+    s_tok, t_tok, p, logp = o7_pair()
 
     def scores(k, text="o;"):
         cross = CrossTokenizerTeacher(
@@ -212,14 +218,7 @@ def test_kd_after_a_standalone_piece_reads_the_teacher_one_token_earlier(need):
     """At the one-to-one position after a standalone `o` (where `o7` is a teacher token)
     the teacher's distribution given its boundary says "no digit"; the mixture gives the
     next student token given the text: w q_T + p(o7) / M on `7`."""
-    chars = list("o7;= ")
-    s_tok = literal(chars, r"[\s\S]")
-    t_tok = literal([*chars, "o7"], r"o7|[\s\S]")
-    p = {"o7": 0.9, "o": 0.01, ";": 0.05, "7": 0.005, "[EOS]": 0.02}
-    probs = torch.full((len(t_tok),), 1e-3, dtype=torch.float64)
-    for piece, q in p.items():
-        probs[t_tok.convert_tokens_to_ids(piece)] = q
-    logp = (probs / probs.sum()).log()
+    s_tok, t_tok, _, logp = o7_pair()
     batch = batch_of(s_tok, Encoder(s_tok, DataConfig()), [{"prompt": "=", "completion": ""}], ["o;"], ended=(True,))
 
     def mapped(k):
