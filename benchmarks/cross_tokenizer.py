@@ -130,6 +130,8 @@ RUNS = {
     "merged_long_token": ("merged_long", {"cross_tokenizer": {"boundary": "token"}}),
     # the merged teacher trained twice the spec's steps: as skilled as A_long when sampled
     "merged_xl": ("merged_xl", {}),
+    # the same, the marginal read from every teacher token (the top-k is the vocabulary)
+    "merged_xl_all": ("merged_xl", {"cross_tokenizer": {"boundary_topk": 1024}}),
 }
 DEFAULT_RUNS = ["same", "permuted", "merged", "merged_kd", "merged_kd_span", "forced", "gold"]
 # the run whose gain a cross run's gain is a share of
@@ -137,6 +139,7 @@ REFERENCE = {n: ["same_rkl" if "rkl" in n else "same"] for n in RUNS if not n.st
 REFERENCE["merged_long"].append("same_long")  # the same training code, steps and seed
 REFERENCE["merged_long_token"].append("same_long")
 REFERENCE["merged_xl"].append("same_long")
+REFERENCE["merged_xl_all"].append("same_long")
 # GOLD run -> (its teacher, GOLD's hybrid loss)
 GOLD = {"gold": ("merged", False), "gold_hybrid": ("merged", True), "gold_permuted": ("permuted", False)}
 REFERENCE.update({g: ["same"] for g in GOLD})
