@@ -98,6 +98,14 @@ class BoundaryMarginal:
         # literal text (a paired one is zero-width, in a span of its own)
         literal = {i: len(t.encode("utf-8")) for i, t in (student_table.specials or {}).items()}
         self.s_len_list = [len(p) if p else literal.get(i, 0) for i, p in enumerate(student_table.table)]
+        self._on: dict = {}  # device -> the tables there
+
+    def _tables(self, dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The byte tables on `dev`, copied there once (`s_next` is `[V, 256]`: 38 MB at
+        Qwen's vocabulary, not to be sent every step)."""
+        if dev not in self._on:
+            self._on[dev] = (self.t_bytes.to(dev), self.t_lens.to(dev), self.s_next.to(dev))
+        return self._on[dev]
 
     def scores(self, rows: list[RowAlignment], student_ids: list[list[int]], L: int, teacher):
         """(`token_logprobs` `[B, L]`: each unit's teacher log-prob at its last column,
@@ -183,7 +191,7 @@ class BoundaryMarginal:
             return []
         dev = token_lp.device
         qb, qj, qm = (torch.tensor(x, device=dev) for x in zip(*queries, strict=True))
-        t_bytes, t_lens = self.t_bytes.to(dev), self.t_lens.to(dev)
+        t_bytes, t_lens, _ = self._tables(dev)
         V = t_lens.shape[0]
         tj, cand, cand_lp = t_ids.to(dev)[qb, qj], topk_ids.to(dev)[qb, qj], topk_lp[qb, qj]
         c = cand.clamp(0, V - 1)
@@ -209,7 +217,7 @@ class BoundaryMarginal:
         teacher's mass on `t_ids` and those), over any leading shape."""
         dev = token_lp.device
         t_ids, s_last, cand = t_ids.to(dev), s_last.to(dev), cand.to(dev)
-        t_bytes, t_lens = self.t_bytes.to(dev), self.t_lens.to(dev)
+        t_bytes, t_lens, s_next = self._tables(dev)
         V = t_lens.shape[0]
         valid = (cand >= 0) & (cand < V) & (cand != t_ids[..., None])
         c = cand.clamp(0, V - 1)
@@ -218,7 +226,7 @@ class BoundaryMarginal:
         same_head = (t_bytes[c] == t_bytes[t_ids][..., None, :]) | (cols >= lt[..., None])
         extends = valid & (lt > 0) & (lt < WIDTH) & (lc > lt) & same_head.all(-1)
         first = t_bytes[c].gather(-1, lt.clamp(max=WIDTH - 1)[..., None].expand(*c.shape, 1))
-        merges = self.s_next.to(dev)[s_last.clamp(min=0)][..., None, :].expand(*c.shape, 256)
+        merges = s_next[s_last.clamp(min=0)][..., None, :].expand(*c.shape, 256)
         merges = merges.gather(-1, first.long()).squeeze(-1)
         keep = extends & ~merges & (s_last >= 0)[..., None]
         lp = token_lp
