@@ -220,8 +220,8 @@ class RemoteTeacher:
             )
         if topk > info["limits"]["max_topk"]:
             raise ValueError(
-                f"loss.topk={topk} but teacher server {self.url} allows at most "
-                f"{info['limits']['max_topk']} (its --max-topk)"
+                f"top-k {topk} (loss.topk; for pg across tokenizers cross_tokenizer.boundary_topk) "
+                f"but teacher server {self.url} allows at most {info['limits']['max_topk']} (its --max-topk)"
             )
 
     @property
