@@ -160,6 +160,14 @@ class ByteTable:
     def get(self, token_id: int) -> bytes | None:
         return self.table[token_id] if 0 <= token_id < len(self.table) else None
 
+    def text_of(self, token_id: int) -> bytes | None:
+        """The token's bytes, or a special's literal text (`<|im_start|>` spelt out): how a
+        special the other side has no counterpart for is read."""
+        piece = self.get(token_id)
+        if piece is None and self.specials and token_id in self.specials:
+            return self.specials[token_id].encode("utf-8")
+        return piece
+
 
 @dataclass(frozen=True)
 class Span:

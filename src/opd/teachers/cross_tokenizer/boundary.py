@@ -86,6 +86,15 @@ def _student_next_bytes(table: ByteTable) -> torch.Tensor:
     return out
 
 
+def teacher_id_grid(rows: list[RowAlignment], width: int) -> torch.Tensor:
+    """`[B, width]` long: each row's teacher completion ids, 0-padded (cut at `width`)."""
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        n = min(len(row.teacher_ids), width)
+        ids[b, :n] = torch.tensor(row.teacher_ids[:n], dtype=torch.long)
+    return ids
+
+
 class BoundaryMarginal:
     """The teacher's `pg` scores on the student's grid under `boundary=marginal` (module
     doc): one reward per student token where the bytes allow. Built once per pair."""
@@ -96,8 +105,7 @@ class BoundaryMarginal:
         self.t_len_list = self.t_lens.tolist()
         # as `render.CompletionAligner` reads them: a special without a counterpart is its
         # literal text (a paired one is zero-width, in a span of its own)
-        literal = {i: len(t.encode("utf-8")) for i, t in (student_table.specials or {}).items()}
-        self.s_len_list = [len(p) if p else literal.get(i, 0) for i, p in enumerate(student_table.table)]
+        self.s_len_list = [len(student_table.text_of(i) or b"") for i in range(len(student_table))]
         self._on: dict = {}  # device -> the tables there
 
     def _tables(self, dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,7 +123,7 @@ class BoundaryMarginal:
         span with bytes, a whole span of zero-width tokens."""
         token_lp = teacher.token_logprobs
         Lt = token_lp.shape[1]
-        t_ids, s_last = self._positions(rows, student_ids, Lt)
+        t_ids, s_last = self.positions(rows, student_ids, Lt)
         leak = self._leak(t_ids, s_last, token_lp, teacher.topk_ids, teacher.topk_logprobs)
         incoming = torch.zeros_like(leak)
         incoming[:, 1:] = leak[:, :-1]
@@ -141,20 +149,16 @@ class BoundaryMarginal:
         dev = token_lp.device
         return grid.to(dev, token_lp.dtype), span_end.to(dev), leak, s_last >= 0
 
-    def _positions(self, rows, student_ids, Lt):
+    def positions(self, rows, student_ids, Lt):
         """`[B, Lt]`: the teacher's completion ids; at the last teacher token of every
         two-sided span another two-sided span follows, the span's last student token (-1
         elsewhere): the span ends whose boundary term can move."""
-        B = len(rows)
-        t_ids = torch.zeros((B, Lt), dtype=torch.long)
-        s_last = torch.full((B, Lt), -1, dtype=torch.long)
+        s_last = torch.full((len(rows), Lt), -1, dtype=torch.long)
         for b, row in enumerate(rows):
-            n = min(len(row.teacher_ids), Lt)
-            t_ids[b, :n] = torch.tensor(row.teacher_ids[:n], dtype=torch.long)
             for span, after in pairwise(row.alignment.spans):
                 if span.two_sided and after.two_sided and span.t1 == after.t0 and span.t1 < Lt:
                     s_last[b, span.t1 - 1] = student_ids[b][span.s1 - 1]
-        return t_ids, s_last
+        return teacher_id_grid(rows, Lt), s_last
 
     def _units(self, rows, student_ids, Lt):
         """Per row, in order, `(first col, last col, j, query)`: a unit ending at a shared

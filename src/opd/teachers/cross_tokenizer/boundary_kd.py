@@ -55,7 +55,7 @@ class BoundaryMixture:
             return None
         dist = teacher.logits if need == "logits" else teacher.token_logprobs
         Lt = dist.shape[1]
-        t_ids, s_last = self.boundary._positions(rows, student_ids, Lt)
+        t_ids, s_last = self.boundary.positions(rows, student_ids, Lt)
         before = (pt - 1).clamp(min=0)
         t_prev, s_prev = t_ids[pb, before], torch.where(pt > 0, s_last[pb, before], -1)
         dev = dist.device

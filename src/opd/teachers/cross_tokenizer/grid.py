@@ -20,6 +20,7 @@ import math
 import torch
 
 from opd.teachers.base import TeacherScores
+from opd.teachers.cross_tokenizer.boundary import teacher_id_grid
 from opd.teachers.cross_tokenizer.boundary_kd import mix_full, mix_topk
 from opd.teachers.cross_tokenizer.render import RowAlignment
 from opd.teachers.cross_tokenizer.vocab_map import VocabMap
@@ -63,13 +64,14 @@ def teacher_token_logprobs(rows: list[RowAlignment], teacher: TeacherScores) -> 
     if teacher.token_logprobs is not None:
         return teacher.token_logprobs
     logits = teacher.logits
-    ids = torch.zeros(logits.shape[:2], dtype=torch.long)
-    for b, row in enumerate(rows):
-        n = min(len(row.teacher_ids), ids.shape[1])
-        ids[b, :n] = torch.tensor(row.teacher_ids[:n], dtype=torch.long)
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    logp = torch.log_softmax(logits.to(dtype), dim=-1)
-    return logp.gather(-1, ids.to(logits.device)[..., None]).squeeze(-1)
+    return completion_logprobs(rows, torch.log_softmax(logits.to(dtype), dim=-1))
+
+
+def completion_logprobs(rows: list[RowAlignment], logp: torch.Tensor) -> torch.Tensor:
+    """`[B, Lt]`: the log-probs `logp` `[B, Lt, V]` gives the teacher's own completion tokens."""
+    ids = teacher_id_grid(rows, logp.shape[1]).to(logp.device)
+    return logp.gather(-1, ids[..., None]).squeeze(-1)
 
 
 def student_grid_scores(

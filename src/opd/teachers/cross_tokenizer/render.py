@@ -68,9 +68,6 @@ class CompletionAligner:
         self.stop_ids = set(student_stop_ids)
         self.t_end = teacher_end_id
         self.specials = dict(special_map or {})
-        # A special without a counterpart is read by the teacher as its literal text
-        # (`<|im_start|>` spelt out), what the student's bytes say when specials are shown.
-        self.literal = {i: t.encode("utf-8") for i, t in (student_table.specials or {}).items()}
 
     def __call__(self, student_ids: list[int]) -> RowAlignment:
         """Text segments between special tokens are tokenized by the teacher one by one (as
@@ -90,8 +87,7 @@ class CompletionAligner:
             ends_row = k == n - 1 and i in self.stop_ids
             piece = None
             if i is not None and not ends_row and i not in self.specials:
-                piece = self.s_table.get(i)  # text, or an unpaired special's literal text
-                piece = self.literal.get(i) if piece is None else piece
+                piece = self.s_table.text_of(i)  # text, or an unpaired special's literal text
             if piece is not None:
                 pieces.append(piece)
                 continue

@@ -22,11 +22,7 @@ from opd.teachers.base import TeacherScores, check_need
 from opd.teachers.cross_tokenizer.align import ByteTable, special_pairs
 from opd.teachers.cross_tokenizer.boundary import BoundaryMarginal
 from opd.teachers.cross_tokenizer.boundary_kd import BoundaryMixture
-from opd.teachers.cross_tokenizer.grid import (
-    span_grids,
-    student_grid_scores,
-    teacher_token_logprobs,
-)
+from opd.teachers.cross_tokenizer.grid import completion_logprobs, span_grids, student_grid_scores
 from opd.teachers.cross_tokenizer.render import (
     CompletionAligner,
     RowAlignment,
@@ -225,4 +221,4 @@ def token_scores(rows, scores: TeacherScores, need: str, k: int) -> TeacherScore
         return scores
     logp = torch.log_softmax(scores.logits.float(), dim=-1)
     top_lp, top_ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
-    return TeacherScores(token_logprobs=teacher_token_logprobs(rows, scores), topk_ids=top_ids, topk_logprobs=top_lp)
+    return TeacherScores(token_logprobs=completion_logprobs(rows, logp), topk_ids=top_ids, topk_logprobs=top_lp)
