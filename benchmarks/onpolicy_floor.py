@@ -151,7 +151,7 @@ def main(argv=None) -> None:
     from opd.objectives.fused import teacher_hidden
 
     with FlopCounterMode(display=False) as counter:
-        teacher_hidden(run.teacher, batch)
+        teacher_hidden(run.teacher, batch, run.config.loss.fused_forward)
     counted = sum(
         counter.get_flop_counts()["Global"].get(op, 0)
         for op in (torch.ops.aten.mm, torch.ops.aten.addmm)
@@ -176,6 +176,7 @@ def main(argv=None) -> None:
             threads=args.threads,
             seed=0,
             trl_defaults=False,
+            engine="auto",
         )
         runs = [spawn("trl", ns, paths)["steps_per_s"] for _ in range(args.trl_runs)]
         trl_step = 1 / statistics.median(runs)

@@ -133,15 +133,16 @@ def build(workdir: Path, size: str, dtype: str, device: str = "cpu") -> dict:
 
 def opd_config(paths: dict, output_dir, *, steps: int, dtype: str = "float32",
                teacher_dtype: str | None = None, device: str = "cpu", seed: int = 0,
-               lean: bool = False):  # fmt: skip
+               engine: str = "auto"):  # fmt: skip
     """opd's side of the comparison: preset `minillm_like` (student samples, full-vocabulary
     reverse KL), batch 32, up to 48 new tokens at temperature 1, AdamW lr 1e-6 with
-    clipping at 1.0 as TRL, nothing saved; otherwise opd's defaults (`sampling.engine=hf`,
-    the fused loss with the HF forward): what a user gets. `lean=True` adds the opt-in lean
-    engine (`sampling.engine=lean`, `loss.fused_forward=lean`)."""
+    clipping at 1.0 as TRL, nothing saved; otherwise opd's defaults: what a user gets
+    (`sampling.engine=auto`, `loss.fused_forward=auto`: the lean decoder and packed forward
+    for these Llama models, checked against the HF forward on the first batch). `engine`
+    sets both keys (`hf`: the Hugging Face forward throughout, for comparison)."""
     from opd.config.parse import config_from_dict
 
-    sampling = {"max_new_tokens": MAX_NEW, "temperature": 1.0}
+    sampling = {"max_new_tokens": MAX_NEW, "temperature": 1.0, "engine": engine}
     return config_from_dict(
         {
             "preset": "minillm_like",
@@ -150,8 +151,8 @@ def opd_config(paths: dict, output_dir, *, steps: int, dtype: str = "float32",
             "bf16": dtype == "bfloat16",
             "teacher": {"path": str(paths["teacher"]), "dtype": teacher_dtype or dtype},
             "data": {"train": str(paths["prompts"]), "chat_template": "off"},
-            "sampling": {**sampling, "engine": "lean"} if lean else sampling,
-            "loss": {"fused_forward": "lean"} if lean else {},
+            "sampling": sampling,
+            "loss": {"fused_forward": engine},
             "optim": {"lr": 1e-6},
             "batch_size": BATCH,
             "micro_batch_size": BATCH,

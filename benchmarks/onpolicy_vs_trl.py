@@ -61,7 +61,7 @@ def run_ours(args, paths: dict, out: Path) -> dict:
         teacher_dtype=args.teacher_dtype,
         device=args.device,
         seed=args.seed,
-        lean=args.lean,
+        engine=args.engine,
     )
     ends, cpu, tokens = [], [], []
     inner = opd.run.loop.train_step
@@ -196,8 +196,8 @@ def check(args, paths: dict, out: Path) -> dict:
     """Both losses, and their gradients, on one batch: same weights, same sampled sequences.
 
     opd's loss is computed the way its loop computes it (the fused head + divergence, on the
-    HF forward or, with `--lean`, the packed one) and, for reference, on full logits (`objectives.plain.batch_loss`); TRL's by
-    its own `DistillationTrainer._compute_loss` on that batch.
+    forward `--engine` names: by default the packed lean one) and, for reference, on full
+    logits (`objectives.plain.batch_loss`); TRL's by its own `DistillationTrainer._compute_loss` on that batch.
     """
     import torch
     from datasets import Dataset
@@ -219,7 +219,7 @@ def check(args, paths: dict, out: Path) -> dict:
         dtype=args.dtype,
         teacher_dtype=args.teacher_dtype,
         device=args.device,
-        lean=args.lean,
+        engine=args.engine,
     )
     run = build_run(config)
     student = run.student
@@ -346,8 +346,7 @@ def spawn(side: str, args, paths: dict) -> dict:
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.trl_defaults:
         cmd.append("--trl-defaults")
-    if args.lean:
-        cmd.append("--lean")
+    cmd += ["--engine", args.engine]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -394,10 +393,11 @@ def main(argv=None) -> None:
         help="run TRL with its default bf16=True, gradient_checkpointing=True",
     )
     p.add_argument(
-        "--lean",
-        action="store_true",
-        help="opd with the opt-in lean engine (sampling.engine=lean, loss.fused_forward=lean) "
-        "instead of its defaults",
+        "--engine",
+        default="auto",
+        choices=("auto", "hf", "lean"),
+        help="opd's sampling.engine and loss.fused_forward: auto (its default) | hf (the "
+        "Hugging Face forward throughout) | lean",
     )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--paths", default=None, help=argparse.SUPPRESS)
@@ -453,7 +453,8 @@ def main(argv=None) -> None:
     }
     results.update(runs=runs, summary=summary)
     print(
-        f"\n{args.size} on {args.device} ({args.dtype}, {args.threads} threads), batch {BATCH}, "
+        f"\n{args.size} on {args.device} ({args.dtype}, {args.threads} threads, opd engine "
+        f"{args.engine}), batch {BATCH}, "
         f"{MAX_NEW} new tokens, {args.steps} timed steps, medians of {args.rounds} runs per side:"
     )
     cuda = "  CUDA peak MB" if args.device == "cuda" else ""

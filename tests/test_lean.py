@@ -1,6 +1,7 @@
 """The lean forward (opd.modeling.lean) equals the Hugging Face forward, values and gradients."""
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from opd.config.parse import LossConfig, SamplingConfig
 from opd.data.batch import assemble
 from opd.modeling.hf import completion_hidden
 from opd.modeling.lean import LeanDecoder, lean_supported, packed_supervised_hidden
-from opd.modeling.lean_check import LeanMismatch, relative_error
+from opd.modeling.lean_check import LeanMismatch, lean_applies, relative_error
 from opd.objectives.fused import supervised_hidden
 from opd.sampling import sample
 from opd.sampling.fast import sample_fast
@@ -155,7 +156,7 @@ def test_bf16_packed_hidden_and_decoder_as_close_to_float32_as_hf_bf16(family):
     assert relative_error(got, want) <= 1.5 * relative_error(hf, want) + 1e-3
 
 
-# ------------------------------------------------ opt-in, and checked against HF at start
+# ------------------------------------ the default where it applies, checked against HF at start
 
 
 def _no_rope(x, cos, sin):  # a slip a transformers change could cause: RoPE not applied
@@ -176,27 +177,62 @@ def test_perturbed_lean_forward_is_refused_at_start(family, monkeypatch):
         )
 
 
-def test_lean_paths_run_only_when_asked_and_check_once(monkeypatch):
-    assert SamplingConfig().engine == "hf" and not SamplingConfig().cuda_graphs
-    assert LossConfig().fused_forward == "hf"
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_under_auto_a_failed_check_falls_back_to_hf_and_says_so(family, monkeypatch, caplog):
+    batch, prompts = _batch(), [TOK(t).input_ids for t in ("12+3=", "7", "99+99=")]
+    model = _model(family)
+    want = completion_hidden(model, batch)[batch.loss_mask()]
+    monkeypatch.setattr(lean_module, "_rope", _no_rope)
+    packed = []
+    real_packed = lean_module.packed_supervised_hidden
+    monkeypatch.setattr(
+        fused_module, "packed_supervised_hidden", lambda m, b: packed.append(1) or real_packed(m, b)
+    )
+    with caplog.at_level(logging.WARNING, logger="opd"):
+        for _ in range(2):
+            got = supervised_hidden(model, batch, "auto")
+            assert torch.equal(got, want)  # the Hugging Face forward's own numbers
+    warned = [r.getMessage() for r in caplog.records if "lean packed forward" in r.getMessage()]
+    assert len(warned) == 1 and "from now on (auto)" in warned[0]  # said once, then hf only
+    assert not packed
+    kw = dict(max_new_tokens=6, eos_id=1, pad_id=0, vocab_size=len(TOK))
+    fresh = _model(family).eval()
+    ref = sample(fresh, prompts, engine="hf", generator=torch.Generator().manual_seed(3), **kw)
+    got = sample(fresh, prompts, engine="auto", generator=torch.Generator().manual_seed(3), **kw)
+    assert (got.completions, got.logprobs) == (ref.completions, ref.logprobs)
+    assert any("lean decoder" in r.getMessage() for r in caplog.records)
+
+
+def test_lean_is_the_default_where_it_applies_and_is_checked_once(monkeypatch):
+    assert SamplingConfig().engine == "auto" and not SamplingConfig().cuda_graphs
+    assert LossConfig().fused_forward == "auto"
     model, batch = _model("qwen3"), _batch()
     packed = []
     real_packed = lean_module.packed_supervised_hidden
     monkeypatch.setattr(
         fused_module, "packed_supervised_hidden", lambda m, b: packed.append(1) or real_packed(m, b)
     )
-    supervised_hidden(model, batch)  # default: the Hugging Face forward
+    supervised_hidden(model, batch, "hf")
     assert not packed
     checks = []
     real_hidden = lean_check_hf.completion_hidden
     monkeypatch.setattr(
         lean_check_hf, "completion_hidden", lambda m, b: checks.append(1) or real_hidden(m, b)
     )
-    for _ in range(3):
-        supervised_hidden(model, batch, "lean")
+    for mode in ("auto", "lean", "auto"):
+        supervised_hidden(model, batch, mode)
     assert len(packed) == 3 and len(checks) == 1  # checked against HF once, then lean only
+    other = _model("qwen3")
+    assert lean_applies(other, "auto")
+    other.gradient_checkpointing_enable()  # checkpointing does not reach the lean layer loop
+    assert not lean_applies(other, "auto") and not lean_applies(other, "hf")
     prompts = [TOK(t).input_ids for t in ("12+3=", "7")]
-    built = []
-    monkeypatch.setattr(lean_module.LeanDecoder, "prefill", lambda *a: built.append(1) / 0)
-    sample(model.eval(), prompts, max_new_tokens=3, eos_id=1, pad_id=0, vocab_size=len(TOK))
-    assert not built  # engine defaults to hf
+
+    def built(*a):
+        raise RuntimeError("lean decoder built")
+
+    monkeypatch.setattr(lean_module.LeanDecoder, "prefill", built)
+    kw = dict(max_new_tokens=3, eos_id=1, pad_id=0, vocab_size=len(TOK))
+    sample(model.eval(), prompts, engine="hf", **kw)  # hf asked for by name: no lean decoder
+    with pytest.raises(RuntimeError, match="lean decoder built"):
+        sample(model, prompts, engine="auto", **kw)

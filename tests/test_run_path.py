@@ -24,12 +24,17 @@ def _path(base_config, distributed=False, **overrides):
 
 def test_each_decision_and_the_objective_the_step_builds(base_config):
     run, path = _path(base_config, preset="on_policy")
-    assert (path.objective, path.sampler, path.other_sampler) == ("fused_tokens", "hf", "hf")
+    assert (path.objective, path.sampler, path.other_sampler) == ("fused_tokens", "auto", "auto")
+    # the tests' tiny Llama is one the lean forward covers; pg's teacher scores on its own
+    assert path.decoders == "sampling lean (auto), loss forward: student lean (auto)"
+    _, path = _path(base_config, preset="on_policy", sampling__engine="hf", loss__fused_forward="hf")
+    assert path.decoders == ""
     assert path.teacher_need == ("token", 0) and path.teacher == "local"
     assert isinstance(for_step(run).distill, FusedTokenObjective)
 
     run, path = _path(base_config, preset="gkd", loss__estimator="full")
     assert path.objective == "fused_full" and path.teacher_need == ("logits", 0)
+    assert path.decoders.endswith("loss forward: student lean, teacher lean (auto)")
     assert isinstance(for_step(run).distill, FusedObjective)
 
     run, path = _path(base_config, preset="on_policy", loss__fused=False)
@@ -58,7 +63,8 @@ def test_the_run_logs_its_path_in_one_line_and_writes_it(base_config, caplog, tm
         train(config)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("path: ")]
     assert len(lines) == 1
-    assert "objective: fused" in lines[0] and "sampler: hf" in lines[0]
+    assert "objective: fused" in lines[0] and "sampler: auto" in lines[0]
+    assert "decoders: sampling lean (auto)" in lines[0]
     assert "teacher: local, asked for sampled-token log-probs" in lines[0]
     written = json.loads((tmp_path / "run" / "run_path.json").read_text())
-    assert written["objective"] == "fused_tokens" and written["sampler"] == "hf"
+    assert written["objective"] == "fused_tokens" and written["sampler"] == "auto"

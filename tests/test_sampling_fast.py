@@ -161,8 +161,9 @@ def test_restores_training_mode():
 
 
 def test_engine_and_cuda_graphs_keys_choose_the_path(monkeypatch):
-    """`sampling.engine=hf` (the default) never builds the lean decoder; `lean` does, with the
-    growing-cache step unless `sampling.cuda_graphs` asks for the fixed-shape (graph) step."""
+    """`sampling.engine=hf` never builds the lean decoder; `lean` and `auto` (the default) do,
+    with the growing-cache step unless `sampling.cuda_graphs` asks for the fixed-shape
+    (graph) step."""
     from opd.config.parse import SamplingConfig
     from opd.sampling import sample as sample_engine
 
@@ -175,13 +176,18 @@ def test_engine_and_cuda_graphs_keys_choose_the_path(monkeypatch):
         )  # fmt: skip
     model = _model("llama")
     kw = dict(max_new_tokens=4, eos_id=-1, pad_id=0, vocab_size=len(TOK), temperature=0.0)
-    ref = sample_engine(model, _prompts(), engine=SamplingConfig().engine, **kw)
+    ref = sample_engine(model, _prompts(), engine="hf", **kw)
     assert calls == []
-    sample_engine(model, _prompts(), engine="lean", **kw)  # the first batch also checks
+    assert SamplingConfig().engine == "auto"
+    sample_engine(model, _prompts(), engine="auto", **kw)  # the first batch also checks
     assert calls[:3] == ["prefill", "step", "step_static"]  # ... each lean step against HF
     calls.clear()
     fast = sample_engine(model, _prompts(), engine="lean", **kw)
     assert calls == ["prefill", "step", "step", "step"]  # checked once per model
+    calls.clear()
+    auto = sample_engine(model, _prompts(), engine="auto", **kw)
+    assert calls == ["prefill", "step", "step", "step"]
+    _assert_same(ref, auto)
     calls.clear()
     graphs = sample_engine(model, _prompts(), engine="lean", cuda_graphs=True, **kw)
     assert calls == ["prefill", "step_static", "step_static", "step_static"]

@@ -23,9 +23,11 @@ class SamplingConfig:
         stop: strings that end a sampled completion (besides EOS)
         eos_token_ids: token ids that end a completion, besides the student's
             generation_config, its tokenizer's EOS and the chat template's turn end
-        engine: hf (the reference sampler, plain HF forward) | vllm (a colocated vLLM engine
-            holding the student, weights pushed after every optimizer step) | lean (opd.modeling.lean's
-            Llama/Qwen decoder on a static KV cache, checked against hf on the first batch) |
+        engine: auto (lean for the models it supports once its start-up check passes, hf
+            for the others and on a failed check, logged) | hf (the reference sampler, plain
+            HF forward) | vllm (a colocated vLLM engine holding the student, weights pushed
+            after every optimizer step) | lean (opd.modeling.lean's Llama/Qwen decoder on a
+            static KV cache, checked against hf on the first batch; a mismatch stops) |
             vllm_server (separate `vllm serve` processes at server_urls, weights pushed
             after every optimizer step through vllm.weight_sync)
         server_urls: engine=vllm_server: base URLs of the rollout servers (rank r of a
@@ -40,7 +42,7 @@ class SamplingConfig:
     max_new_tokens: int = 128
     n: int = 1
     stop: list[str] = field(default_factory=list)
-    engine: Literal["hf", "lean", "vllm", "vllm_server"] = "hf"
+    engine: Literal["auto", "hf", "lean", "vllm", "vllm_server"] = "auto"
     server_urls: list[str] = field(default_factory=list)
     cuda_graphs: bool = False
     eos_token_ids: list[int] = field(default_factory=list)

@@ -151,8 +151,10 @@ class LossConfig:
             materializing [tokens, vocab] logits (same result as the plain path), also for
             RL + distillation and under DDP/FSDP (run as the wrapper's forward); kd + full
             also needs a local teacher, or a self teacher in one process
-        fused_forward: decoder forward of the fused objectives: hf (the model's own) | lean
-            (packed real tokens via opd.modeling.lean, checked against hf on the first batch)
+        fused_forward: decoder forward of the fused objectives: auto (lean where it applies
+            and its start-up check passes, else hf, logged) | hf (the model's own) | lean
+            (packed real tokens via opd.modeling.lean, checked against hf on the first batch;
+            a mismatch stops)
     """
 
     objective: Literal["ce", "kd", "pg"] = "kd"
@@ -164,7 +166,7 @@ class LossConfig:
     kd_temperature: float = 1.0
     discount: float = 0.0
     fused: bool = True
-    fused_forward: Literal["hf", "lean"] = "hf"
+    fused_forward: Literal["auto", "hf", "lean"] = "auto"
     ratio_cap: float = 0.0
     ratio_correction: Literal["tis", "icepop"] = "tis"
     ratio_floor: float = 0.0

@@ -1,2 +1,2 @@
 """Hugging Face model helpers (`hf`: loading, tokenizer checks, logits, heads) and the
-opt-in lean decoder forward (`lean`)."""
+lean decoder forward (`lean`, the default `auto` where its check passes)."""

@@ -20,9 +20,10 @@ layer) through its own module. Equality with the Hugging Face forward is tested
 (`tests/test_lean.py`, `tests/test_sampling_fast.py`); other models take the plain path.
 
 Because it re-implements the layer, a transformers change could make it silently differ:
-it runs only when a config asks for it (`sampling.engine=lean`, `loss.fused_forward=lean`),
-and `lean_check.py` compares it with the Hugging Face forward on the first batch of each
-model, stopping the run on a mismatch.
+`lean_check.py` compares it with the Hugging Face forward on the first batch of each model.
+It is the default (`sampling.engine=auto`, `loss.fused_forward=auto`) where it applies, and
+a failed check there is logged and turns it off for that model; asked for by name (`lean`),
+a failed check stops the run.
 """
 
 from __future__ import annotations

@@ -3,19 +3,23 @@
 `opd.modeling.lean` re-implements the Llama/Qwen decoder layer from the model's submodules.
 A transformers release that changes what one of them means (a renamed attribute, a norm
 moved, a new rotary variant) would make it compute something else without any error: wrong
-samples, wrong gradients. So it runs only where a config asks for it (`sampling.engine=lean`,
-`loss.fused_forward=lean`), and the first batch each model meets on that path also runs
-through the Hugging Face forward; a mismatch stops the run with a message naming the key
-that turns the lean path off.
+samples, wrong gradients. So the first batch each model meets on that path also runs
+through the Hugging Face forward. Under the default `auto` (`sampling.engine`,
+`loss.fused_forward`) a mismatch is logged and that model takes the Hugging Face forward
+from then on (`fall_back`); asked for by name (`lean`), a mismatch stops the run with a
+message naming the key that turns the lean path off.
 """
 
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import TYPE_CHECKING
 
 import torch
 import transformers
+
+from opd.modeling.lean import lean_supported
 
 if TYPE_CHECKING:  # annotations only: modeling sits below the data room
     from opd.data.batch import SequenceBatch
@@ -29,10 +33,17 @@ TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.bfloat16: 3e-2, tor
 
 _packed_checked: weakref.WeakSet = weakref.WeakSet()
 _decoder_checked: weakref.WeakSet = weakref.WeakSet()
+_refused: weakref.WeakSet = weakref.WeakSet()  # failed a check under `auto`: HF from then on
+
+log = logging.getLogger("opd")
 
 
 class LeanMismatch(RuntimeError):
     """The lean forward disagrees with the Hugging Face forward on the first batch."""
+
+    def __init__(self, finding: str, key: str):
+        self.finding = finding
+        super().__init__(f"{finding}. Set {key}=hf to use the Hugging Face forward.")
 
 
 def _describe(model) -> str:
@@ -54,8 +65,35 @@ def _compare(what: str, key: str, model, got: torch.Tensor, ref: torch.Tensor) -
             f"the lean {what} of {_describe(model)} in {str(dtype).removeprefix('torch.')} "
             f"differs from its Hugging Face forward on the first batch (relative error "
             f"{err:.2e} > {tol:.0e}); transformers {transformers.__version__} may have changed "
-            f"this architecture. Set {key}=hf to use the Hugging Face forward."
+            "this architecture",
+            key,
         )
+
+
+def lean_applies(model, mode: str) -> bool:
+    """Whether `mode` (`hf` | `lean` | `auto`) runs `model` through the lean path: `lean`
+    and `auto` for the architectures it supports (an FSDP-sharded model is not one), `auto`
+    unless a check refused the model or it checkpoints its activations."""
+    if mode not in ("lean", "auto") or not lean_supported(model):
+        return False
+    # checkpointing does not reach the lean layer loop (`lean` with it is refused at config)
+    return mode == "lean" or (model not in _refused and not _checkpointing(model))
+
+
+def _checkpointing(model) -> bool:
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name) or hasattr(model, name):
+            return bool(getattr(model, name))
+    return False
+
+
+def fall_back(model, mode: str, err: LeanMismatch) -> None:
+    """After a failed check: under `auto`, say so and take the HF forward for this model from
+    now on; a path asked for by name (`lean`) stops the run with `err`."""
+    if mode != "auto":
+        raise err
+    _refused.add(model)
+    log.warning("%s: the Hugging Face forward runs this model from now on (auto)", err.finding)
 
 
 @torch.no_grad()

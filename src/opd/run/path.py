@@ -14,6 +14,7 @@ from typing import Literal
 
 from opd.config.checks import teacher_need, uses_teacher
 from opd.config.parse import LossConfig, TrainConfig
+from opd.modeling.lean_check import lean_applies
 from opd.objectives.fused import why_not_fused
 
 ObjectivePath = Literal["fused_full", "fused_tokens", "plain"]
@@ -32,6 +33,9 @@ class RunPath:
             `vllm_server`: separate vLLM servers).
         other_sampler: the engine of teacher samples and evaluation (vLLM holds the student's
             rollouts only, so those take the HF forward under `sampler=vllm*`).
+        decoders: which forward `auto` / `lean` run (`sampling.engine`, `loss.fused_forward`):
+            `lean` for the models `opd.modeling.lean` supports (checked against hf on their
+            first batch; under `auto` a failed check is logged and hf runs), else `hf`.
         rollouts: when student rollouts are drawn (`off`, `pipelined lag k`, `queue
             max_staleness s`: opd.run.rollouts).
         teacher: what scores (`none`, `local`, `self (frozen)`, `remote <url>`, `remote, N
@@ -47,6 +51,7 @@ class RunPath:
     teacher: str
     teacher_need: tuple[str | None, int]
     rollouts: str = "off"
+    decoders: str = ""
 
     @property
     def fused(self) -> bool:
@@ -64,6 +69,8 @@ class RunPath:
             parts.append(f"RL term on student batches: {self.rewarded}")
         sampler = "vllm colocated" if self.sampler == "vllm" else self.sampler
         parts.append(f"sampler: {sampler} (teacher samples and eval: {self.other_sampler})")
+        if self.decoders:
+            parts.append(f"decoders: {self.decoders}")
         parts.append(f"teacher: {self.teacher}, asked for {asked}")
         if self.rollouts != "off":
             parts.append(f"rollouts: {self.rollouts}")
@@ -110,9 +117,11 @@ def objective_path(loss: LossConfig, *, distributed: bool, student, teacher) -> 
     return objective, why
 
 
-def decide_path(config: TrainConfig, *, distributed: bool, student, teacher) -> RunPath:
+def decide_path(
+    config: TrainConfig, *, distributed: bool, student, teacher, sharded: bool = False
+) -> RunPath:
     """The path of this run. `student` / `teacher`: the loaded (unwrapped) models' holders,
-    asked only whether the fused head applies to them."""
+    asked whether the fused head and the lean forward apply to them; `sharded`: FSDP."""
     loss = config.loss
     objective, why = objective_path(loss, distributed=distributed, student=student, teacher=teacher)
     engine = config.sampling.engine
@@ -126,7 +135,42 @@ def decide_path(config: TrainConfig, *, distributed: bool, student, teacher) -> 
         teacher=describe_teacher(config),
         teacher_need=teacher_need(loss),
         rollouts=describe_rollouts(config),
+        decoders=describe_decoders(
+            config, objective, student, teacher, distributed=distributed, sharded=sharded
+        ),
     )
+
+
+def describe_decoders(
+    config: TrainConfig, objective: str, student, teacher, *, distributed: bool, sharded: bool
+) -> str:
+    """What the `auto` / `lean` keys resolve to for this run's models, e.g. `sampling lean
+    (auto), loss forward: student lean, teacher hf (auto)`; empty when both say `hf`. The
+    teacher's forward is the loss's only under `fused_full` (its hidden states). An
+    FSDP-sharded model takes hf throughout (the lean forward reads whole weights)."""
+
+    shard_teacher = distributed and config.teacher.shard  # FSDP2 over the ranks
+
+    def runs(mode: str, model) -> str:
+        split = (sharded and model is student) or (shard_teacher and model is not student)
+        return "lean" if model is not None and not split and lean_applies(model, mode) else "hf"
+
+    parts = []
+    engine = config.sampling.engine
+    if engine in ("auto", "lean"):
+        parts.append(f"sampling {runs(engine, student)} ({engine})")
+    forward = config.loss.fused_forward
+    if objective != "plain" and forward in ("auto", "lean"):
+        models = {"student": student}
+        if objective == "fused_full":
+            models["teacher"] = getattr(teacher, "model", None)
+        names = ", ".join(
+            f"{name} {runs(forward, m)}"
+            for name, m in models.items()
+            if m is not None
+        )
+        parts.append(f"loss forward: {names} ({forward})")
+    return ", ".join(parts)
 
 
 def describe_rollouts(config: TrainConfig) -> str:

@@ -141,7 +141,10 @@ def _build_run(config: TrainConfig, checked: Checked | None) -> RunSetup:
         config, tokenizer, device, student=student, resume_from=resume_from, encoder=encoder
     )
     vocab_size = shared_vocab_size(tokenizer, student)
-    path = decide_path(config, distributed=world.distributed, student=student, teacher=teacher)
+    path = decide_path(
+        config, distributed=world.distributed, student=student, teacher=teacher,
+        sharded=world.sharded,
+    )
     if path.fused and world.sharded and config.loss.fused_forward == "lean":
         # the lean forward reads each block's weights itself; sharded, only the blocks' own
         # forwards gather them
