@@ -45,6 +45,10 @@ Runs, each from the same student with the same prompts, seeds and updates:
   merged_xl      (with --runs only) pg from `merged_xl`: the merged teacher trained twice the
                  spec's steps, to A_long's skill (measured: both teachers' sampled accuracy
                  is reported); its references are same and same_long
+  merged_distilled  (with --runs only) pg from a merged-tokenizer teacher trained (twice the
+                 spec's steps) on A_long's own distributions, exact per merged token
+                 (`cross_tokenizer_distilled.py`): A_long's text distribution in the merged
+                 tokens, so the gain ratio to same_long measures the alignment alone
   same_long      (with --runs only) pg from `A_long`: the same code, steps and seed as
                  `merged_long` in the student's character tokenizer (the teacher's
                  training apart, only the tokenizer differs); merged_long's second reference
@@ -83,6 +87,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import cross_tokenizer_measure as measure
+from cross_tokenizer_distilled import distilled_teacher
 from cross_tokenizer_teachers import merged_teacher, permuted_teacher
 
 from opd.cli.demo import probes
@@ -132,6 +137,8 @@ RUNS = {
     "merged_xl": ("merged_xl", {}),
     # the same, the marginal read from every teacher token (the top-k is the vocabulary)
     "merged_xl_all": ("merged_xl", {"cross_tokenizer": {"boundary_topk": 1024}}),
+    # a merged-tokenizer teacher trained on A_long's distributions (cross_tokenizer_distilled)
+    "merged_distilled": ("merged_distilled", {}),
 }
 DEFAULT_RUNS = ["same", "permuted", "merged", "merged_kd", "merged_kd_span", "forced", "gold"]
 # the run whose gain a cross run's gain is a share of
@@ -140,6 +147,7 @@ REFERENCE["merged_long"].append("same_long")  # the same training code, steps an
 REFERENCE["merged_long_token"].append("same_long")
 REFERENCE["merged_xl"].append("same_long")
 REFERENCE["merged_xl_all"].append("same_long")
+REFERENCE["merged_distilled"].append("same_long")  # its source
 # GOLD run -> (its teacher, GOLD's hybrid loss)
 GOLD = {"gold": ("merged", False), "gold_hybrid": ("merged", True), "gold_permuted": ("permuted", False)}
 REFERENCE.update({g: ["same"] for g in GOLD})
@@ -374,9 +382,14 @@ def main(argv=None) -> int:
         teachers["merged_xl"], metas["merged_xl"] = merged_teacher(
             out / "teacher-merged-xl", build, seed=0, stop=False, steps=2 * build.teacher.steps
         )
-    if any(RUNS.get(n, ("",))[0] == "A_long" for n in args.runs):
+    distilled = any(RUNS.get(n, ("",))[0] == "merged_distilled" for n in args.runs)
+    if distilled or any(RUNS.get(n, ("",))[0] == "A_long" for n in args.runs):
         teachers["A_long"], metas["A_long"] = merged_teacher(
             out / "teacher-A-long", build, seed=0, stop=False, tokenizer=load_tokenizer(str(student))
+        )
+    if distilled:
+        teachers["merged_distilled"], metas["merged_distilled"] = distilled_teacher(
+            out / "teacher-merged-distilled", build, teachers["A_long"], 2 * build.teacher.steps
         )
     write_jsonl(out / "train.jsonl", make_examples(args.steps * args.batch_size, 0, "train"))
     if args.lengths:  # the demo's held-out problems (`opd.cli.demo.run`, seed 0)

@@ -5,8 +5,9 @@
 
 One `train_step` of 32 prompts x 64 sampled tokens with the tiny Llama pair of
 `onpolicy_models.py` (size `tiny-152k`: teacher 256 x 4 layers, student 128 x 2), float32 on
-CPU, with opd's default configuration otherwise (`sampling.engine=hf`, the fused loss on
-the HF forward): what a user gets. Every measurement runs in a fresh subprocess; "process peak" is its VmHWM after the
+CPU, with opd's default configuration otherwise (`sampling.engine=auto` and
+`loss.fused_forward=auto`: the lean decoder and packed forward for these Llama models, the
+fused loss): what a user gets. Every measurement runs in a fresh subprocess; "process peak" is its VmHWM after the
 step (models, optimizer state and all), "step peak" the VmHWM reached during the step minus
 the RSS before it (weights are paged in from their safetensors files during the first
 step, so it includes them); "weights+grads+AdamW" is what any trainer holds at the

@@ -2,20 +2,21 @@
 
 import copy
 import logging
+import math
 
 import pytest
 import torch
 
+import opd.modeling.forward as forward_module
 import opd.modeling.hf as lean_check_hf
 import opd.modeling.lean as lean_module
-import opd.objectives.fused as fused_module
 from opd.cli.demo.tiny import build_char_tokenizer, tiny_causal_lm
 from opd.config.parse import LossConfig, SamplingConfig
 from opd.data.batch import assemble
+from opd.modeling.forward import supervised_hidden
 from opd.modeling.hf import completion_hidden
 from opd.modeling.lean import LeanDecoder, lean_supported, packed_supervised_hidden
 from opd.modeling.lean_check import LeanMismatch, lean_applies, relative_error
-from opd.objectives.fused import supervised_hidden
 from opd.sampling import sample
 from opd.sampling.fast import sample_fast
 from opd.sampling.reference import left_pad
@@ -186,7 +187,7 @@ def test_under_auto_a_failed_check_falls_back_to_hf_and_says_so(family, monkeypa
     packed = []
     real_packed = lean_module.packed_supervised_hidden
     monkeypatch.setattr(
-        fused_module, "packed_supervised_hidden", lambda m, b: packed.append(1) or real_packed(m, b)
+        forward_module, "packed_supervised_hidden", lambda m, b: packed.append(1) or real_packed(m, b)
     )
     with caplog.at_level(logging.WARNING, logger="opd"):
         for _ in range(2):
@@ -210,7 +211,7 @@ def test_lean_is_the_default_where_it_applies_and_is_checked_once(monkeypatch):
     packed = []
     real_packed = lean_module.packed_supervised_hidden
     monkeypatch.setattr(
-        fused_module, "packed_supervised_hidden", lambda m, b: packed.append(1) or real_packed(m, b)
+        forward_module, "packed_supervised_hidden", lambda m, b: packed.append(1) or real_packed(m, b)
     )
     supervised_hidden(model, batch, "hf")
     assert not packed
@@ -236,3 +237,33 @@ def test_lean_is_the_default_where_it_applies_and_is_checked_once(monkeypatch):
     sample(model.eval(), prompts, engine="hf", **kw)  # hf asked for by name: no lean decoder
     with pytest.raises(RuntimeError, match="lean decoder built"):
         sample(model, prompts, engine="auto", **kw)
+
+
+@pytest.mark.parametrize(("need", "temperature"), [("token", 1.0), ("topk", 1.0), ("topk", 0.7)])
+def test_a_local_teachers_packed_scores_equal_its_hf_scores(need, temperature):
+    """Under `auto` a local teacher scores from the packed forward, its head on supervised
+    cells only; the scores there equal the Hugging Face forward's, every other cell holds
+    a valid distribution (never a made-up value a loss could trip on)."""
+    from opd.teachers.local import LocalTeacher
+
+    model, batch = _model("qwen3"), _batch()
+    mask = batch.loss_mask()
+    ref = LocalTeacher(model, len(TOK), "hf").score(batch, need, 3, temperature)
+    rows = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda m, args, out: rows.append(args[0].shape[0])
+    )
+    got = LocalTeacher(model, len(TOK), "auto").score(batch, need, 3, temperature)
+    hook.remove()
+    assert sum(rows) == int(mask.sum())  # the head ran on the 9 supervised cells, not 4 x 5
+    _close(got.token_logprobs[mask], ref.token_logprobs[mask])
+    assert got.tokens_scored == ref.tokens_scored
+    if need == "topk":
+        assert torch.equal(got.topk_ids[mask], ref.topk_ids[mask])
+        _close(got.topk_logprobs[mask], ref.topk_logprobs[mask])
+        _close(got.topk_tail_logmass[mask], ref.topk_tail_logmass[mask])
+        total = torch.logsumexp(
+            torch.cat([got.topk_logprobs, got.topk_tail_logmass[..., None]], -1), -1
+        )
+        assert total.abs().max() < 1e-5  # every cell, supervised or not, sums to one
+    assert all(math.isfinite(v) for v in got.token_logprobs.flatten().tolist())

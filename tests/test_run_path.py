@@ -25,8 +25,9 @@ def _path(base_config, distributed=False, **overrides):
 def test_each_decision_and_the_objective_the_step_builds(base_config):
     run, path = _path(base_config, preset="on_policy")
     assert (path.objective, path.sampler, path.other_sampler) == ("fused_tokens", "auto", "auto")
-    # the tests' tiny Llama is one the lean forward covers; pg's teacher scores on its own
-    assert path.decoders == "sampling lean (auto), loss forward: student lean (auto)"
+    # the tests' tiny Llama is one the lean forward covers: the student samples and trains
+    # on it, the local teacher scores its sampled tokens from it
+    assert path.decoders == "sampling lean (auto), forward: student lean, teacher lean (auto)"
     _, path = _path(base_config, preset="on_policy", sampling__engine="hf", loss__fused_forward="hf")
     assert path.decoders == ""
     assert path.teacher_need == ("token", 0) and path.teacher == "local"
@@ -34,7 +35,7 @@ def test_each_decision_and_the_objective_the_step_builds(base_config):
 
     run, path = _path(base_config, preset="gkd", loss__estimator="full")
     assert path.objective == "fused_full" and path.teacher_need == ("logits", 0)
-    assert path.decoders.endswith("loss forward: student lean, teacher lean (auto)")
+    assert path.decoders.endswith("forward: student lean, teacher lean (auto)")
     assert isinstance(for_step(run).distill, FusedObjective)
 
     run, path = _path(base_config, preset="on_policy", loss__fused=False)

@@ -17,9 +17,8 @@ import torch
 from opd.config.parse import LossConfig
 from opd.data.batch import SequenceBatch
 from opd.losses import fused_token_divergence, fused_token_logprobs
-from opd.modeling.hf import completion_hidden, lm_head, supports_fused_head
-from opd.modeling.lean import packed_supervised_hidden
-from opd.modeling.lean_check import LeanMismatch, check_packed_forward, fall_back, lean_applies
+from opd.modeling.forward import supervised_hidden
+from opd.modeling.hf import lm_head, supports_fused_head
 from opd.modeling.wrapped import as_forward
 from opd.objectives.base import Scored, TokenTerms
 from opd.teachers.local import LocalTeacher
@@ -47,22 +46,6 @@ def why_not_fused(loss: LossConfig, student, teacher, distributed: bool = False)
     if distributed and not isinstance(teacher, LocalTeacher):
         return "the self teacher's hidden states under DDP/FSDP"
     return None
-
-
-def supervised_hidden(model, batch: SequenceBatch, forward: str = "hf") -> torch.Tensor:
-    """`completion_hidden(model, batch)[batch.loss_mask()]`, `[N, H]`.
-
-    `forward` (`loss.fused_forward`) `lean`, or `auto` (the default): the packed forward of
-    `opd.modeling.lean` (real tokens only), checked against the Hugging Face forward on the
-    first batch of each model (`auto` falls back on a mismatch, `lean` stops); models it
-    does not support take the Hugging Face forward."""
-    if lean_applies(model, forward):
-        try:
-            check_packed_forward(model, batch)
-            return packed_supervised_hidden(model, batch)
-        except LeanMismatch as err:
-            fall_back(model, forward, err)
-    return completion_hidden(model, batch)[batch.loss_mask()]
 
 
 @torch.no_grad()

@@ -145,31 +145,29 @@ def describe_decoders(
     config: TrainConfig, objective: str, student, teacher, *, distributed: bool, sharded: bool
 ) -> str:
     """What the `auto` / `lean` keys resolve to for this run's models, e.g. `sampling lean
-    (auto), loss forward: student lean, teacher hf (auto)`; empty when both say `hf`. The
-    teacher's forward is the loss's only under `fused_full` (its hidden states). An
-    FSDP-sharded model takes hf throughout (the lean forward reads whole weights)."""
-
+    (auto), forward: student lean, teacher hf (auto)`; empty when both say `hf`. The
+    student's forward is `loss.fused_forward`'s on the fused paths; a teacher's where the
+    loss takes its hidden states (`fused_full`) or a local teacher scores tokens or top-k
+    from them. An FSDP-sharded model takes hf throughout (the lean forward reads whole
+    weights)."""
     shard_teacher = distributed and config.teacher.shard  # FSDP2 over the ranks
 
     def runs(mode: str, model) -> str:
         split = (sharded and model is student) or (shard_teacher and model is not student)
-        return "lean" if model is not None and not split and lean_applies(model, mode) else "hf"
+        return "lean" if not split and lean_applies(model, mode) else "hf"
 
     parts = []
     engine = config.sampling.engine
     if engine in ("auto", "lean"):
         parts.append(f"sampling {runs(engine, student)} ({engine})")
     forward = config.loss.fused_forward
-    if objective != "plain" and forward in ("auto", "lean"):
-        models = {"student": student}
-        if objective == "fused_full":
-            models["teacher"] = getattr(teacher, "model", None)
-        names = ", ".join(
-            f"{name} {runs(forward, m)}"
-            for name, m in models.items()
-            if m is not None
-        )
-        parts.append(f"loss forward: {names} ({forward})")
+    models = {"student": student} if objective != "plain" else {}
+    scored = hasattr(teacher, "forward") and teacher_need(config.loss)[0] in ("token", "topk")
+    if objective == "fused_full" or scored:
+        models["teacher"] = getattr(teacher, "model", None)
+    names = ", ".join(f"{name} {runs(forward, m)}" for name, m in models.items() if m is not None)
+    if forward in ("auto", "lean") and names:
+        parts.append(f"forward: {names} ({forward})")
     return ", ".join(parts)
 
 

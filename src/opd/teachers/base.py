@@ -152,30 +152,66 @@ def scores_from_hidden(
     if need == "logits":
         raise ValueError("full teacher logits cannot be scored from hidden states in chunks")
     B, T, _ = hidden_BTH.shape
-    flat = hidden_BTH.reshape(B * T, -1)
-    ids = batch.completion_ids().to(flat.device).reshape(-1)
+    ids = batch.completion_ids().to(hidden_BTH.device).reshape(-1)
+    parts = _score_rows(hidden_BTH.reshape(B * T, -1), ids, head, vocab_size, need, topk,
+                        temperature, rows)  # fmt: skip
+    return _scores([p.view(B, T, *p.shape[1:]) for p in parts], need, batch)
+
+
+def scores_from_packed(
+    hidden_NH: torch.Tensor,
+    head,
+    vocab_size: int,
+    batch: SequenceBatch,
+    need: str,
+    topk: int,
+    temperature: float = 1.0,
+    rows: int = SCORE_ROWS,
+) -> TeacherScores:
+    """`scores_from_hidden` from the hidden states of the supervised cells only
+    (`batch.loss_mask()`, row-major: `opd.modeling.forward.supervised_hidden`), so the head
+    runs on those cells alone. The `[B, T]` grids it returns hold each supervised cell's
+    scores; every other cell repeats the first supervised cell's (a valid distribution, so
+    that nothing downstream meets a made-up value; the loss never reads them)."""
+    check_need(need, topk)
+    if need == "logits":
+        raise ValueError("full teacher logits cannot be scored from hidden states in chunks")
+    mask = batch.loss_mask().to(hidden_NH.device)
+    B, T = mask.shape
+    ids = batch.completion_ids().to(hidden_NH.device)[mask]
+    parts = _score_rows(hidden_NH, ids, head, vocab_size, need, topk, temperature, rows)
+    row_of = torch.zeros(B * T, dtype=torch.long, device=hidden_NH.device)
+    row_of[mask.reshape(-1)] = torch.arange(ids.numel(), device=hidden_NH.device)
+    return _scores([p[row_of].view(B, T, *p.shape[1:]) for p in parts], need, batch)
+
+
+def _score_rows(flat, ids, head, vocab_size, need, topk, temperature, rows):
+    """Per row of `flat [N, H]`: the token log-prob, and for 'topk' the top-k ids, log-probs
+    and tail log-mass; `rows` at a time through the head."""
+    N = flat.shape[0]
     if need == "token":  # each chunk's logits are ours: exponentiated in place
-        token = torch.cat([
+        return [torch.cat([
             _token_logprobs_consuming(head(flat[r : r + rows])[:, :vocab_size].float(), ids[r : r + rows])
-            for r in range(0, B * T, rows)
-        ]).view(B, T)  # fmt: skip
-        return TeacherScores(token_logprobs=token, tokens_scored=batch.num_target_tokens())
+            for r in range(0, N, rows)
+        ])]  # fmt: skip
     parts = [
         _token_and_topk(
             head(flat[r : r + rows])[:, :vocab_size], ids[r : r + rows], need, topk, temperature
         )
-        for r in range(0, B * T, rows)
+        for r in range(0, N, rows)
     ]
-    token = torch.cat([p[0] for p in parts]).view(B, T)
-    top_ids = top_lp = tail = None
-    if need == "topk":
-        top_ids = torch.cat([p[1] for p in parts]).view(B, T, -1)
-        top_lp = torch.cat([p[2] for p in parts]).view(B, T, -1)
-        tail = torch.cat([p[3] for p in parts]).view(B, T)
+    return [torch.cat([p[i] for p in parts]) for i in range(4)]
+
+
+def _scores(grids: list[torch.Tensor], need: str, batch: SequenceBatch) -> TeacherScores:
+    n = batch.num_target_tokens()
+    if need == "token":
+        return TeacherScores(token_logprobs=grids[0], tokens_scored=n)
+    token, top_ids, top_lp, tail = grids
     return TeacherScores(
         token_logprobs=token,
         topk_ids=top_ids,
         topk_logprobs=top_lp,
         topk_tail_logmass=tail,
-        tokens_scored=batch.num_target_tokens(),
+        tokens_scored=n,
     )

@@ -8,15 +8,27 @@ from __future__ import annotations
 import torch
 
 from opd.data.batch import SequenceBatch
+from opd.modeling.forward import supervised_hidden
 from opd.modeling.hf import completion_hidden, completion_logits, supports_fused_head
+from opd.modeling.lean_check import lean_applies
 from opd.modeling.wrapped import as_forward
-from opd.teachers.base import TeacherScores, scores_from_hidden, scores_from_logits
+from opd.teachers.base import (
+    TeacherScores,
+    scores_from_hidden,
+    scores_from_logits,
+    scores_from_packed,
+)
 
 
 class LocalTeacher:
-    def __init__(self, model, vocab_size: int):
+    """`forward` (`loss.fused_forward`): the decoder forward of its token and top-k scores;
+    under `auto` / `lean` the packed forward of the models it covers, so neither the body
+    nor the head runs on padding (`opd.modeling.forward`)."""
+
+    def __init__(self, model, vocab_size: int, forward: str = "hf"):
         self.model = model.eval().requires_grad_(False)
         self.vocab_size = vocab_size
+        self.forward = forward
 
     @property
     def device(self) -> torch.device:
@@ -31,11 +43,12 @@ class LocalTeacher:
             # Token and top-k log-probs need a few numbers per position: run the head over
             # the hidden states a chunk of positions at a time instead of [B, L, V] logits.
             def chunked(model):
+                head, vocab = model.get_output_embeddings(), self.vocab_size
+                if lean_applies(model, self.forward) and bool(on_device.loss_mask().any()):
+                    hidden = supervised_hidden(model, on_device, self.forward)
+                    return scores_from_packed(hidden, head, vocab, batch, need, topk, temperature)
                 hidden = completion_hidden(model, on_device)
-                head = model.get_output_embeddings()
-                return scores_from_hidden(
-                    hidden, head, self.vocab_size, batch, need, topk, temperature
-                )
+                return scores_from_hidden(hidden, head, vocab, batch, need, topk, temperature)
 
             return as_forward(self.model, chunked)
         logits = completion_logits(self.model, on_device, self.vocab_size)

@@ -33,17 +33,18 @@ def build_teacher(
 
         return build_self_teacher(config, tokenizer, student, resume_from)
     if kind == "local":
+        forward = config.loss.fused_forward  # also the decoder forward of its scores
         if not config.teacher.path:
             raise ValueError("teacher.path is required for teacher.kind='local'")
         teacher_tok = load_tokenizer(config.teacher.path)
         if not needs_alignment(config, tokenizer, teacher_tok):
             check_same_tokenizer(tokenizer, teacher_tok, config.teacher.path)
             model = load_causal_lm(config.teacher.path, dtype=config.teacher.dtype, device=device)
-            return LocalTeacher(model, shared_vocab_size(tokenizer, model))
+            return LocalTeacher(model, shared_vocab_size(tokenizer, model), forward)
         if encoder is None:
             raise ValueError("a teacher with another tokenizer needs the run's encoder")
         model = load_causal_lm(config.teacher.path, dtype=config.teacher.dtype, device=device)
-        inner = LocalTeacher(model, shared_vocab_size(teacher_tok, model))
+        inner = LocalTeacher(model, shared_vocab_size(teacher_tok, model), forward)
         return wrap(config, inner, tokenizer, teacher_tok, encoder, config.teacher.path)
     if kind == "remote":  # an `opd serve` or vLLM server; checks the tokenizer at connect
         from opd.teachers.remote import remote_teacher_from_config
