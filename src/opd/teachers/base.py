@@ -136,7 +136,7 @@ def scores_from_logits(
 
 
 def scores_from_hidden(
-    hidden_BTH: torch.Tensor,
+    hidden: torch.Tensor,
     head,
     vocab_size: int,
     batch: SequenceBatch,
@@ -147,41 +147,26 @@ def scores_from_hidden(
 ) -> TeacherScores:
     """`scores_from_logits(head(hidden)[..., :vocab_size], ...)` for need 'token' / 'topk',
     `rows` positions at a time, so `[B, T, V]` logits never exist. `head` is the model's
-    output-embedding module, applied as the model applies it (same dtype, same bias)."""
+    output-embedding module, applied as the model applies it (same dtype, same bias).
+
+    `hidden`: `[B, T, H]`, every completion cell; or `[N, H]`, the supervised cells only
+    (`batch.loss_mask()`, row-major, as `opd.modeling.forward.supervised_hidden` returns
+    them), so the head runs on those alone: the `[B, T]` grids returned then hold each
+    supervised cell's scores, and every other cell repeats the first supervised cell's (a
+    valid distribution, so nothing downstream meets a made-up value; no loss reads them)."""
     check_need(need, topk)
     if need == "logits":
         raise ValueError("full teacher logits cannot be scored from hidden states in chunks")
-    B, T, _ = hidden_BTH.shape
-    ids = batch.completion_ids().to(hidden_BTH.device).reshape(-1)
-    parts = _score_rows(hidden_BTH.reshape(B * T, -1), ids, head, vocab_size, need, topk,
-                        temperature, rows)  # fmt: skip
-    return _scores([p.view(B, T, *p.shape[1:]) for p in parts], need, batch)
-
-
-def scores_from_packed(
-    hidden_NH: torch.Tensor,
-    head,
-    vocab_size: int,
-    batch: SequenceBatch,
-    need: str,
-    topk: int,
-    temperature: float = 1.0,
-    rows: int = SCORE_ROWS,
-) -> TeacherScores:
-    """`scores_from_hidden` from the hidden states of the supervised cells only
-    (`batch.loss_mask()`, row-major: `opd.modeling.forward.supervised_hidden`), so the head
-    runs on those cells alone. The `[B, T]` grids it returns hold each supervised cell's
-    scores; every other cell repeats the first supervised cell's (a valid distribution, so
-    that nothing downstream meets a made-up value; the loss never reads them)."""
-    check_need(need, topk)
-    if need == "logits":
-        raise ValueError("full teacher logits cannot be scored from hidden states in chunks")
-    mask = batch.loss_mask().to(hidden_NH.device)
-    B, T = mask.shape
-    ids = batch.completion_ids().to(hidden_NH.device)[mask]
-    parts = _score_rows(hidden_NH, ids, head, vocab_size, need, topk, temperature, rows)
-    row_of = torch.zeros(B * T, dtype=torch.long, device=hidden_NH.device)
-    row_of[mask.reshape(-1)] = torch.arange(ids.numel(), device=hidden_NH.device)
+    B, T = batch.loss_mask().shape
+    ids = batch.completion_ids().to(hidden.device)
+    if hidden.dim() == 3:
+        parts = _score_rows(hidden.reshape(B * T, -1), ids.reshape(-1), head, vocab_size, need,
+                            topk, temperature, rows)  # fmt: skip
+        return _scores([p.view(B, T, *p.shape[1:]) for p in parts], need, batch)
+    mask = batch.loss_mask().to(hidden.device)
+    parts = _score_rows(hidden, ids[mask], head, vocab_size, need, topk, temperature, rows)
+    row_of = torch.zeros(B * T, dtype=torch.long, device=hidden.device)
+    row_of[mask.reshape(-1)] = torch.arange(int(mask.sum()), device=hidden.device)
     return _scores([p[row_of].view(B, T, *p.shape[1:]) for p in parts], need, batch)
 
 

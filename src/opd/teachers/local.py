@@ -12,12 +12,7 @@ from opd.modeling.forward import supervised_hidden
 from opd.modeling.hf import completion_hidden, completion_logits, supports_fused_head
 from opd.modeling.lean_check import lean_applies
 from opd.modeling.wrapped import as_forward
-from opd.teachers.base import (
-    TeacherScores,
-    scores_from_hidden,
-    scores_from_logits,
-    scores_from_packed,
-)
+from opd.teachers.base import TeacherScores, scores_from_hidden, scores_from_logits
 
 
 class LocalTeacher:
@@ -45,9 +40,9 @@ class LocalTeacher:
             def chunked(model):
                 head, vocab = model.get_output_embeddings(), self.vocab_size
                 if lean_applies(model, self.forward) and bool(on_device.loss_mask().any()):
-                    hidden = supervised_hidden(model, on_device, self.forward)
-                    return scores_from_packed(hidden, head, vocab, batch, need, topk, temperature)
-                hidden = completion_hidden(model, on_device)
+                    hidden = supervised_hidden(model, on_device, self.forward)  # [N, H]
+                else:
+                    hidden = completion_hidden(model, on_device)  # [B, T, H]
                 return scores_from_hidden(hidden, head, vocab, batch, need, topk, temperature)
 
             return as_forward(self.model, chunked)
