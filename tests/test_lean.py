@@ -227,6 +227,8 @@ def test_lean_is_the_default_where_it_applies_and_is_checked_once(monkeypatch):
     assert lean_applies(other, "auto")
     other.gradient_checkpointing_enable()  # checkpointing does not reach the lean layer loop
     assert not lean_applies(other, "auto") and not lean_applies(other, "hf")
+    with torch.no_grad():  # ... where no graph is built (sampling, scoring) it does not matter
+        assert lean_applies(other, "auto")
     prompts = [TOK(t).input_ids for t in ("12+3=", "7")]
 
     def built(*a):

@@ -73,11 +73,13 @@ def _compare(what: str, key: str, model, got: torch.Tensor, ref: torch.Tensor) -
 def lean_applies(model, mode: str) -> bool:
     """Whether `mode` (`hf` | `lean` | `auto`) runs `model` through the lean path: `lean`
     and `auto` for the architectures it supports (an FSDP-sharded model is not one), `auto`
-    unless a check refused the model or it checkpoints its activations."""
+    unless a check refused the model, or it checkpoints its activations and grad is on."""
     if mode not in ("lean", "auto") or not lean_supported(model):
         return False
-    # checkpointing does not reach the lean layer loop (`lean` with it is refused at config)
-    return mode == "lean" or (model not in _refused and not _checkpointing(model))
+    # checkpointing does not reach the lean layer loop (`lean` with it is refused at config);
+    # it only matters where a graph is built: sampling and scoring still take the lean path
+    training = torch.is_grad_enabled() and _checkpointing(model)
+    return mode == "lean" or (model not in _refused and not training)
 
 
 def _checkpointing(model) -> bool:

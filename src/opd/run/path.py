@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+import torch
+
 from opd.config.checks import teacher_need, uses_teacher
 from opd.config.parse import LossConfig, TrainConfig
 from opd.modeling.lean_check import lean_applies
@@ -159,7 +161,8 @@ def describe_decoders(
     parts = []
     engine = config.sampling.engine
     if engine in ("auto", "lean"):
-        parts.append(f"sampling {runs(engine, student)} ({engine})")
+        with torch.no_grad():  # as the sampler runs: checkpointing does not apply there
+            parts.append(f"sampling {runs(engine, student)} ({engine})")
     forward = config.loss.fused_forward
     models = {"student": student} if objective != "plain" else {}
     scored = hasattr(teacher, "forward") and teacher_need(config.loss)[0] in ("token", "topk")
