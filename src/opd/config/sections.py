@@ -151,8 +151,9 @@ class LossConfig:
             materializing [tokens, vocab] logits (same result as the plain path), also for
             RL + distillation and under DDP/FSDP (run as the wrapper's forward); kd + full
             also needs a local teacher, or a self teacher in one process
-        fused_forward: decoder forward of the fused objectives: auto (lean where it applies
-            and its start-up check passes, else hf, logged) | hf (the model's own) | lean
+        fused_forward: decoder forward of the fused objectives and of a local teacher's token
+            and top-k scores: auto (lean where it applies and its start-up check passes, else
+            hf, logged) | hf (the model's own) | lean
             (packed real tokens via opd.modeling.lean, checked against hf on the first batch;
             a mismatch stops)
     """
