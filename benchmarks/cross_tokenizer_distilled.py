@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import string
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from cross_tokenizer_teachers import RENAMED, merged_tokenizer
+from cross_tokenizer_teachers import RENAMED, lr_at, merged_tokenizer
 
 from opd.cli.demo.build import BuildConfig, _new_model, config_hash
 from opd.cli.demo.pretrain import greedy_accuracy
@@ -74,6 +73,19 @@ def _rows(a_tok, b_tok, prompt: str, completion: str):
     starts = [s for s, _ in enc["offset_mapping"]] + [len(completion)]
     a_prompt = len(a_ids) - 1 - len(completion)
     return a_ids, b_ids, len(pb), [a_prompt + s for s in starts]
+
+
+def _batch(a_tok, b_tok, texts: list[tuple[str, str]]):
+    """`_rows` of each (prompt, completion): A's rows, B's rows, and per B completion
+    position `(row, A index of its next character)` and `(row, B index of its token)`."""
+    rows_a, rows_b, where, cells = [], [], [], []
+    for k, (prompt, completion) in enumerate(texts):
+        a_ids, b_ids, pb, starts = _rows(a_tok, b_tok, prompt, completion)
+        rows_a.append(a_ids)
+        rows_b.append(b_ids)
+        where += [(k, g) for g in starts]
+        cells += [(k, pb + j) for j in range(len(starts))]
+    return rows_a, rows_b, where, cells
 
 
 def _pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,15 +138,10 @@ def check_targets(a, a_tok, b_tok, examples, rng: random.Random) -> float:
     sum of log T(the text's next merged token) equals A's log-prob of the text, which the
     exact split of each label's mass must give (the text's own labels are always exact).
     Returns the largest identity difference in nats; raises above 1e-4."""
-    maps, rows_a, rows_b, where, cells = _Maps(a_tok, b_tok), [], [], [], []
-    for k, ex in enumerate(examples):
-        text = corrupt(ex, rng)[0] if k % 2 else ex["completion"]
-        a_ids, b_ids, pb, starts = _rows(a_tok, b_tok, ex["prompt"], text)
-        rows_a.append(a_ids)
-        rows_b.append(b_ids)
-        where += [(k, g) for g in starts]
-        cells += [(k, pb + j) for j in range(len(starts))]
-    T, _ = _targets(a, maps, rows_a, a_tok.pad_token_id, where)
+    texts = [(ex["prompt"], corrupt(ex, rng)[0] if k % 2 else ex["completion"])
+             for k, ex in enumerate(examples)]  # fmt: skip
+    rows_a, rows_b, where, cells = _batch(a_tok, b_tok, texts)
+    T, _ = _targets(a, _Maps(a_tok, b_tok), rows_a, a_tok.pad_token_id, where)
     ids, attn = _pad(rows_a, a_tok.pad_token_id)
     logp = torch.log_softmax(a(input_ids=ids, attention_mask=attn).logits.float(), -1)
     got, want = [0.0] * len(examples), [0.0] * len(examples)
@@ -157,30 +164,22 @@ def train_distilled(a, a_tok, b_tok, spec, examples, steps: int, seed: int, log=
     maps = _Maps(a_tok, b_tok)
     model = _new_model(b_tok, spec, seed)
     gen, rng = torch.Generator().manual_seed(seed), random.Random(seed)
-    warmup = max(1, steps // 20)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
     model.train()
     approx = []
     for step in range(steps):
-        frac = (step - warmup) / max(1, steps - warmup)
-        lr = spec.lr * ((step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
         for group in opt.param_groups:
-            group["lr"] = lr
-        a_rows, b_rows, where, b_where = [], [], [], []
-        for k, i in enumerate(torch.randint(len(examples), (spec.batch_size,), generator=gen).tolist()):
-            ex = examples[i]
-            text = corrupt(ex, rng)[0] if rng.random() < spec.corrupt_prob else ex["completion"]
-            a_ids, b_ids, pb, starts = _rows(a_tok, b_tok, ex["prompt"], text)
-            a_rows.append(a_ids)
-            b_rows.append(b_ids)
-            where += [(k, g) for g in starts]
-            b_where += [(k, pb + j - 1) for j in range(len(starts))]
+            group["lr"] = lr_at(spec.lr, step, steps)
+        picked = [examples[i] for i in torch.randint(len(examples), (spec.batch_size,), generator=gen).tolist()]
+        texts = [(ex["prompt"], corrupt(ex, rng)[0] if rng.random() < spec.corrupt_prob else ex["completion"])
+                 for ex in picked]  # fmt: skip
+        a_rows, b_rows, where, cells = _batch(a_tok, b_tok, texts)
         T, mass = _targets(a, maps, a_rows, a_tok.pad_token_id, where)
         approx.append(mass)
         ids, attn = _pad(b_rows, b_tok.pad_token_id)
         logits = model(input_ids=ids, attention_mask=attn).logits.float()
-        rows = torch.tensor([r for r, _ in b_where])
-        cols = torch.tensor([c for _, c in b_where])
+        rows = torch.tensor([r for r, _ in cells])
+        cols = torch.tensor([c - 1 for _, c in cells])  # the position that predicts token c
         loss = -(T * F.log_softmax(logits[rows, cols], -1)).sum(-1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

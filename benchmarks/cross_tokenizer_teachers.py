@@ -91,19 +91,25 @@ def _pair(tok, example: dict, rng: random.Random | None):
     return prompt, ids, [*mask, True]
 
 
+def lr_at(lr: float, step: int, steps: int) -> float:
+    """The demo recipe's schedule: linear warm-up over 5% of the steps, then cosine to 10%."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+
+
 def train_merged(tok, spec, examples, dev, max_new: int, seed: int, log=print):
     """The demo's recipe (`opd.cli.demo.pretrain.pretrain_causal_lm`) in `tok`'s tokens."""
     model = _new_model(tok, spec, seed)
     clean = [_pair(tok, e, None) for e in examples]
     gen, rng = torch.Generator().manual_seed(seed), random.Random(seed)
-    warmup = max(1, spec.steps // 20)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
     model.train()
     for step in range(spec.steps):
-        frac = (step - warmup) / max(1, spec.steps - warmup)
-        lr = spec.lr * ((step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr_at(spec.lr, step, spec.steps)
         idx = torch.randint(len(clean), (spec.batch_size,), generator=gen).tolist()
         pairs = [
             _pair(tok, examples[i], rng) if rng.random() < spec.corrupt_prob else clean[i]

@@ -225,6 +225,11 @@ def test_lean_is_the_default_where_it_applies_and_is_checked_once(monkeypatch):
     assert len(packed) == 3 and len(checks) == 1  # checked against HF once, then lean only
     other = _model("qwen3")
     assert lean_applies(other, "auto")
+    # FSDP1 units gather their weights in their own forwards, which the lean path skips
+    unit = type("FullyShardedDataParallel", (torch.nn.Module,), {})
+    sharded = _model("qwen3")
+    sharded.model.layers[0].add_module("unit", unit())
+    assert not lean_applies(sharded, "auto") and not lean_applies(sharded, "lean")
     other.gradient_checkpointing_enable()  # checkpointing does not reach the lean layer loop
     assert not lean_applies(other, "auto") and not lean_applies(other, "hf")
     with torch.no_grad():  # ... where no graph is built (sampling, scoring) it does not matter

@@ -56,10 +56,12 @@ def lean_supported(model) -> bool:
         return False
     if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
         return False
-    # Sharded weights (FSDP) are gathered by hooks on the modules' own forwards, which the
-    # lean path does not call for every module; a model split over devices moves its
-    # activations in those hooks too.
-    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+    # Sharded weights (FSDP2's DTensors, FSDP1's wrapped units) are gathered by hooks on the
+    # modules' own forwards, which the lean path does not call for every module; a model
+    # split over devices moves its activations in those hooks too.
+    if any(type(p).__name__ in ("DTensor", "FlatParameter") for p in model.parameters()):
+        return False
+    if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
         return False
     if len(set((getattr(_base(model), "hf_device_map", None) or {}).values())) > 1:
         return False

@@ -83,9 +83,10 @@ def lean_applies(model, mode: str) -> bool:
 
 
 def _checkpointing(model) -> bool:
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model), name) or hasattr(model, name):
-            return bool(getattr(model, name))
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # new, old name
+        value = getattr(model, name, None)
+        if value is not None:
+            return bool(value)
     return False
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -145,11 +145,6 @@ def _build_run(config: TrainConfig, checked: Checked | None) -> RunSetup:
         config, distributed=world.distributed, student=student, teacher=teacher,
         sharded=world.sharded,
     )
-    if path.fused and world.sharded and config.loss.fused_forward == "lean":
-        # the lean forward reads each block's weights itself; sharded, only the blocks' own
-        # forwards gather them
-        log.info("loss.fused_forward=lean does not apply to an FSDP student: HF forward")
-        config = replace(config, loss=replace(config.loss, fused_forward="hf"))
     student = world.wrap_student(student)  # DDP/FSDP; the model itself in one process
     teacher = world.place_teacher(teacher, config.teacher.shard)
     rollout_engine = None

@@ -31,18 +31,14 @@ def sample(
     model, prompts: list[list[int]], *, engine: str = "hf", cuda_graphs: bool = False, **kwargs
 ) -> Rollout:
     """Sample one completion per prompt with `engine` (keywords of `reference.sample`)."""
-    if engine == "hf":
-        return sample_hf(model, prompts, **kwargs)
-    if engine == "lean":
-        return sample_fast(model, prompts, static=cuda_graphs, **kwargs)
-    if engine == "auto":
-        if lean_applies(model, engine):
-            try:
-                return sample_fast(model, prompts, static=cuda_graphs, **kwargs)
-            except LeanMismatch as err:  # raised by the check, before any token is drawn
-                fall_back(model, engine, err)
-        return sample_hf(model, prompts, **kwargs)
-    raise ValueError(f"sampling.engine={engine!r} is not one of {ENGINES}")
+    if engine not in ENGINES:
+        raise ValueError(f"sampling.engine={engine!r} is not one of {ENGINES}")
+    if lean_applies(model, engine):
+        try:
+            return sample_fast(model, prompts, static=cuda_graphs, **kwargs)
+        except LeanMismatch as err:  # raised by the check, before any token is drawn
+            fall_back(model, engine, err)  # `lean` by name: re-raised
+    return sample_hf(model, prompts, **kwargs)
 
 
 __all__ = ["ENGINES", "Rollout", "sample"]

@@ -10,7 +10,6 @@ import torch
 from opd.data.batch import SequenceBatch
 from opd.modeling.forward import supervised_hidden
 from opd.modeling.hf import completion_hidden, completion_logits, supports_fused_head
-from opd.modeling.lean_check import lean_applies
 from opd.modeling.wrapped import as_forward
 from opd.teachers.base import TeacherScores, scores_from_hidden, scores_from_logits
 
@@ -39,7 +38,7 @@ class LocalTeacher:
             # the hidden states a chunk of positions at a time instead of [B, L, V] logits.
             def chunked(model):
                 head, vocab = model.get_output_embeddings(), self.vocab_size
-                if lean_applies(model, self.forward) and bool(on_device.loss_mask().any()):
+                if self.forward != "hf" and bool(on_device.loss_mask().any()):
                     hidden = supervised_hidden(model, on_device, self.forward)  # [N, H]
                 else:
                     hidden = completion_hidden(model, on_device)  # [B, T, H]
