@@ -95,7 +95,7 @@ def lr_at(lr: float, step: int, steps: int) -> float:
     """The demo recipe's schedule: linear warm-up over 5% of the steps, then cosine to 10%."""
     warmup = max(1, steps // 20)
     if step < warmup:
-        return lr * (step + 1) / warmup
+        return lr * ((step + 1) / warmup)
     frac = (step - warmup) / max(1, steps - warmup)
     return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
 
