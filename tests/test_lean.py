@@ -15,8 +15,9 @@ from opd.config.parse import LossConfig, SamplingConfig
 from opd.data.batch import assemble
 from opd.modeling.forward import supervised_hidden
 from opd.modeling.hf import completion_hidden
-from opd.modeling.lean import LeanDecoder, lean_supported, packed_supervised_hidden
+from opd.modeling.lean import lean_supported, packed_supervised_hidden
 from opd.modeling.lean_check import LeanMismatch, lean_applies, relative_error
+from opd.modeling.lean_decoder import LeanDecoder
 from opd.sampling import sample
 from opd.sampling.fast import sample_fast
 from opd.sampling.reference import left_pad
@@ -187,7 +188,9 @@ def test_under_auto_a_failed_check_falls_back_to_hf_and_says_so(family, monkeypa
     packed = []
     real_packed = lean_module.packed_supervised_hidden
     monkeypatch.setattr(
-        forward_module, "packed_supervised_hidden", lambda m, b: packed.append(1) or real_packed(m, b)
+        forward_module,
+        "packed_supervised_hidden",
+        lambda m, b: packed.append(1) or real_packed(m, b),
     )
     with caplog.at_level(logging.WARNING, logger="opd"):
         for _ in range(2):
@@ -211,7 +214,9 @@ def test_lean_is_the_default_where_it_applies_and_is_checked_once(monkeypatch):
     packed = []
     real_packed = lean_module.packed_supervised_hidden
     monkeypatch.setattr(
-        forward_module, "packed_supervised_hidden", lambda m, b: packed.append(1) or real_packed(m, b)
+        forward_module,
+        "packed_supervised_hidden",
+        lambda m, b: packed.append(1) or real_packed(m, b),
     )
     supervised_hidden(model, batch, "hf")
     assert not packed
@@ -239,7 +244,7 @@ def test_lean_is_the_default_where_it_applies_and_is_checked_once(monkeypatch):
     def built(*a):
         raise RuntimeError("lean decoder built")
 
-    monkeypatch.setattr(lean_module.LeanDecoder, "prefill", built)
+    monkeypatch.setattr(LeanDecoder, "prefill", built)
     kw = dict(max_new_tokens=3, eos_id=1, pad_id=0, vocab_size=len(TOK))
     sample(model.eval(), prompts, engine="hf", **kw)  # hf asked for by name: no lean decoder
     with pytest.raises(RuntimeError, match="lean decoder built"):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from opd.cli.demo.tiny import build_char_tokenizer, tiny_causal_lm
-from opd.modeling import lean
+from opd.modeling import lean, lean_decoder
 from opd.modeling.hf import load_causal_lm, load_tokenizer
 from opd.sampling.fast import sample_fast
 from opd.sampling.reference import sample
@@ -80,9 +80,11 @@ def test_static_shape_steps_same_tokens(family):
 
 def test_rows_that_finish_leave_the_batch(monkeypatch):
     kept = []
-    keep = lean.LeanDecoder.keep
+    keep = lean_decoder.LeanDecoder.keep
     monkeypatch.setattr(
-        lean.LeanDecoder, "keep", lambda self, rows: kept.append(len(rows)) or keep(self, rows)
+        lean_decoder.LeanDecoder,
+        "keep",
+        lambda self, rows: kept.append(len(rows)) or keep(self, rows),
     )
     model = _model("llama")
     prompts = _prompts() * 3
@@ -169,9 +171,9 @@ def test_engine_and_cuda_graphs_keys_choose_the_path(monkeypatch):
 
     calls = []
     for name in ("prefill", "step", "step_static"):
-        real = getattr(lean.LeanDecoder, name)
+        real = getattr(lean_decoder.LeanDecoder, name)
         monkeypatch.setattr(
-            lean.LeanDecoder, name,
+            lean_decoder.LeanDecoder, name,
             lambda self, *a, _n=name, _r=real: calls.append(_n) or _r(self, *a),
         )  # fmt: skip
     model = _model("llama")
@@ -236,7 +238,7 @@ def test_graph_checks_are_kept_per_model_and_shape():
     assert torch.equal(fresh(None, None, 11), x) and checks.get(b, shape1) == "disabled"
     assert checks.get(a, shape1) == "verified"
     # The decoder's shape is part of the key; entries go with their model.
-    decoder = lean.LeanDecoder(a, len(TOK), 3, 12)
+    decoder = lean_decoder.LeanDecoder(a, len(TOK), 3, 12)
     assert GraphChecks.key(decoder, 3) == (3, 12, torch.float32, "cpu")
     gone = weakref.ref(b)
     del b, fresh

@@ -120,7 +120,7 @@ def check_decoder(
 ) -> None:  # fmt: skip
     """Once per model: `LeanDecoder`'s prefill and one step (both the growing and the
     fixed-shape variant) against the model's forward on the same left-padded prompts."""
-    from opd.modeling.lean import LeanDecoder
+    from opd.modeling.lean_decoder import LeanDecoder
 
     if model in _decoder_checked:
         return

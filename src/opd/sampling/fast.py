@@ -8,7 +8,7 @@ the rows it still decodes. What it saves per token:
 * no `DynamicCache` growth (`torch.cat` per layer per token) and no attention-mask `cat`:
   keys/values go into a preallocated grid, a boolean row marks valid cells;
 * no Hugging Face forward wrapper (mask building, output records): one embedding, the
-  layer loop and the head (`opd.modeling.lean.LeanDecoder`);
+  layer loop and the head (`opd.modeling.lean_decoder.LeanDecoder`);
 * rows that have finished leave the batch once they are a quarter of it, so the tail of a
   long generation runs on the rows still going.
 
@@ -27,8 +27,9 @@ from collections.abc import Sequence
 
 import torch
 
-from opd.modeling.lean import GraphedStep, LeanDecoder, lean_supported
+from opd.modeling.lean import lean_supported
 from opd.modeling.lean_check import check_decoder
+from opd.modeling.lean_decoder import GraphedStep, LeanDecoder
 from opd.sampling.draw import draw_tokens, draw_uniforms
 from opd.sampling.reference import Rollout, left_pad, process_logits, sample, to_rollout
 from opd.sampling.stops import end_ids_tensor, mark_stop_strings
