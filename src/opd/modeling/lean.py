@@ -35,6 +35,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+try:  # transformers' own SiLU module (ACT2FN["silu"]): `F.silu` in its forward
+    from transformers.activations import SiLUActivation
+
+    _SILU = (torch.nn.SiLU, SiLUActivation)
+except ImportError:  # older releases map "silu" to torch's
+    _SILU = (torch.nn.SiLU,)
+
 if TYPE_CHECKING:  # annotations only: modeling sits below the data room
     from opd.data.batch import SequenceBatch
 
@@ -151,8 +158,8 @@ def plain_forward(module, fn):
 
 
 def _activation(act):
-    """`act` itself, or the functional form of a plain SiLU module (no module call)."""
-    return F.silu if type(act) is torch.nn.SiLU else act
+    """`act` itself, or `F.silu` for a SiLU module (no module call per use)."""
+    return F.silu if type(act) in _SILU else act
 
 
 def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,7 +37,10 @@ from opd.sampling.stops import end_ids_tensor, mark_stop_strings
 log = logging.getLogger("opd")
 
 
-@torch.no_grad()
+# Inference mode, not just no_grad: a step of small kernels runs ~10% faster without
+# autograd's version counters and view tracking; nothing made here leaves as a tensor (the
+# rollout is lists), so no inference tensor can reach a later backward.
+@torch.inference_mode()
 def sample_fast(
     model,
     prompts: list[list[int]],
@@ -122,9 +125,10 @@ def _decode(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, tempe
             uniform = draw_uniforms(B, generator, device)
             token = draw_tokens(logp.exp(), uniform if rows is None else uniform[rows])
             token_logq = logp.gather(-1, token.unsqueeze(-1)).squeeze(-1)
-        live = ~(done if rows is None else done[rows])
-        token = token.masked_fill(~live, pad_id)
-        token_logq = token_logq.masked_fill(~live, 0.0)
+        dead = done if rows is None else done[rows]
+        live = ~dead
+        token = token.masked_fill(dead, pad_id)
+        token_logq = token_logq.masked_fill(dead, 0.0)
         ended = live & torch.isin(token, ends)
         if rows is None:
             tokens[:, t], logq[:, t] = token, token_logq
