@@ -230,6 +230,8 @@ class LayerWeights:
         x = self.add_o(x, attended)
         gate_up = self.gate_up(self.norm_post(x))
         gate, up = gate_up if isinstance(gate_up, tuple) else gate_up.chunk(2, dim=-1)
+        if self.act is F.silu and not torch.is_grad_enabled():  # no graph: no copies
+            return self.add_down(x, F.silu(gate, inplace=True).mul_(up))
         return self.add_down(x, self.act(gate) * up)
 
 
