@@ -152,5 +152,7 @@ def completion_hidden(model, batch: SequenceBatch) -> torch.Tensor:
 def lm_head(model, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The LM head's weight `[V, H]` and bias cut to the shared vocabulary (views: grads flow)."""
     head = model.get_output_embeddings()
+    if head.weight.shape[0] <= vocab_size:  # nothing to cut: no slice whose backward copies
+        return head.weight, head.bias  # the whole [V, H] gradient into a fresh zero tensor
     bias = None if head.bias is None else head.bias[:vocab_size]
     return head.weight[:vocab_size], bias
