@@ -120,10 +120,20 @@ def check_decoder(
 ) -> None:  # fmt: skip
     """Once per model: `LeanDecoder`'s prefill and one step (both the growing and the
     fixed-shape variant) against the model's forward on the same left-padded prompts."""
-    from opd.modeling.lean_decoder import LeanDecoder
-
     if model in _decoder_checked:
         return
+    was_training = model.training
+    model.eval()  # the reference is the model's own forward as inference runs it
+    try:
+        _check_decoder(model, ids_BP, real_BP, vocab_size, key)
+    finally:
+        model.train(was_training)
+    _decoder_checked.add(model)
+
+
+def _check_decoder(model, ids_BP, real_BP, vocab_size: int, key: str) -> None:
+    from opd.modeling.lean_decoder import LeanDecoder
+
     B, P = ids_BP.shape
     positions = (real_BP.long().cumsum(-1) - 1).clamp(min=0)
     ref = model(input_ids=ids_BP, attention_mask=real_BP, position_ids=positions).logits
@@ -140,4 +150,3 @@ def check_decoder(
     column = torch.full((1,), P, dtype=torch.long, device=ids.device)
     static = lean.step_static(token, real_BP.sum(-1), column)
     _compare("decoder (fixed-shape step)", key, model, static, ref[:, :vocab_size])
-    _decoder_checked.add(model)

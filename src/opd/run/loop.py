@@ -72,7 +72,8 @@ def train_step(run: RunSetup, step: int, timer: PhaseTimer) -> dict:
     # train-inference mismatch of vLLM samples, and the ratios p/q of stale ones
     measure = run.rollout_engine is not None or rollouts.mode != "off"
     sampler = [0.0, 0.0, 0.0, 0, 0]  # sampler_token_stats: gap, ratio sum, max, out, tokens
-    run.student.train()
+    if not run.student.training:  # a transformers model's train() costs ~1 ms: only if needed
+        run.student.train()
     # on the device; with overlap, micro-batch i+1 is scored while i is back-propagated
     scorer = ScoreAhead(objectives, batches, run.device, overlaps(run.config, run.teacher))
     for i, batch in enumerate(scorer):

@@ -84,12 +84,10 @@ def sample_fast(
         return sample(model, prompts, **kw)
     if stop and tokenizer is None:
         raise ValueError("stop strings need the tokenizer to decode completions")
-    was_training = model.training
-    model.eval()
-    try:
-        return _decode(model, prompts, **kw, compact_at=compact_at, static=static)
-    finally:
-        model.train(was_training)
+    # No eval()/train() around it: the lean decoder computes the same in either mode (the
+    # models it supports have no dropout), and each switch of a transformers model costs
+    # about a millisecond (its kernels hook). The check's HF forward runs in eval mode.
+    return _decode(model, prompts, **kw, compact_at=compact_at, static=static)
 
 
 def _decode(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, temperature, top_k,
