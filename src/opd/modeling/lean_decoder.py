@@ -50,6 +50,7 @@ class LeanDecoder:
             *self.decoder.rotary_emb(torch.zeros((), dtype=dtype, device=device), positions[None])
         )
         self.cos, self.sin = cos[0], sin[0]  # [width, D]
+        self.cos_sin = torch.stack((self.cos, self.sin), dim=1)  # [width, 2, D]: one gather
         shapes = [(batch, layer.kv_heads, width, layer.head_dim) for layer in self.layers]
         self.keys = [torch.zeros(s, dtype=dtype, device=device) for s in shapes]
         self.values = [torch.zeros(s, dtype=dtype, device=device) for s in shapes]
@@ -84,8 +85,8 @@ class LeanDecoder:
         # repeated; `[B, Hkv, T, D]` cache slices fold to `[B * Hkv, T, D]` without a copy.
         B, Hkv, T, D = keys.shape
         q = q.reshape(B * Hkv, -1, D)
-        scores = torch.bmm(q, keys.reshape(B * Hkv, T, D).transpose(1, 2)) * layer.scaling
-        scores = scores.view(B, Hkv, -1, T) + bias
+        scores = torch.bmm(q, keys.reshape(B * Hkv, T, D).transpose(1, 2)).view(B, Hkv, -1, T)
+        scores = torch.add(bias, scores, alpha=layer.scaling)  # bias + scaling * q.k: one kernel
         if scores.dtype == torch.float32:
             probs = torch.softmax(scores, dim=-1)
         else:
@@ -96,7 +97,8 @@ class LeanDecoder:
     def step(self, tokens_B: torch.Tensor, positions_B: torch.Tensor, column: int):
         """Feed one token per row at cache column `column`; return `[B, V]` next logits."""
         x = self.embed(tokens_B)
-        cos, sin = self.cos[positions_B][:, None, :], self.sin[positions_B][:, None, :]
+        cos_sin = self.cos_sin[positions_B]  # [B, 2, D]
+        cos, sin = cos_sin[:, :1], cos_sin[:, 1:]  # [B, 1, D]: broadcast over heads
         self.key_bias[:, column] = 0.0
         bias = self.key_bias[:, None, None, : column + 1]
         for layer, cache_k, cache_v in zip(self.layers, self.keys, self.values, strict=True):
