@@ -303,3 +303,15 @@ def test_rl_plus_distillation_fused_equals_plain(overrides, alpha):
     for a, b in zip(g_got, g_want, strict=True):
         torch.testing.assert_close(a if a is not None else torch.zeros_like(b), b, rtol=1e-4, atol=1e-6)
     assert fused.record()["reward_term"] == pytest.approx(plain.record()["reward_term"], rel=1e-5)
+
+
+def test_lm_head_is_the_weight_itself_when_nothing_is_cut():
+    """A full-width slice `weight[:V]` is still a view whose backward writes the whole
+    `[V, H]` gradient into a fresh zero tensor; nothing to cut, nothing sliced."""
+    from opd.modeling.hf import lm_head
+
+    model = tiny_causal_lm(10, hidden=8, layers=1, seed=0)
+    weight, _ = lm_head(model, 10)
+    assert weight is model.get_output_embeddings().weight
+    cut, _ = lm_head(model, 7)
+    assert cut.shape[0] == 7 and cut._base is model.get_output_embeddings().weight

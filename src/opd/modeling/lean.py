@@ -147,10 +147,11 @@ def _add_into(module):
 
 def plain_forward(module, fn):
     """`module`'s forward as the functional `fn` over its weight when it is exactly the
-    torch class (no LoRA layer, no bias), else the module itself."""
+    torch class (no LoRA layer, no bias, no embedding max_norm), else the module itself."""
     if (
         type(module) in (torch.nn.Linear, torch.nn.Embedding)
         and getattr(module, "bias", None) is None
+        and getattr(module, "max_norm", None) is None
     ):
         weight = module.weight
         return lambda x: fn(x, weight)
