@@ -179,12 +179,8 @@ def test_perturbed_lean_forward_is_refused_at_start(family, monkeypatch):
         )
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_under_auto_a_failed_check_falls_back_to_hf_and_says_so(family, monkeypatch, caplog):
-    batch, prompts = _batch(), [TOK(t).input_ids for t in ("12+3=", "7", "99+99=")]
-    model = _model(family)
-    want = completion_hidden(model, batch)[batch.loss_mask()]
-    monkeypatch.setattr(lean_module, "_rope", _no_rope)
+def _count_packed_calls(monkeypatch) -> list:
+    """A list that grows by one per call of the packed forward from `supervised_hidden`."""
     packed = []
     real_packed = lean_module.packed_supervised_hidden
     monkeypatch.setattr(
@@ -192,6 +188,16 @@ def test_under_auto_a_failed_check_falls_back_to_hf_and_says_so(family, monkeypa
         "packed_supervised_hidden",
         lambda m, b: packed.append(1) or real_packed(m, b),
     )
+    return packed
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_under_auto_a_failed_check_falls_back_to_hf_and_says_so(family, monkeypatch, caplog):
+    batch, prompts = _batch(), [TOK(t).input_ids for t in ("12+3=", "7", "99+99=")]
+    model = _model(family)
+    want = completion_hidden(model, batch)[batch.loss_mask()]
+    monkeypatch.setattr(lean_module, "_rope", _no_rope)
+    packed = _count_packed_calls(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="opd"):
         for _ in range(2):
             got = supervised_hidden(model, batch, "auto")
@@ -211,13 +217,7 @@ def test_lean_is_the_default_where_it_applies_and_is_checked_once(monkeypatch):
     assert SamplingConfig().engine == "auto" and not SamplingConfig().cuda_graphs
     assert LossConfig().fused_forward == "auto"
     model, batch = _model("qwen3"), _batch()
-    packed = []
-    real_packed = lean_module.packed_supervised_hidden
-    monkeypatch.setattr(
-        forward_module,
-        "packed_supervised_hidden",
-        lambda m, b: packed.append(1) or real_packed(m, b),
-    )
+    packed = _count_packed_calls(monkeypatch)
     supervised_hidden(model, batch, "hf")
     assert not packed
     checks = []

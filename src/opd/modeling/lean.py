@@ -83,15 +83,11 @@ def lean_supported(model) -> bool:
 # ---------------------------------------------------------------- building blocks
 
 
-def _rms(norm, x: torch.Tensor) -> torch.Tensor:
-    """`norm(x)` for the Llama/Qwen RMSNorm in one fused kernel (same formula and rounding:
-    normalize in float32, back to the input dtype, then scale)."""
-    return rms_norm_of(norm)(x)
-
-
 def rms_norm_of(norm):
-    """`_rms(norm, .)` with the module's attributes looked up once (a decoding step is
-    launch-bound: each `nn.Module` attribute or call costs about a small kernel's time)."""
+    """`norm` for the Llama/Qwen RMSNorm in one fused kernel (same formula and rounding:
+    normalize in float32, back to the input dtype, then scale), the module's attributes looked
+    up once (a decoding step is launch-bound: each `nn.Module` attribute or call costs about a
+    small kernel's time)."""
     eps = getattr(norm, "variance_epsilon", None)
     if eps is None:
         return norm
@@ -297,4 +293,4 @@ def packed_supervised_hidden(model, batch: SequenceBatch) -> torch.Tensor:
         else:
             out = out.index_select(0, idx)
         x = layer.finish(x, out)
-    return _rms(decoder.norm, x)
+    return rms_norm_of(decoder.norm)(x)

@@ -36,10 +36,10 @@ class LeanDecoder:
     @torch.no_grad()
     def __init__(self, model, vocab_size: int, batch: int, width: int):
         self.decoder = model.get_decoder()
-        self.head = model.get_output_embeddings()
         self.vocab_size = vocab_size
         self.embed = plain_forward(self.decoder.embed_tokens, F.embedding)
-        head, final_norm = plain_forward(self.head, F.linear), rms_norm_of(self.decoder.norm)
+        head = plain_forward(model.get_output_embeddings(), F.linear)
+        final_norm = rms_norm_of(self.decoder.norm)
         self.logits = lambda x: head(final_norm(x))[:, :vocab_size]
         self.width = width
         self.layers = [LayerWeights(layer, joint=True) for layer in self.decoder.layers]
@@ -49,8 +49,7 @@ class LeanDecoder:
         cos, sin = rope_tables(
             *self.decoder.rotary_emb(torch.zeros((), dtype=dtype, device=device), positions[None])
         )
-        self.cos, self.sin = cos[0], sin[0]  # [width, D]
-        self.cos_sin = torch.stack((self.cos, self.sin), dim=1)  # [width, 2, D]: one gather
+        self.cos_sin = torch.stack((cos[0], sin[0]), dim=1)  # [width, 2, D]: one gather
         shapes = [(batch, layer.kv_heads, width, layer.head_dim) for layer in self.layers]
         self.keys = [torch.zeros(s, dtype=dtype, device=device) for s in shapes]
         self.values = [torch.zeros(s, dtype=dtype, device=device) for s in shapes]
@@ -61,7 +60,8 @@ class LeanDecoder:
         B, P = ids_BP.shape
         x = self.embed(ids_BP)
         positions = (real_BP.long().cumsum(-1) - 1).clamp(min=0)
-        cos, sin = self.cos[positions][:, :, None, :], self.sin[positions][:, :, None, :]
+        cos_sin = self.cos_sin[positions]  # [B, P, 2, D]
+        cos, sin = cos_sin[:, :, :1], cos_sin[:, :, 1:]  # [B, P, 1, D]: broadcast over heads
         mask = grid_mask(real_BP)
         self.key_bias.fill_(float("-inf"))
         self.key_bias[:, :P].masked_fill_(real_BP.bool(), 0.0)
@@ -115,8 +115,8 @@ class LeanDecoder:
     ):
         """`step` with fixed shapes: the whole cache width, `column_1` a 1-element tensor."""
         x = self.embed(tokens_B)
-        cos = self.cos.index_select(0, positions_B)[:, None, :]
-        sin = self.sin.index_select(0, positions_B)[:, None, :]
+        cos_sin = self.cos_sin.index_select(0, positions_B)
+        cos, sin = cos_sin[:, :1], cos_sin[:, 1:]
         self.key_bias.index_fill_(1, column_1, 0.0)
         bias = self.key_bias[:, None, None, :]
         for layer, cache_k, cache_v in zip(self.layers, self.keys, self.values, strict=True):
