@@ -12,14 +12,18 @@ How it works
 * Tiles. Logits are formed `token_chunk x vocab_chunk` at a time (`hidden @ W[v0:v1].T`, one
   matrix product per model) into two reused buffers; the elementwise work then runs on
   column blocks of the tile, which bounds the scratch memory to four blocks.
-* Forward. The log-sum-exp over the vocabulary is accumulated online (running max and
+* Forward. A tile that spans the vocabulary (the default) becomes log-probs in place, one
+  row-wise `log_softmax` per model (each row stays in cache through max, sum and
+  subtraction; separate passes stream a `[rows, V]` tile from memory several times). Over
+  several vocabulary tiles the log-sum-exp is accumulated online (running max and
   rescaled sum, as in flash attention). `forward_kl` / `reverse_kl` accumulate their value in
   the same pass (`sum_v p (z_p - z_q)` rescales like the sum); the mixture kinds and TVD need
   both models' normalizers before any term can be evaluated, so over several vocabulary tiles
   they take a second pass. A tile that spans the vocabulary (`vocab_chunk=None`, the
   default) gives the normalizers, the values and the gradient from one product per model.
 * Backward. `dD/dz` for each kind is in closed form (`fused_kinds.py`) from quantities saved by the
-  forward (both log-normalizers and one or two per-token sums), so the backward is a single
+  forward (one or two per-token sums; both log-normalizers when rows span several
+  vocabulary tiles, else a recomputed tile is normalized again row-wise), so the backward is a single
   pass over the tiles, vocabulary-outer so that each slice of the weight gradient is written
   once: recompute both tiles, form `G = dD/dz`, then `dh += G W`, `dW += G^T h`, `db += G^T 1`.
 * Eager gradient. With whole-row tiles and autograd on, the forward already holds every
@@ -107,6 +111,18 @@ class _Inputs:
             clamp_masked(zs), clamp_masked(zt)
         return zs, zt
 
+    @property
+    def whole_rows(self) -> bool:
+        return self.vc >= self.V
+
+    @staticmethod
+    def log_probs(zs, zt) -> None:
+        """Whole-row tiles to log-probs in place: one row-wise kernel per model, each row
+        cache-resident through its max, sum and subtraction (separate max / exp / sum / sub
+        passes over a `[rows, V]` tile stream it from memory several times)."""
+        torch.log_softmax(zs, 1, out=zs)
+        torch.log_softmax(zt, 1, out=zt)
+
     def blocks(self, zs, zt, Ls=None, Lt=None):
         """(s, t, scratch) per column block; s, t normalized in place when Ls, Lt given."""
         n = zs.shape[0]
@@ -122,7 +138,9 @@ def _forward(x: _Inputs, eager: tuple[bool, bool, bool] | None):
     spec, N, V, dt, dev = x.spec, x.N, x.V, x.dt, x.hs.device
     values = torch.zeros(N, dtype=dt, device=dev)
     stats = {k: torch.zeros(N, dtype=dt, device=dev) for k in x.names}
-    Ls, Lt = torch.empty(N, dtype=dt, device=dev), torch.empty(N, dtype=dt, device=dev)
+    Ls = Lt = None  # normalizers: kept only when a row spans several vocabulary tiles
+    if not x.whole_rows:
+        Ls, Lt = torch.empty(N, dtype=dt, device=dev), torch.empty(N, dtype=dt, device=dev)
     unit = None
     if eager is not None:  # unit gradients: dh for any grad_output, dW and db for grad_output = 1
         H = x.hs.shape[1]
@@ -135,28 +153,29 @@ def _forward(x: _Inputs, eager: tuple[bool, bool, bool] | None):
     for r0 in range(0, N, x.tc):
         rows = slice(r0, min(r0 + x.tc, N))
         n = rows.stop - r0
-        lse_s, lse_t = OnlineLSE(n, x.hs), OnlineLSE(n, x.hs)
-        if x.vc >= V:  # whole rows: normalizers, sums and the gradient from one matmul each
+        if x.whole_rows:  # log-probs, sums and the gradient from one matmul per model
             zs, zt = x.tiles(x.hs[rows], x.ht[rows], 0, V)
-            for s, t, w in x.blocks(zs, zt):
-                lse_s.update(s, w(0))
-                lse_t.update(t, w(0))
-            Ls[rows], Lt[rows] = lse_s.value(), lse_t.value()
-            for s, t, w in x.blocks(zs, zt, Ls[rows], Lt[rows]):
+            x.log_probs(zs, zt)
+            blocks = list(x.blocks(zs, zt))
+            A_tile = zs
+            for s, t, w in blocks:
                 got, A, _ = x.fn(s, t, w, spec.param, True)
                 values[rows] += got["D"]
                 for k in x.names:
                     stats[k][rows] += got[k]
-                if A is not None:
+                if A is not None and len(blocks) == 1:
+                    A_tile = A  # one block: A stays in its scratch buffer
+                elif A is not None:
                     s.copy_(A)  # keep A beside B (in t) until the row sums are complete
             if unit is not None:
                 c = x.c_fn({k: v[rows] for k, v in stats.items()}, spec.param)
                 G = zt.sub_(c[:, None]) if c is not None else zt
                 if x.fn is not _fkl:
-                    G = zs.mul_(G)
+                    G = torch.mul(A_tile, G, out=zs)
                 dh = None if unit[0] is None else unit[0][rows]
                 head_grads(G, 0, x.ws, x.hs_raw[rows], dh, unit[1], unit[2], None)
             continue
+        lse_s, lse_t = OnlineLSE(n, x.hs), OnlineLSE(n, x.hs)
         # Several tiles: online normalizers, and the KL value where it is online too.
         acc = torch.zeros(n, dtype=dt, device=dev)
         for v0 in range(0, V, x.vc):
@@ -188,7 +207,9 @@ def _forward(x: _Inputs, eager: tuple[bool, bool, bool] | None):
 def _backward_rows(x: _Inputs, sel, omega, stats, Ls, Lt, dw, db, want_dh: bool):
     """Recompute the rows `sel` tile by tile (vocabulary outer, so each slice of dW is
     written once) and accumulate `sum_i omega_i G'_i` into dh (returned, compact), dw, db."""
-    hs, ht, Ls, Lt = x.hs[sel], x.ht[sel], Ls[sel], Lt[sel]
+    hs, ht = x.hs[sel], x.ht[sel]
+    if Ls is not None:
+        Ls, Lt = Ls[sel], Lt[sel]
     stats = {k: v[sel] for k, v in stats.items()}
     hw = x.hs_raw[sel] * omega[:, None]
     n = sel.numel()
@@ -198,7 +219,10 @@ def _backward_rows(x: _Inputs, sel, omega, stats, Ls, Lt, dw, db, want_dh: bool)
             rows = slice(r0, min(r0 + x.tc, n))
             zs, zt = x.tiles(hs[rows], ht[rows], v0, min(v0 + x.vc, x.V))
             c = x.c_fn({k: v[rows] for k, v in stats.items()}, x.spec.param)
-            for s, t, w in x.blocks(zs, zt, Ls[rows], Lt[rows]):
+            if Ls is None:
+                x.log_probs(zs, zt)
+            norms = (None, None) if Ls is None else (Ls[rows], Lt[rows])
+            for s, t, w in x.blocks(zs, zt, *norms):
                 _, A, B = x.fn(s, t, w, x.spec.param, False)
                 _grad_into(s, A, B, c)
             head_grads(
