@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from opd.cli.demo.tiny import build_char_tokenizer, tiny_causal_lm
 from opd.modeling import lean, lean_decoder
@@ -99,6 +100,47 @@ def test_rows_that_finish_leave_the_batch(monkeypatch):
     )  # fmt: skip
     assert not kept
     _assert_same(ref, never)
+
+
+def test_a_wide_head_decodes_through_mkl_packed_gemm_alike(monkeypatch):
+    """On a CPU with MKL, a float32 head wide enough to pack (hidden 256) decodes through
+    MKL's packed GEMM: the same logits as `F.linear` at the batch it was packed for, the
+    plain op at any other row count or with autograd on, and the sampler's tokens as `sample`'s
+    (rows that finish leave the batch here, so both paths run)."""
+    model = tiny_causal_lm(len(TOK), family="llama", hidden=256, layers=1, seed=3).eval()
+    head = model.get_output_embeddings()
+    if not lean_decoder._packing_pays(head.weight):
+        pytest.skip("no MKL packed GEMM in this torch build")
+    made = []
+    real = lean_decoder.decode_head
+    monkeypatch.setattr(
+        lean_decoder, "decode_head", lambda h, rows: made.append(f := real(h, rows)) or f
+    )
+    prompts = _prompts() * 3
+
+    class CountPacked(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountPacked.calls += "_mkl_linear" in str(func)
+            return func(*args, **(kwargs or {}))
+
+    with CountPacked():
+        (ref, fast), _ = _both(model, prompts, seed=4, max_new_tokens=40)
+    _assert_same(ref, fast)
+    assert made and all(f.__name__ == "packed_head" for f in made)
+    assert CountPacked.calls > 10  # the check's decoder, then prefill and the steps
+    packed = made[-1]
+    g = torch.Generator().manual_seed(0)
+    for rows in (len(prompts), 5):
+        x = torch.randn(rows, 256, generator=g)
+        with torch.no_grad():
+            want = torch.nn.functional.linear(x, head.weight)
+            torch.testing.assert_close(packed(x), want, rtol=1e-5, atol=1e-6)
+    assert packed(x).requires_grad  # autograd on: the plain op, which a backward can use
+    narrow = tiny_causal_lm(len(TOK), family="llama", hidden=128, layers=1, seed=3)
+    # MKL pads a 128-wide head 4x: decoded unpacked
+    assert real(narrow.get_output_embeddings(), 8).__name__ != "packed_head"
 
 
 def test_stop_strings_end_rows_like_sample(tiny_pair):

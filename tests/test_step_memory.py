@@ -50,7 +50,8 @@ class LargestTensor(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.is_floating_point():
-                n = t.untyped_storage().nbytes()
+                # an MKL-packed weight (opaque layout) has no storage to ask: its elements
+                n = t.numel() * t.element_size() if t.is_mkldnn else t.untyped_storage().nbytes()
                 if n > self.nbytes:
                     self.nbytes, self.where = n, (str(func), tuple(t.shape))
         return out

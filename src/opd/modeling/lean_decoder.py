@@ -1,7 +1,8 @@
 """Decoding on the lean forward: a preallocated KV cache, one token per row per step.
 
 `LeanDecoder` runs the layers of `opd.modeling.lean` (`LayerWeights` with joint projections:
-a small-batch step is launch-bound) over a static cache; `GraphedStep` replays its fixed-shape
+a small-batch step is launch-bound) over a static cache, the output layer packed once per
+generation for MKL where that pays (`decode_head`); `GraphedStep` replays its fixed-shape
 step as one CUDA graph. `opd.sampling.fast` drives it; `opd.modeling.lean_check` compares
 its prefill and steps with the Hugging Face forward on each model's first batch.
 """
@@ -19,6 +20,48 @@ from opd.modeling.lean import (
     rms_norm_of,
     rope_tables,
 )
+
+# MKL's packed copy pads the hidden dimension to whole 512-wide panels (MKL 2024.2: a
+# [32000, 256] head packs to 2.7x its size, [32000, 128] to 5.4x, [V, 1024] to 1.2x), plus a
+# few MB. Heads whose padding would more than double them decode unpacked.
+_PANEL = 512
+
+
+def _packing_pays(weight: torch.Tensor) -> bool:
+    hidden = weight.shape[1]
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and -(-hidden // _PANEL) * _PANEL <= 2 * hidden
+        and torch.backends.mkl.is_available()
+        and hasattr(torch.ops.mkl, "_mkl_linear")
+    )
+
+
+def decode_head(head, rows: int):
+    """`x -> head(x)` for decoding steps of `rows` rows.
+
+    A float32 plain `Linear` on a CPU with MKL is packed once here and applied with MKL's
+    packed GEMM (what torch.compile's CPU backend does with frozen linear weights): at a few
+    dozen rows a plain `F.linear` re-packs the whole `[V, H]` weight on every step, about a
+    third of the head's time (benchmarks/README.md). Any other head, autograd on, or another
+    row count (rows that left; MKL's op itself falls back to `F.linear` there) runs as before.
+    The packed copy lives as long as the decoder (one generation).
+    """
+    plain = plain_forward(head, F.linear)
+    if plain is head or not _packing_pays(head.weight):
+        return plain
+    weight = head.weight.detach()
+    packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
+    if packed.numel() > 3 * weight.numel() + (1 << 22):  # not the layout measured above
+        return plain
+
+    def packed_head(x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or x.dim() != 2:
+            return plain(x)
+        return torch.ops.mkl._mkl_linear(x, packed, weight, None, rows)
+
+    return packed_head
 
 
 class LeanDecoder:
@@ -38,7 +81,7 @@ class LeanDecoder:
         self.decoder = model.get_decoder()
         self.vocab_size = vocab_size
         self.embed = plain_forward(self.decoder.embed_tokens, F.embedding)
-        head = plain_forward(model.get_output_embeddings(), F.linear)
+        head = decode_head(model.get_output_embeddings(), batch)
         final_norm = rms_norm_of(self.decoder.norm)
         self.logits = lambda x: head(final_norm(x))[:, :vocab_size]
         self.width = width
