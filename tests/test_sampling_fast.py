@@ -141,6 +141,10 @@ def test_a_wide_head_decodes_through_mkl_packed_gemm_alike(monkeypatch):
     narrow = tiny_causal_lm(len(TOK), family="llama", hidden=128, layers=1, seed=3)
     # MKL pads a 128-wide head 4x: decoded unpacked
     assert real(narrow.get_output_embeddings(), 8).__name__ != "packed_head"
+    made.clear()
+    (short_ref, short), _ = _both(model, prompts, seed=4, max_new_tokens=8)
+    assert not made  # too short to repay the packing
+    _assert_same(short_ref, short)
 
 
 def test_stop_strings_end_rows_like_sample(tiny_pair):

@@ -69,7 +69,8 @@ class LeanDecoder:
 
     All rows write column `t` at step t (prompts are left-padded to one width), so the
     cache is a plain grid; `key_bias [B, T]` is 0 on cells holding real tokens, -inf
-    elsewhere. Build one per generation: it snapshots the weights.
+    elsewhere. Build one per generation: it snapshots the weights. `pack_head=False` keeps
+    the output layer unpacked (a short generation does not repay the packing).
 
     `step` attends over the columns written so far (a Python int says how many); rows can
     leave (`keep`). `step_static` attends over the whole width, the column given as a
@@ -77,11 +78,12 @@ class LeanDecoder:
     """
 
     @torch.no_grad()
-    def __init__(self, model, vocab_size: int, batch: int, width: int):
+    def __init__(self, model, vocab_size: int, batch: int, width: int, pack_head: bool = True):
         self.decoder = model.get_decoder()
         self.vocab_size = vocab_size
         self.embed = plain_forward(self.decoder.embed_tokens, F.embedding)
-        head = decode_head(model.get_output_embeddings(), batch)
+        output = model.get_output_embeddings()
+        head = decode_head(output, batch) if pack_head else plain_forward(output, F.linear)
         final_norm = rms_norm_of(self.decoder.norm)
         self.logits = lambda x: head(final_norm(x))[:, :vocab_size]
         self.width = width
