@@ -163,7 +163,7 @@ def _add_demo(sub) -> None:
         "--seeds",
         type=int,
         default=None,
-        help="training seeds per method (default 5, --quick 2): more seeds, narrower intervals",
+        help="training seeds per method (default 10, --quick 2): more seeds, narrower intervals",
     )
     p.add_argument(
         "--methods",
