@@ -119,14 +119,19 @@ def _decode(model, prompts, *, max_new_tokens, eos_id, pad_id, vocab_size, tempe
             token = logits.argmax(-1)
             token_logq = torch.zeros(token.shape, device=device)
         else:
-            if plain and temperature == 1.0:  # process_logits' other steps are identities here
-                logp = torch.log_softmax(logits.float(), dim=-1)
-            else:
-                logp = process_logits(logits, temperature, top_k, top_p)
             # `sample` draws B uniforms a step: so do we, and use the rows still decoding.
             uniform = draw_uniforms(B, generator, device)
-            token = draw_tokens(logp.exp(), uniform if rows is None else uniform[rows])
-            token_logq = logp.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+            uniform = uniform if rows is None else uniform[rows]
+            if plain and temperature == 1.0:  # process_logits' other steps are identities here
+                # one row-wise kernel for the probabilities (not log-softmax, then exp); the
+                # drawn tokens' log-probs from theirs (never 0: a zero is never drawn)
+                probs = torch.softmax(logits.float(), dim=-1)
+                token = draw_tokens(probs, uniform)
+                token_logq = probs.gather(-1, token.unsqueeze(-1)).squeeze(-1).log()
+            else:
+                logp = process_logits(logits, temperature, top_k, top_p)
+                token = draw_tokens(logp.exp(), uniform)
+                token_logq = logp.gather(-1, token.unsqueeze(-1)).squeeze(-1)
         dead = done if rows is None else done[rows]
         live = ~dead
         token = token.masked_fill(dead, pad_id)
