@@ -282,3 +282,16 @@ def test_no_tokens():
         out.sum().backward()
         assert out.shape == (0,) and w.grad.abs().sum() == 0
     assert fused_token_logprobs(h, w, torch.zeros(0, dtype=torch.long)).shape == (0,)
+
+
+def test_eager_gradient_buffers_are_written_not_read(monkeypatch):
+    """The eager path's dh / dW / db buffers start uninitialised (no zero fill): the first
+    token chunk must write them. Buffers that start as NaN give the plain path's gradients."""
+    s, t = make(11, dtype=torch.float32)
+    want = torch.autograd.grad(plain(s, t, "reverse_kl").mean(), [s["h"], s["w"], s["b"]])
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    got = fused(s, t, "reverse_kl", chunks=(4, None))  # 4 token chunks, whole-vocabulary tiles
+    grads = torch.autograd.grad(got.mean(), [s["h"], s["w"], s["b"]])
+    for a, b in zip(grads, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -144,10 +144,13 @@ def _forward(x: _Inputs, eager: tuple[bool, bool, bool] | None):
     unit = None
     if eager is not None:  # unit gradients: dh for any grad_output, dW and db for grad_output = 1
         H = x.hs.shape[1]
+        # written, not added to, by the first token chunk (`write_dw`): no zero fill unless
+        # there is no chunk at all
+        new = torch.empty if N else torch.zeros
         unit = (
-            torch.zeros(N, H, dtype=dt, device=dev) if eager[0] else None,
-            torch.zeros(V, H, dtype=dt, device=dev) if eager[1] else None,
-            torch.zeros(V, dtype=dt, device=dev) if eager[2] else None,
+            new(N, H, dtype=dt, device=dev) if eager[0] else None,
+            new(V, H, dtype=dt, device=dev) if eager[1] else None,
+            new(V, dtype=dt, device=dev) if eager[2] else None,
         )
     online = _ONLINE.get(spec.kind)
     for r0 in range(0, N, x.tc):
@@ -173,7 +176,11 @@ def _forward(x: _Inputs, eager: tuple[bool, bool, bool] | None):
                 if x.fn is not _fkl:
                     G = torch.mul(A_tile, G, out=zs)
                 dh = None if unit[0] is None else unit[0][rows]
-                head_grads(G, 0, x.ws, x.hs_raw[rows], dh, unit[1], unit[2], None)
+                # dh's rows are this chunk's alone; dW and db are first reached by chunk 0
+                head_grads(
+                    G, 0, x.ws, x.hs_raw[rows], dh, unit[1], unit[2], None,
+                    write_dh=True, write_dw=r0 == 0,
+                )  # fmt: skip
             continue
         lse_s, lse_t = OnlineLSE(n, x.hs), OnlineLSE(n, x.hs)
         # Several tiles: online normalizers, and the KL value where it is online too.

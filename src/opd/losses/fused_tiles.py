@@ -73,22 +73,31 @@ def head_grads(
     dw: torch.Tensor | None,
     db: torch.Tensor | None,
     row_w: torch.Tensor | None,
+    *,
+    write_dh: bool = False,
+    write_dw: bool = False,
 ) -> None:
-    """Accumulate `dh += G @ w[v0:]`, `dw[v0:] += G^T hw`, `db[v0:] += G^T row_w` (or column sums)."""
+    """Accumulate `dh += G @ w[v0:]`, `dw[v0:] += G^T hw`, `db[v0:] += G^T row_w` (or column sums).
+
+    `write_dh` (G spans the whole vocabulary) writes dh instead, `write_dw` (the first token
+    chunk) dw and db: they need not be zero-filled first."""
     c = G.shape[1]
     step = c if w.dtype == G.dtype else _UPCAST_ROWS
+    keep_dw = 0.0 if write_dw else 1.0
     for a in range(0, c, step):
         e = min(a + step, c)
         g = G[:, a:e]
-        if dh is not None:
-            dh.addmm_(g, w[v0 + a : v0 + e].to(G.dtype))
+        if dh is not None:  # over the slices of one G, dh accumulates after the first
+            dh.addmm_(g, w[v0 + a : v0 + e].to(G.dtype), beta=0.0 if write_dh and a == 0 else 1.0)
         if dw is not None:
-            dw[v0 + a : v0 + e].addmm_(g.t(), hw)
+            dw[v0 + a : v0 + e].addmm_(g.t(), hw, beta=keep_dw)
         if db is not None:
-            if row_w is None:
-                db[v0 + a : v0 + e] += g.sum(0)
+            if row_w is not None:
+                db[v0 + a : v0 + e].addmv_(g.t(), row_w, beta=keep_dw)
+            elif write_dw:
+                torch.sum(g, 0, out=db[v0 + a : v0 + e])
             else:
-                db[v0 + a : v0 + e].addmv_(g.t(), row_w)
+                db[v0 + a : v0 + e] += g.sum(0)
 
 
 def clamp_masked(z: torch.Tensor) -> torch.Tensor:
