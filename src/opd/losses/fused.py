@@ -215,7 +215,7 @@ def _backward_rows(x: _Inputs, sel, omega, stats, Ls, Lt, dw, db, want_dh: bool)
     """Recompute the rows `sel` tile by tile (vocabulary outer, so each slice of dW is
     written once) and accumulate `sum_i omega_i G'_i` into dh (returned, compact), dw, db."""
     hs, ht = x.hs[sel], x.ht[sel]
-    if Ls is not None:
+    if not x.whole_rows:  # whole rows are normalised again row-wise: no saved normalizers
         Ls, Lt = Ls[sel], Lt[sel]
     stats = {k: v[sel] for k, v in stats.items()}
     hw = x.hs_raw[sel] * omega[:, None]
@@ -226,9 +226,9 @@ def _backward_rows(x: _Inputs, sel, omega, stats, Ls, Lt, dw, db, want_dh: bool)
             rows = slice(r0, min(r0 + x.tc, n))
             zs, zt = x.tiles(hs[rows], ht[rows], v0, min(v0 + x.vc, x.V))
             c = x.c_fn({k: v[rows] for k, v in stats.items()}, x.spec.param)
-            if Ls is None:
+            if x.whole_rows:
                 x.log_probs(zs, zt)
-            norms = (None, None) if Ls is None else (Ls[rows], Lt[rows])
+            norms = (None, None) if x.whole_rows else (Ls[rows], Lt[rows])
             for s, t, w in x.blocks(zs, zt, *norms):
                 _, A, B = x.fn(s, t, w, x.spec.param, False)
                 _grad_into(s, A, B, c)
