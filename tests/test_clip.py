@@ -28,7 +28,9 @@ def test_clip_equals_torch_and_leaves_gradients_under_the_limit_alone(scale, max
     for a, b in zip(ours, ref, strict=True):
         assert (a.grad is None) == (b.grad is None)
         if a.grad is not None:
-            assert torch.equal(a.grad, b.grad) or bool(a.grad.isnan().all() and b.grad.isnan().all())
+            assert torch.equal(a.grad, b.grad) or bool(
+                a.grad.isnan().all() and b.grad.isnan().all()
+            )
     touched = [p.grad._version for p in ours if p.grad is not None] != versions
     # scaled exactly when the norm is over the limit (or not finite)
     assert touched == (not math.isfinite(want) or want + 1e-6 > max_norm)
