@@ -55,7 +55,7 @@ import torch
 
 from opd.losses.divergence import DEFAULT_SKEW_ALPHA, _compute_dtype, check_kind
 from opd.losses.fused_chunked import DEFAULT_GENERIC_CHUNK, chunked_token_divergence
-from opd.losses.fused_kinds import _KINDS, _ONLINE, _fkl, _grad_into, _rowdot
+from opd.losses.fused_kinds import _KINDS, _ONLINE, _PREMULTIPLIED, _fkl, _grad_into, _rowdot
 from opd.losses.fused_tiles import (
     OnlineLSE,
     Workspace,
@@ -101,6 +101,7 @@ class _Inputs:
         self.work = Workspace(dt, hs.device)
         self.fn, self.names, factor, self.c_fn = _KINDS[spec.kind]
         self.factor = factor(spec.param)
+        self.premultiplied = spec.kind in _PREMULTIPLIED  # G' lands in t's tile, else in s's
 
     def tiles(self, hs, ht, v0: int, v1: int):
         """Both models' logits/T for the given rows x [v0, v1), in buffers 0 and 1."""
@@ -167,14 +168,17 @@ def _forward(x: _Inputs, eager: tuple[bool, bool, bool] | None):
                 for k in x.names:
                     stats[k][rows] += got[k]
                 if A is not None and len(blocks) == 1:
-                    A_tile = A  # one block: A stays in its scratch buffer
-                elif A is not None:
+                    A_tile = A  # one block: A stays where the kind left it
+                elif A is not None and A is not s:
                     s.copy_(A)  # keep A beside B (in t) until the row sums are complete
             if unit is not None:
                 c = x.c_fn({k: v[rows] for k, v in stats.items()}, spec.param)
-                G = zt.sub_(c[:, None]) if c is not None else zt
-                if x.fn is not _fkl:
-                    G = torch.mul(A_tile, G, out=zs)
+                if x.premultiplied:
+                    G = zt.addcmul_(A_tile, c[:, None], value=-1.0)
+                else:
+                    G = zt.sub_(c[:, None]) if c is not None else zt
+                    if x.fn is not _fkl:
+                        G = torch.mul(A_tile, G, out=zs)
                 dh = None if unit[0] is None else unit[0][rows]
                 # dh's rows are this chunk's alone; dW and db are first reached by chunk 0
                 head_grads(
@@ -231,10 +235,9 @@ def _backward_rows(x: _Inputs, sel, omega, stats, Ls, Lt, dw, db, want_dh: bool)
             norms = (None, None) if x.whole_rows else (Ls[rows], Lt[rows])
             for s, t, w in x.blocks(zs, zt, *norms):
                 _, A, B = x.fn(s, t, w, x.spec.param, False)
-                _grad_into(s, A, B, c)
-            head_grads(
-                zs, v0, x.ws, hw[rows], None if dh is None else dh[rows], dw, db, omega[rows]
-            )
+                _grad_into(s, A, B, c, x.premultiplied)
+            G = zt if x.premultiplied else zs
+            head_grads(G, v0, x.ws, hw[rows], None if dh is None else dh[rows], dw, db, omega[rows])
     return dh
 
 
