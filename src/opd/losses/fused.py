@@ -92,7 +92,8 @@ class _Inputs:
         dt, T = _compute_dtype(hs), spec.temperature
         self.dt, self.ws, self.wt, self.spec = dt, ws, wt, spec
         self.hs_raw = hs.to(dt)
-        self.hs, self.ht = self.hs_raw / T, ht.to(dt) / T
+        scale = (lambda h: h) if T == 1.0 else (lambda h: h / T)  # no copy at temperature 1
+        self.hs, self.ht = scale(self.hs_raw), scale(ht.to(dt))
         self.bs = None if bs is None else bs.to(dt) / T
         self.bt = None if bt is None else bt.to(dt) / T
         self.N, self.V = hs.shape[0], ws.shape[0]
