@@ -295,3 +295,30 @@ def test_rope_without_autograd_rounds_as_huggingface():
         with torch.no_grad():
             got = lean_module._rope(q, *lean_module.rope_tables(cos[:, None], sin[:, None]))
         assert torch.equal(got, want)
+
+
+def test_packed_grid_holes_are_zeroed_whatever_the_allocator_returns(monkeypatch):
+    """The attention grid is allocated uninitialised and only its holes (cells no packed row
+    fills: padding, each row's last token) are zeroed: with memory that starts as NaN the
+    values and gradients are the ones of a zero-filled grid."""
+    model, batch = _model("llama"), _batch()
+    probe = torch.randn(
+        int(batch.loss_mask().sum()), 32, generator=torch.Generator().manual_seed(1)
+    )
+
+    def run():
+        got = packed_supervised_hidden(model, batch)
+        params = [p for p in model.parameters() if p is not model.lm_head.weight]  # unused
+        return got, torch.autograd.grad((got * probe).sum(), params)
+
+    want, want_grads = run()
+    real_new_empty = torch.Tensor.new_empty
+
+    def nan_new_empty(self, *size, **kw):
+        return real_new_empty(self, *size, **kw).fill_(float("nan"))
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", nan_new_empty)
+    got, grads = run()
+    assert torch.equal(got, want)
+    for a, b in zip(grads, want_grads, strict=True):
+        assert torch.equal(a, b)

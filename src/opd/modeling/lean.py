@@ -289,8 +289,13 @@ def packed_supervised_hidden(model, batch: SequenceBatch) -> torch.Tensor:
     packed_of[idx] = torch.arange(idx.numel(), device=idx.device)
     select = packed_of[cells]
 
+    holes = (~fed).reshape(-1).nonzero().squeeze(1)  # grid cells no packed row fills
+
     def to_grid(t: torch.Tensor) -> torch.Tensor:  # [N, heads, D] -> [B, heads, T, D]
-        grid = t.new_zeros(B * T, *t.shape[1:]).index_copy(0, idx, t)
+        # Zeros only where no row lands (masked keys and values must stay finite): the
+        # rest is overwritten, so filling it first is a wasted pass over the grid.
+        grid = t.new_empty(B * T, *t.shape[1:]).index_fill_(0, holes, 0.0)
+        grid = grid.index_copy_(0, idx, t)
         return grid.view(B, T, *t.shape[1:]).transpose(1, 2)
 
     layers = [LayerWeights(layer) for layer in decoder.layers]
