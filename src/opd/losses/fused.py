@@ -94,15 +94,17 @@ class _Inputs:
         self.hs_raw = hs.to(dt)
         scale = (lambda h: h) if T == 1.0 else (lambda h: h / T)  # no copy at temperature 1
         self.hs, self.ht = scale(self.hs_raw), scale(ht.to(dt))
-        self.bs = None if bs is None else bs.to(dt) / T
-        self.bt = None if bt is None else bt.to(dt) / T
+        self.bs = None if bs is None else scale(bs.to(dt))
+        self.bt = None if bt is None else scale(bt.to(dt))
         self.N, self.V = hs.shape[0], ws.shape[0]
         self.tc = max(1, min(spec.token_chunk, self.N))
         self.vc = max(1, min(spec.vocab_chunk, self.V))
         self.work = Workspace(dt, hs.device)
         self.fn, self.names, factor, self.c_fn = _KINDS[spec.kind]
         self.factor = factor(spec.param)
-        self.premultiplied = spec.kind in _PREMULTIPLIED  # G' lands in t's tile, else in s's
+        self.premultiplied = spec.kind in _PREMULTIPLIED
+        # where `_grad_into` leaves G': the teacher's tile, else the student's
+        self.grad_in_t = self.premultiplied or self.fn is _fkl  # forward KL has no A
 
     def tiles(self, hs, ht, v0: int, v1: int):
         """Both models' logits/T for the given rows x [v0, v1), in buffers 0 and 1."""
@@ -162,7 +164,7 @@ def _forward(x: _Inputs, eager: tuple[bool, bool, bool] | None):
             zs, zt = x.tiles(x.hs[rows], x.ht[rows], 0, V)
             x.log_probs(zs, zt)
             blocks = list(x.blocks(zs, zt))
-            A_tile = zs
+            A_tile = None
             for s, t, w in blocks:
                 got, A, _ = x.fn(s, t, w, spec.param, True)
                 values[rows] += got["D"]
@@ -170,16 +172,13 @@ def _forward(x: _Inputs, eager: tuple[bool, bool, bool] | None):
                     stats[k][rows] += got[k]
                 if A is not None and len(blocks) == 1:
                     A_tile = A  # one block: A stays where the kind left it
-                elif A is not None and A is not s:
-                    s.copy_(A)  # keep A beside B (in t) until the row sums are complete
+                elif A is not None:
+                    if A is not s:
+                        s.copy_(A)  # keep A beside B (in t) until the row sums are complete
+                    A_tile = zs
             if unit is not None:
                 c = x.c_fn({k: v[rows] for k, v in stats.items()}, spec.param)
-                if x.premultiplied:
-                    G = zt.addcmul_(A_tile, c[:, None], value=-1.0)
-                else:
-                    G = zt.sub_(c[:, None]) if c is not None else zt
-                    if x.fn is not _fkl:
-                        G = torch.mul(A_tile, G, out=zs)
+                G = _grad_into(zs, A_tile, zt, c, x.premultiplied)
                 dh = None if unit[0] is None else unit[0][rows]
                 # dh's rows are this chunk's alone; dW and db are first reached by chunk 0
                 head_grads(
@@ -237,7 +236,7 @@ def _backward_rows(x: _Inputs, sel, omega, stats, Ls, Lt, dw, db, want_dh: bool)
             for s, t, w in x.blocks(zs, zt, *norms):
                 _, A, B = x.fn(s, t, w, x.spec.param, False)
                 _grad_into(s, A, B, c, x.premultiplied)
-            G = zt if x.premultiplied else zs
+            G = zt if x.grad_in_t else zs
             head_grads(G, v0, x.ws, hw[rows], None if dh is None else dh[rows], dw, db, omega[rows])
     return dh
 

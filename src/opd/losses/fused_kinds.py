@@ -120,12 +120,10 @@ _PREMULTIPLIED = frozenset({"reverse_kl", "jsd"})
 
 
 def _grad_into(out: torch.Tensor, A, B: torch.Tensor, c, premultiplied: bool) -> torch.Tensor:
-    """out = A * (B - c) (or B - c): the block's G'. Premultiplied (B = A * B'): B - A * c,
-    in B's storage (t's), not in `out`."""
+    """The block's G': A * (B - c) into `out`; in B's storage (t's) instead when there is no
+    A (B - c) or B is premultiplied (B - A * c). `_Inputs.grad_in_t` says which."""
     if premultiplied:
         return B.addcmul_(A, c[:, None], value=-1.0)
     if c is not None:
         B = B.sub_(c[:, None])
-    if A is None:
-        return out.copy_(B)
-    return torch.mul(A, B, out=out)
+    return B if A is None else torch.mul(A, B, out=out)
